@@ -197,8 +197,9 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None, port: int,
-           health_path: str = "/health") -> Server:
+def _spawn(
+    name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None, port: int, health_path: str = "/health"
+) -> Server:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ)
     # The dev venv's variables must not leak into the vLLM venv's interpreter.
@@ -211,8 +212,12 @@ def _spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None
         logf.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
         logf.flush()
         proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=full_env, start_new_session=True,
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=True,
         )
     return Server(name=name, proc=proc, port=port, log_path=log_path, health_path=health_path)
 
@@ -255,8 +260,17 @@ def start_gateway(
 ) -> Server:
     """``vllm-audit serve --upstream URL --config CFG --port P`` from the vLLM venv (editable install)."""
     port = port or free_port()
-    cmd = [str(setup.vllm_audit), "serve", "--upstream", upstream, "--config", str(config_path),
-           "--port", str(port), *(extra_args or [])]
+    cmd = [
+        str(setup.vllm_audit),
+        "serve",
+        "--upstream",
+        upstream,
+        "--config",
+        str(config_path),
+        "--port",
+        str(port),
+        *(extra_args or []),
+    ]
     srv = _spawn("vllm-audit gateway", cmd, log_path, env, port, health_path=health_path)
     srv.any_status_ok = True
     if wait:
@@ -273,7 +287,7 @@ def proc_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
     # the command name may contain spaces/parens: split after the last ')'
-    fields = data[data.rindex(")") + 2:].split()
+    fields = data[data.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 

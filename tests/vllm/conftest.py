@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllmtest_support import harness, require_services
+from vllmtest_support import Integrity, harness, make_integrity, require_services
 
 
 def _unavailable(reason: str) -> None:
@@ -69,3 +69,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.vllm)
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def integrity(vllm_setup: harness.Setup, tmp_path_factory: pytest.TempPathFactory) -> Integrity:
+    """A signing key for the servers' logs (from ``vllm-audit keygen``), and its public half."""
+    return make_integrity(vllm_setup, tmp_path_factory.mktemp("keys"))

@@ -16,6 +16,7 @@ import pytest
 from vllmtest_support import (
     API_KEY,
     MODEL,
+    Integrity,
     assert_usage_matches,
     chat_body,
     completion_body,
@@ -26,6 +27,7 @@ from vllmtest_support import (
     stream_finish_reason,
     stream_text,
     stream_usage,
+    verify_log,
     write_config,
 )
 
@@ -47,9 +49,9 @@ class MwServer:
 
 
 @pytest.fixture(scope="module")
-def mw(vllm_setup: harness.Setup, start_server: Any, module_dir: Path) -> Any:
+def mw(vllm_setup: harness.Setup, start_server: Any, module_dir: Path, integrity: Integrity) -> Any:
     log_dir = module_dir / "audit-log"
-    config = write_config(module_dir / "audit.toml", log_dir)
+    config = write_config(module_dir / "audit.toml", log_dir, integrity.config_toml)
     srv = start_server(
         harness.start_vllm,
         vllm_setup,
@@ -65,8 +67,7 @@ def _rid(tag: str) -> str:
     return f"itest-{tag}-{uuid.uuid4().hex[:12]}"
 
 
-def _post(mw: MwServer, path: str, body: dict[str, Any], rid: str | None = None,
-          auth: bool = True) -> httpx.Response:
+def _post(mw: MwServer, path: str, body: dict[str, Any], rid: str | None = None, auth: bool = True) -> httpx.Response:
     headers = dict(AUTH) if auth else {}
     if rid is not None:
         headers["X-Request-Id"] = rid
@@ -145,6 +146,7 @@ def test_streaming(mw: MwServer, kind: str, send_id: bool, include_usage: bool) 
     ref = _post(mw, path, body, _rid("ref"))
     assert ref.status_code == 200, ref.text
     ref_usage = ref.json()["usage"]
+    fingerprint = ref.json().get("system_fingerprint")
 
     sbody = dict(body, stream=True)
     if include_usage:
@@ -169,12 +171,17 @@ def test_streaming(mw: MwServer, kind: str, send_id: bool, include_usage: bool) 
         # The middleware may ask vLLM for usage, but must not change what the client receives.
         assert usage is None, f"usage chunk leaked to a client that did not ask: {chunks[-1]}"
         assert all(c.get("choices") for c in chunks), "an injected choices:[] chunk leaked"
+        # Without include_usage vLLM puts system_fingerprint on the finish chunk (with it, on the
+        # usage chunk): asking vLLM for usage behind the client's back must not lose it.
+        if fingerprint is not None:
+            fps = [c.get("system_fingerprint") for c in chunks if c.get("system_fingerprint")]
+            assert fps == [fingerprint], f"client stream lost system_fingerprint: last chunk {chunks[-1]}"
 
     rec = record_for_response_id(mw.log_dir, resp_id)
     _check_common(rec, path, stream=True)
     assert_usage_matches(rec, ref_usage)
     assert rec["finish_reason"] == stream_finish_reason(chunks) == "length", rec
-    assert rec["model_revision"] == chunks[0].get("system_fingerprint"), rec
+    assert rec["model_revision"] == fingerprint, rec
     assert rec["ttft_ms"] is not None and 0 <= rec["ttft_ms"] <= rec["latency_ms"], rec
     text = stream_text(chunks)
     assert text, chunks
@@ -221,3 +228,9 @@ def test_one_record_per_call(mw: MwServer) -> None:
     ids = [r.get("request_id") for r in records(mw.log_dir)]
     dup = {i for i in ids if ids.count(i) > 1}
     assert not dup, f"duplicated records: {dup}"
+
+
+def test_log_verifies(mw: MwServer, vllm_setup: harness.Setup, integrity: Integrity) -> None:
+    """Runs last in the module: the whole log written by vLLM's middleware verifies offline."""
+    out = verify_log(vllm_setup, integrity, mw.log_dir)
+    assert out is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -190,3 +191,48 @@ def assert_usage_matches(rec: dict[str, Any], usage: dict[str, Any]) -> None:
     got = {k: rec.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     want = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     assert got == want, f"record usage {got} != vLLM usage {want}; record: {rec}"
+
+
+# ---------------------------------------------------------------- integrity: keys and verify
+
+
+@dataclasses.dataclass(frozen=True)
+class Integrity:
+    """How the servers under test sign their logs, and how to verify them."""
+
+    #: TOML added to every server config (e.g. the [integrity] signing key); "" when unsigned.
+    config_toml: str = ""
+    public_key: Path | None = None
+    #: Why there is no key (keygen not available); "" when there is one.
+    reason: str = ""
+
+
+def make_integrity(setup: harness.Setup, key_dir: Path) -> Integrity:
+    """Generate a signing key with ``vllm-audit keygen`` when the CLI has it."""
+    if not cli_has(setup, "keygen"):
+        return Integrity(reason="`vllm-audit keygen` is not available (yet)")
+    key_dir.mkdir(parents=True, exist_ok=True)
+    prefix = key_dir / "audit-signing"
+    r = cli(setup, "keygen", "--out", str(prefix))
+    if r.returncode != 0:
+        return Integrity(reason=f"`vllm-audit keygen --out {prefix}` failed: {r.stderr.strip()[-500:]}")
+    priv = next(iter(sorted(key_dir.glob("*.key"))), None)
+    pub = next(iter(sorted(key_dir.glob("*.pub"))), None)
+    if priv is None or pub is None:
+        return Integrity(reason=f"keygen wrote no .key/.pub in {key_dir}: {sorted(os.listdir(key_dir))}")
+    return Integrity(config_toml=f'[integrity]\nsigning_key = "{priv}"\n', public_key=pub)
+
+
+def verify_log(setup: harness.Setup, integ: Integrity, log_dir: Path) -> str:
+    """``vllm-audit verify LOGDIR --public-key K``; skips (with the reason) while it does not exist."""
+    import pytest
+
+    if not cli_has(setup, "verify"):
+        pytest.skip("`vllm-audit verify` is not available yet (integrity area); log not verified")
+    if integ.public_key is None:
+        pytest.skip(f"no signing key: {integ.reason}; log not verified")
+    r = cli(setup, "verify", str(log_dir), "--public-key", str(integ.public_key), timeout=300)
+    assert r.returncode == 0, (
+        f"verify failed ({r.returncode}):\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    )
+    return r.stdout
