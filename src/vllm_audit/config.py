@@ -1,0 +1,247 @@
+"""One configuration object, built from one TOML file.
+
+``load_config(path)`` reads the file; ``config_from_env()`` reads the file named by
+``VLLM_AUDIT_CONFIG`` (vLLM's ``--middleware`` constructs ``AuditMiddleware(app)`` with no
+arguments, so the environment is the only way in). Every section is a frozen dataclass; unknown
+keys and wrongly typed values are errors that name the file, the section and the key.
+
+Area packages declare their own section dataclasses (``integrity.config``, ``privacy.config``,
+``access.config``) and this module composes them; ``parse_section`` does the checking for all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from vllm_audit.access.config import AccessConfig
+from vllm_audit.errors import ConfigError
+from vllm_audit.integrity.config import IntegrityConfig
+from vllm_audit.privacy.config import PrivacyConfig
+
+ENV_CONFIG = "VLLM_AUDIT_CONFIG"
+#: JSON object merged over the file, section by section (how the CLI hands flags to workers).
+ENV_OVERRIDES = "VLLM_AUDIT_OVERRIDES"
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Where and how records are made durable (``[log]``)."""
+
+    dir: str = "./audit-log"
+    #: "strict": the last byte of a response is released only after its record is fsynced.
+    #: "async": records are fsynced in the background (a crash may lose the last batch).
+    durability: Literal["strict", "async"] = "strict"
+    #: What happens when records cannot be written (queue full, disk error).
+    on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
+    queue_size: int = 65536
+    batch_max: int = 4096
+    #: Request and response bodies larger than this are captured only up to this size.
+    max_capture_bytes: int = 8 * MiB
+    #: Seconds a strictly durable response may wait for its record before it fails.
+    durable_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """The audited edge, common to the middleware and the gateway (``[edge]``)."""
+
+    #: CIDRs of reverse proxies whose X-Forwarded-For / Forwarded headers are believed.
+    trusted_proxies: tuple[str, ...] = ()
+    request_id_header: str = "x-request-id"
+    max_request_id_length: int = 128
+    max_request_bytes: int = 32 * MiB
+    #: Requests whose headers add up to more than this get 431 (and a record).
+    max_header_bytes: int = 64 * 1024
+    #: Ask the upstream for usage on streams and strip the extra chunk from what the client gets.
+    inject_stream_usage: bool = True
+    #: Prefix under which the audit endpoints (healthz, readyz, metrics, audit API) are served.
+    ops_prefix: str = "/audit"
+    #: Paths that are passed through without a record (exact match). Empty by default.
+    unaudited_paths: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """``vllm-audit serve`` (``[gateway]``). An empty upstream serves the built-in demo engine."""
+
+    upstream: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    connect_timeout_s: float = 10.0
+    #: Longest silence tolerated while reading the upstream's response (between chunks).
+    read_timeout_s: float = 600.0
+    max_connections: int = 1000
+    #: Model name served by the demo engine.
+    demo_model: str = "demo-model"
+    #: Simulated per-token delay of the demo engine.
+    demo_token_delay_ms: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    edge: EdgeConfig = dataclasses.field(default_factory=EdgeConfig)
+    gateway: GatewayConfig = dataclasses.field(default_factory=GatewayConfig)
+    integrity: IntegrityConfig = dataclasses.field(default_factory=IntegrityConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    access: AccessConfig = dataclasses.field(default_factory=AccessConfig)
+    #: The file this was loaded from, if any (relative paths in it are resolved against it).
+    source: str | None = None
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and check a TOML configuration file; ``None`` gives the defaults.
+
+    ``overrides`` (``{"section": {"key": value}}``) are merged over the file before checking.
+    """
+    if path is None:
+        return config_from_mapping(_merge({}, overrides or {}), source=None)
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config file {str(p)!r}: {exc.strerror or exc}.") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"Config file {str(p)!r} is not valid TOML: {exc}.") from None
+    return config_from_mapping(_merge(data, overrides or {}), source=str(p))
+
+
+def config_from_env() -> Config:
+    """The configuration named by ``VLLM_AUDIT_CONFIG`` (defaults when unset), plus
+    ``VLLM_AUDIT_OVERRIDES`` (a JSON object) when set."""
+    path = os.environ.get(ENV_CONFIG) or None
+    raw = os.environ.get(ENV_OVERRIDES)
+    overrides: Any = None
+    if raw:
+        try:
+            overrides = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_OVERRIDES} is not valid JSON: {exc}.") from None
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{ENV_OVERRIDES} must be a JSON object of sections.")
+    return load_config(path, overrides)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str | None = None) -> Config:
+    where = source or "<config>"
+    sections: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for key, value in data.items():
+        if key == "source" or key not in hints:
+            raise ConfigError(f"{where}: unknown section [{key}]. Known: {', '.join(_section_names())}.")
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: [{key}] must be a table.")
+        sections[key] = parse_section(hints[key], value, f"{where} [{key}]")
+    return Config(source=source, **sections)
+
+
+def _section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name != "source"]
+
+
+def parse_section(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    """Build the dataclass ``cls`` from ``data``, checking every key and type.
+
+    Nested dataclasses are parsed recursively (sub-tables); ``tuple[X, ...]`` accepts TOML arrays;
+    ``dict[str, X]`` accepts tables; ``Literal`` values are checked; ints are accepted for floats.
+    """
+    if not dataclasses.is_dataclass(cls):  # pragma: no cover - programming error
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}. Known keys: {', '.join(sorted(names))}.")
+        kwargs[key] = _coerce(hints[key], value, f"{where} {key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}.")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected an array, got {type(value).__name__}.")
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}.")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}.")
+        return parse_section(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        return value
+    raise ConfigError(f"{where}: unsupported value {value!r}.")  # pragma: no cover

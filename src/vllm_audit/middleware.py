@@ -1,0 +1,555 @@
+"""``AuditMiddleware``: the one audit path, for vLLM's own server and for the gateway.
+
+Pure ASGI. Per request: request id, client ip, identity, quota, then the inner app runs with a
+replaying ``receive`` and an observing ``send``. Response bytes are passed on as they come (no
+buffering of streams); the middleware only keeps references to them for the record. When the
+response's last message arrives, the exchange is handed to the writer and, in strict durability,
+that last message is released only once the record is on disk.
+
+With vLLM: ``vllm serve MODEL --middleware vllm_audit.AuditMiddleware`` (vLLM constructs
+``AuditMiddleware(app)``; configuration comes from the file named by ``VLLM_AUDIT_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from vllm_audit import hooks
+from vllm_audit.capture import CANCELLED, CLIENT_ERROR, REJECTED, UPSTREAM_ERROR, Exchange
+from vllm_audit.clientip import ClientIPResolver
+from vllm_audit.config import Config, config_from_env
+from vllm_audit.errors import LogWriteError
+from vllm_audit.ids import accept_request_id
+from vllm_audit.metrics import Metrics
+from vllm_audit.types import ASGIApp, Message, Receive, Scope, Send
+from vllm_audit.writer import AuditWriter
+
+log = logging.getLogger("vllm_audit.edge")
+
+#: Routes whose streams get ``stream_options.include_usage`` injected (and the extra chunk stripped).
+USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+#: Route labels for metrics; anything else is "other" (paths come from clients: bound the cardinality).
+KNOWN_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/responses",
+        "/v1/messages",
+        "/invocations",
+        "/tokenize",
+        "/detokenize",
+        "/pooling",
+        "/score",
+        "/v1/score",
+        "/rerank",
+        "/v1/rerank",
+        "/health",
+    }
+)
+
+_JSON = (b"content-type", b"application/json")
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or []
+
+
+def error_body(message: str, type_: str, code: str | int | None = None) -> bytes:
+    """An OpenAI-shaped error body."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
+class AuditMiddleware:
+    """Audit every HTTP exchange of ``app`` into the local tamper-evident log."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: Config | None = None,
+        *,
+        writer: AuditWriter | None = None,
+        upstream: str | None = None,
+        ops_at_root: bool = False,
+    ) -> None:
+        self.app = app
+        self.config = config if config is not None else config_from_env()
+        cfg = self.config
+        self.ips = ClientIPResolver(cfg.edge.trusted_proxies)
+        self.auth = hooks.build_authenticator(cfg)
+        self.quota = hooks.build_quota(cfg)
+        self.anonymous = hooks.anonymous()
+        self.metrics = writer.metrics if writer is not None else Metrics()
+        if writer is None:
+            charger = hooks.token_charger(self.quota) if self.quota is not None else None
+            writer = AuditWriter(cfg, metrics=self.metrics, listeners=[charger] if charger else [])
+            writer.start()
+        self.writer = writer
+        self.upstream = upstream
+        self.audit_api = hooks.build_audit_api(cfg, writer.submit_event)
+        self.ops_prefix = cfg.edge.ops_prefix.rstrip("/")
+        self.ops_at_root = ops_at_root
+        self.rid_header = cfg.edge.request_id_header.lower().encode("latin-1")
+        self.rid_max = cfg.edge.max_request_id_length
+        self.max_body = cfg.edge.max_request_bytes
+        self.max_headers = cfg.edge.max_header_bytes
+        self.max_capture = cfg.log.max_capture_bytes
+        self.strict = cfg.log.durability == "strict"
+        self.fail_open = cfg.log.on_failure == "fail_open"
+        self.durable_timeout = cfg.log.durable_timeout_s
+        self.inject_usage = cfg.edge.inject_stream_usage
+        self.unaudited = frozenset(cfg.edge.unaudited_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith(self.ops_prefix) and (path == self.ops_prefix or path[len(self.ops_prefix)] == "/"):
+            await self._ops(path[len(self.ops_prefix) :], scope, receive, send)
+            return
+        if self.ops_at_root and path in ("/healthz", "/readyz", "/metrics"):
+            await self._ops(path, scope, receive, send)
+            return
+        if path in self.unaudited:
+            await self.app(scope, receive, send)
+            return
+        await self._audit(scope, receive, send)
+
+    # -- the audited exchange -----------------------------------------------------------------
+
+    async def _audit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        rid_raw: bytes | None = None
+        hdr_size = 0
+        has_body = False
+        for name, value in headers:
+            hdr_size += len(name) + len(value)
+            if name == self.rid_header:
+                rid_raw = value
+            elif name == b"content-length" or name == b"transfer-encoding":
+                has_body = True
+        request_id, note = accept_request_id(rid_raw, self.rid_max)
+        ex = Exchange(request_id, scope.get("method", "GET"), scope["path"])
+        if note is not None:
+            ex.request_id_source = "replaced"
+            ex.request_id_note = note
+        elif rid_raw:
+            ex.request_id_source = "client"
+        client = scope.get("client")
+        peer = client[0] if client else None
+        ex.peer_ip = peer or "unknown"
+        ex.client_ip, ex.forwarded_ignored = self.ips.resolve(peer, headers)
+        ex.upstream = self.upstream
+        ex.identity = self.anonymous
+
+        try:
+            if hdr_size > self.max_headers:
+                raise _Reject(431, "request_header_fields_too_large", f"Request headers exceed {self.max_headers} bytes.")
+            if not self.writer.accepting and not self.fail_open:
+                self.metrics.count_rejected("log_unavailable")
+                raise _Reject(503, "audit_log_unavailable", "The audit log cannot record requests; try again later.")
+            if self.auth is not None:
+                ident = await self.auth.authenticate(scope)
+                ex.identity = ident
+                if ident.auth_status == "failed":
+                    raise _Reject(
+                        401,
+                        "invalid_api_key",
+                        ident.failure_reason or "Authentication failed.",
+                        [(b"www-authenticate", b"Bearer")],
+                    )
+            if self.quota is not None:
+                retry_after = await self.quota.check(ex.identity, scope["path"])
+                if retry_after is not None:
+                    ra = str(max(1, int(retry_after + 0.999))).encode()
+                    raise _Reject(429, "rate_limit_exceeded", "Rate limit exceeded.", [(b"retry-after", ra)])
+            body = await self._read_body(receive, ex) if has_body else b""
+        except _Reject as rej:
+            await self._reject(ex, send, rej)
+            return
+        except _ClientGone:
+            ex.disconnected = True
+            ex.outcome = CANCELLED
+            ex.t_end = time.perf_counter()
+            self._submit(ex)
+            return
+
+        inner_scope = scope
+        if body:
+            body = self._inspect_body(ex, body)
+        rid_b = request_id.encode("latin-1")
+        new_headers = [(n, v) for n, v in headers if n != self.rid_header and n != b"x-request-id"]
+        new_headers.append((b"x-request-id", rid_b))
+        if ex.usage_injected:
+            new_headers = [(n, v) for n, v in new_headers if n != b"content-length"]
+            new_headers.append((b"content-length", str(len(body)).encode()))
+        inner_scope = dict(scope)
+        inner_scope["headers"] = new_headers
+        inner_scope["vllm_audit.request_id"] = request_id
+        inner_scope["vllm_audit.identity"] = ex.identity
+        inner_scope["vllm_audit.exchange"] = ex
+
+        await self._run_app(inner_scope, receive, send, ex, body, rid_b)
+
+    async def _run_app(
+        self, scope: Scope, receive: Receive, send: Send, ex: Exchange, body: bytes, rid_b: bytes
+    ) -> None:
+        body_pending = True
+        held_start: Message | None = None
+        started = False
+        submitted = False
+        stripper = _UsageStripper() if ex.usage_injected else None
+        max_capture = self.max_capture
+        writer = self.writer
+
+        async def inner_receive() -> Message:
+            nonlocal body_pending
+            if body_pending:
+                body_pending = False
+                return {"type": "http.request", "body": body, "more_body": False}
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                ex.disconnected = True
+            return msg
+
+        async def inner_send(message: Message) -> None:
+            nonlocal held_start, started, submitted, stripper
+            mtype = message["type"]
+            if mtype == "http.response.start":
+                ex.http_status = message["status"]
+                hdrs = list(message.get("headers", ()))
+                echo = True
+                for name, value in hdrs:
+                    if name == b"content-type":
+                        ex.content_type = value
+                    elif name == b"x-request-id":
+                        echo = False
+                if echo:
+                    hdrs.append((b"x-request-id", rid_b))
+                held_start = {**message, "headers": hdrs}
+                if stripper is not None and (ex.http_status != 200 or b"text/event-stream" not in ex.content_type):
+                    stripper = None
+                return
+            if mtype != "http.response.body":
+                await send(message)
+                return
+            chunk: bytes = message.get("body", b"")
+            more: bool = message.get("more_body", False)
+            if chunk:
+                if ex.t_first is None:
+                    ex.t_first = time.perf_counter()
+                ex.response_bytes += len(chunk)
+                if ex.response_bytes <= max_capture:
+                    ex.chunks.append(chunk)
+                else:
+                    ex.response_truncated = True
+                if stripper is not None:
+                    chunk = stripper.feed(chunk)
+                    if not more:
+                        chunk += stripper.flush()
+                    message = {"type": "http.response.body", "body": chunk, "more_body": more}
+            elif stripper is not None and not more:
+                tail = stripper.flush()
+                if tail:
+                    message = {"type": "http.response.body", "body": tail, "more_body": False}
+            if stripper is not None and stripper.captured is not None and ex.usage_chunk is None:
+                ex.usage_chunk = stripper.captured
+            if more:
+                if held_start is not None:
+                    start, held_start = held_start, None
+                    await send(start)
+                    started = True
+                if message.get("body") or not chunk:
+                    await send(message)
+                return
+            # The last message of the response: record first, then release it.
+            ex.completed = True
+            ex.t_end = time.perf_counter()
+            submitted = True
+            fut = self._submit(ex, wait=self.strict)
+            if fut is not None:
+                try:
+                    await self._durable(fut)
+                except (LogWriteError, TimeoutError) as exc:
+                    if not self.fail_open:
+                        log.error("request %s: record not durable (%s); failing the response", ex.request_id, exc)
+                        if held_start is not None:
+                            held_start = None
+                            await _send_error(
+                                send, 503, "audit_log_unavailable", "The audit log cannot record requests.", rid_b
+                            )
+                            return
+                        raise
+            if held_start is not None:
+                start, held_start = held_start, None
+                await send(start)
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, inner_receive, inner_send)
+        except BaseException as exc:
+            if not submitted:
+                ex.t_end = time.perf_counter()
+                if ex.outcome is not None:
+                    pass  # the inner app said what happened (e.g. the proxy: timeout)
+                elif isinstance(exc, asyncio.CancelledError) or ex.disconnected:
+                    ex.outcome = CANCELLED
+                else:
+                    ex.outcome = UPSTREAM_ERROR
+                    ex.error_type = type(exc).__name__
+                    ex.error_message = "The served application raised an exception."
+                    if not ex.http_status:
+                        ex.http_status = 500
+                self._submit(ex)
+            raise
+        if not submitted:
+            ex.t_end = time.perf_counter()
+            if held_start is not None and not ex.disconnected:
+                # The app started a response and returned without a body: finish it.
+                await send(held_start)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                ex.completed = True
+            elif not ex.http_status and not ex.disconnected:
+                ex.outcome = UPSTREAM_ERROR
+                ex.error_message = "The served application returned without a response."
+            self._submit(ex)
+
+    async def _durable(self, fut: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.durable_timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+
+    def _submit(self, ex: Exchange, wait: bool = False) -> asyncio.Future[None] | None:
+        self.metrics.count_request(ex.route if ex.route in KNOWN_ROUTES else "other", _status_label(ex))
+        if ex.http_status >= 500 or ex.outcome == UPSTREAM_ERROR:
+            self.metrics.upstream_errors_total += 1
+        if not self.writer.accepting:
+            if self.fail_open:
+                self.metrics.dropped_total += 1
+                log.warning("request %s: audit log unavailable, record dropped (fail_open)", ex.request_id)
+                return None
+        return self.writer.submit(ex, wait=wait)
+
+    async def _read_body(self, receive: Receive, ex: Exchange) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        limit = self.max_body
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = msg.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    ex.request_bytes = size
+                    raise _Reject(413, "request_too_large", f"Request body exceeds {limit} bytes.")
+                chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        ex.request_bytes = size
+        if size > self.max_capture:
+            ex.request_body = body[: self.max_capture]
+            ex.request_truncated = True
+        else:
+            ex.request_body = body
+        return body
+
+    def _inspect_body(self, ex: Exchange, body: bytes) -> bytes:
+        """Find ``stream`` (and inject ``include_usage``) — the only parsing on the request path."""
+        if b'"stream"' not in body:
+            return body
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body  # the upstream answers the malformed request; the record says so
+        if not isinstance(req, dict):
+            return body
+        ex.request_json = req
+        ex.stream = req.get("stream") is True
+        if not (ex.stream and self.inject_usage and ex.route in USAGE_ROUTES):
+            return body
+        opts = req.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            return body
+        if opts is not None and not isinstance(opts, dict):
+            return body  # invalid; let the upstream say so
+        new = dict(req)
+        new["stream_options"] = {**(opts or {}), "include_usage": True}
+        ex.usage_injected = True
+        return orjson.dumps(new)
+
+    async def _reject(self, ex: Exchange, send: Send, rej: _Reject) -> None:
+        ex.http_status = rej.status
+        ex.outcome = REJECTED if rej.status in (401, 403, 429, 503) else CLIENT_ERROR
+        ex.error_type = rej.code
+        ex.error_message = rej.message
+        ex.completed = True
+        ex.t_end = time.perf_counter()
+        if rej.status != 503:
+            self.metrics.count_rejected(rej.code)
+        fut = self._submit(ex, wait=self.strict and rej.status != 503)
+        if fut is not None:
+            try:
+                await self._durable(fut)
+            except (LogWriteError, TimeoutError):
+                if not self.fail_open:
+                    rej = _Reject(503, "audit_log_unavailable", "The audit log cannot record requests.")
+        await _send_error(send, rej.status, rej.code, rej.message, ex.request_id.encode("latin-1"), rej.headers)
+
+    # -- audit endpoints ----------------------------------------------------------------------
+
+    async def _ops(self, sub: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if sub == "/healthz":
+            await _send_json(send, 200, {"status": "ok"})
+        elif sub == "/readyz":
+            ok = self.writer.accepting
+            payload: dict[str, Any] = {
+                "status": "ready" if ok else "not_ready",
+                "writer_id": self.writer.writer_id,
+                "queue_depth": self.writer.depth(),
+                "on_failure": self.config.log.on_failure,
+            }
+            if self.writer.failure:
+                payload["reason"] = self.writer.failure
+            await _send_json(send, 200 if ok else 503, payload)
+        elif sub == "/metrics":
+            body = self.metrics.render()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        elif (sub == "/v1" or sub.startswith("/v1/")) and self.audit_api is not None:
+            ident = self.anonymous
+            if self.auth is not None:
+                ident = await self.auth.authenticate(scope)
+            inner = dict(scope)
+            inner["vllm_audit.identity"] = ident
+            await self.audit_api(inner, receive, send)
+        else:
+            await _send_error(send, 404, "not_found", f"No audit endpoint at {scope['path']!r}.", b"")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _UsageStripper:
+    """Removes the usage-only SSE event we asked for, passing everything else through.
+
+    Only complete events are passed on (bytes after the last event boundary wait for the next
+    chunk), so an event split across messages is still recognised. Servers like vLLM send one
+    event per message, so nothing is held back in practice.
+    """
+
+    __slots__ = ("captured", "carry")
+
+    def __init__(self) -> None:
+        self.carry = b""
+        self.captured: bytes | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.carry + chunk if self.carry else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            if len(data) > 1 << 20:  # not SSE framing we understand: stop holding anything
+                self.carry = b""
+                return data
+            self.carry = data
+            return b""
+        head = data[: cut + 2]
+        self.carry = data[cut + 2 :]
+        if b'"usage"' not in head:
+            return head
+        out = []
+        for event in head.split(b"\n\n"):
+            if not event:
+                continue
+            if self.captured is None and b'"usage"' in event and _usage_only(event):
+                self.captured = event
+                continue
+            out.append(event)
+            out.append(b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        data, self.carry = self.carry, b""
+        return data
+
+
+def _usage_only(event: bytes) -> bool:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                obj = orjson.loads(line[5:].strip())
+            except orjson.JSONDecodeError:
+                return False
+            return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+    return False
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("the record was not durable in time"))
+
+
+def _status_label(ex: Exchange) -> str:
+    if ex.outcome:
+        return ex.outcome
+    if ex.disconnected and not ex.completed:
+        return CANCELLED
+    s = ex.http_status
+    return "ok" if 200 <= s < 400 else CLIENT_ERROR if 400 <= s < 500 else UPSTREAM_ERROR
+
+
+async def _send_error(
+    send: Send, status: int, code: str, message: str, rid: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    type_ = "invalid_request_error" if status < 500 else "service_unavailable"
+    if status == 401:
+        type_ = "authentication_error"
+    elif status == 429:
+        type_ = "rate_limit_error"
+    body = error_body(message, type_, code)
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if rid:
+        headers.append((b"x-request-id", rid))
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, status: int, payload: Any) -> None:
+    body = orjson.dumps(payload)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
