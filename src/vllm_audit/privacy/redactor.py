@@ -28,6 +28,7 @@ MAX_DEPTH = 64
 #: Keys of chat messages / content parts whose string values are structure, not content.
 _STRUCTURAL_KEYS = frozenset({"role", "type"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_STRING_FIELDS = frozenset({"client_ip", "user_id"})
 _FIELD_ENTITY = {"client_ip": "IP_ADDRESS", "user_id": "USER_ID"}
 _TAG_RULE = FieldRule("redact", True, dict.fromkeys(ENTITY_TYPES, "tag"))
 
@@ -139,6 +140,7 @@ class Redactor:
                 record.pop(f"{field}_enc", None)
                 ctx.counts["UNREDACTABLE"] = ctx.counts.get("UNREDACTABLE", 0) + 1
                 errors.append(f"{field}: {type(exc).__name__}")
+
         info: dict[str, Any] = {"policy": policy.name, "entities": ctx.counts}
         if errors:
             info["errors"] = errors
@@ -150,14 +152,15 @@ class Redactor:
         mode = rule.mode
         if mode == "keep" or value is None:
             return
+        empty = "" if field in _STRING_FIELDS else None  # the schema types client_ip and user_id as strings
         if mode == "drop":
-            record[field] = None
+            record[field] = empty
         elif mode == "redact":
             record[field] = self._redact(value, rule, ctx)
         elif mode == "encrypt":
             key = self._enc_key(ctx, user)
             record[f"{field}_enc"] = op.encrypt_value(value, key, record.get("request_id"), field)
-            record[field] = self._redact(value, rule, ctx) if rule.keep_redacted_copy else None
+            record[field] = self._redact(value, rule, ctx) if rule.keep_redacted_copy else empty
         elif mode == "hash_only":
             record[field] = op.keyed_hash(value, ctx.psk())
         elif mode == "pseudonym":
