@@ -24,7 +24,7 @@ import orjson
 from vllm_audit.access.apikeys import KeyStore, iso, utcnow
 from vllm_audit.access.auth import Authenticator, resolve_path
 from vllm_audit.access.identity import Identity, identity_from_scope
-from vllm_audit.access.ingest import log_dir
+from vllm_audit.access.ingest import Ingester, log_dir
 from vllm_audit.access.openapi import STATUSES, openapi_spec
 from vllm_audit.access.store import USAGE_GROUPS, BadQuery, RecordQuery, Store, Viewer, open_store
 from vllm_audit.types import Receive, Scope, Send
@@ -67,6 +67,8 @@ class AuditApi:
         self.store = store or open_store(config)
         self._store_ready = False
         self._init_lock = asyncio.Lock()
+        self._ingest_lock = asyncio.Lock()
+        self.ingester = Ingester(log_dir(config), self.store) if config.access.store.ingest_on_read else None
         self.authenticator = Authenticator(config) if config.access.auth != "none" else None
         keyfile = config.access.api_keys.file
         self.keys = KeyStore(resolve_path(config, keyfile)) if keyfile else None
@@ -192,6 +194,18 @@ class AuditApi:
                 await asyncio.to_thread(self.store.init)
                 self._store_ready = True
 
+    async def _fresh_store(self) -> None:
+        """Create the schema once; catch the store up with the log before a read."""
+        await self._ensure_store()
+        if self.ingester is None:
+            return
+        async with self._ingest_lock:
+            try:
+                await asyncio.to_thread(self.ingester.run_once)
+            except Exception as exc:  # serve what the store has; the background ingester retries
+                log.warning("catch-up ingestion before an audit read failed: %s", exc)
+                self.ingester.forget()
+
     # -- records ------------------------------------------------------------------------------
 
     async def _records(self, scope: Scope) -> tuple[int, Any, dict[str, str]]:
@@ -202,7 +216,7 @@ class AuditApi:
         except BadQuery as exc:
             self._event("audit_read", ident, viewer, "records", params, [], "bad_request", 400)
             raise HttpError(400, str(exc), "invalid_parameter") from None
-        await self._ensure_store()
+        await self._fresh_store()
         try:
             records, nxt = await asyncio.to_thread(self.store.query, viewer, q)
         except BadQuery as exc:
@@ -218,7 +232,7 @@ class AuditApi:
         if not _REQUEST_ID.match(request_id):
             self._event("audit_read", ident, viewer, "record", query, [], "bad_request", 400)
             raise HttpError(400, "invalid request id", "invalid_parameter")
-        await self._ensure_store()
+        await self._fresh_store()
         record = await asyncio.to_thread(self.store.get, viewer, request_id)
         if record is None:
             # Absent and not-yours look the same; the attempt is on the record either way.
@@ -280,7 +294,7 @@ class AuditApi:
         except BadQuery as exc:
             self._event("audit_read", ident, viewer, "usage", params, [], "bad_request", 400)
             raise HttpError(400, str(exc), "invalid_parameter") from None
-        await self._ensure_store()
+        await self._fresh_store()
         rows = await asyncio.to_thread(self.store.usage, viewer, q, groups)
         self._event("audit_read", ident, viewer, "usage", params, [], "ok", 200, result_count=len(rows))
         return 200, {"group_by": groups, "usage": rows}, {}

@@ -140,8 +140,9 @@ class StoreConfig:
     table_prefix: str = "vllm_audit"
     #: Ingester poll interval.
     poll_interval_s: float = 1.0
-    #: Run the ingester inside the gateway.
-    ingest_in_gateway: bool = True
+    #: Before each audit API read, ingest what the log has gained since the last one (so a read
+    #: sees every record already fsynced). Needs the owner ``dsn`` in the API process.
+    ingest_on_read: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

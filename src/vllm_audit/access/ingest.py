@@ -28,10 +28,8 @@ BATCH = 1000
 
 
 def log_dir(config: Config) -> Path:
-    p = Path(config.log.dir)
-    if not p.is_absolute() and config.source:
-        p = Path(config.source).resolve().parent / p
-    return p
+    """The log directory exactly as the writer opens it (``[log] dir``, relative to the cwd)."""
+    return Path(config.log.dir)
 
 
 def _first_seq(p: Path) -> int:

@@ -470,7 +470,10 @@ def open_store(config: Config) -> Store:
     cfg = config.access.store
     if cfg.kind == "postgresql":
         return PostgresStore(cfg)
-    path = Path(cfg.path) if cfg.path else Path(config.log.dir) / "index.sqlite"
-    if not path.is_absolute() and config.source:
-        path = Path(config.source).resolve().parent / path
+    if cfg.path:
+        path = Path(cfg.path)
+        if not path.is_absolute() and config.source:
+            path = Path(config.source).resolve().parent / path
+    else:
+        path = Path(config.log.dir) / "index.sqlite"  # next to the log, as the writer opens it
     return SqliteStore(cfg, path)
