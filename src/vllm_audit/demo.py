@@ -14,6 +14,7 @@ value in the prompt reaches the client split across several stream events. A pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import time
@@ -174,7 +175,8 @@ class DemoEngine:
         if req.get("stream") is True:
             opts = req.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-            await self._stream(send, toks, chat, rid_full, created, finish, usage if include_usage else None, prompt)
+            stream = self._stream(send, toks, chat, rid_full, created, finish, usage if include_usage else None, prompt)
+            await _until_disconnect(stream, receive)
             return
         text = "".join(toks)
         if self.delay:
@@ -301,6 +303,22 @@ class DemoEngine:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await _respond(send, 200, orjson.dumps(resp))
+
+
+async def _until_disconnect(work: Any, receive: Receive) -> None:
+    """Run ``work`` but stop it when the client disconnects (as starlette's StreamingResponse does)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(receive())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        else:
+            task.result()
+    finally:
+        watcher.cancel()
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:

@@ -60,4 +60,5 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
         lifespan="on",
         backlog=4096,
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=10,
     )

@@ -1,0 +1,176 @@
+"""The real gateway (`vllm-audit serve` subprocess) over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonschema
+import orjson
+
+from tests.helpers import free_port, gateway, read_records
+from vllm_audit.record import json_schema
+
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hello gateway"}], "max_tokens": 6}
+
+
+async def post(session: aiohttp.ClientSession, url: str, payload: Any, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+    data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    async with session.post(url, data=data, headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw) as r:
+        return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
+
+
+def test_demo_gateway_records_every_kind_of_call(tmp_path: Path) -> None:
+    """Chat (stream and not), a bad request, a disconnect: each leaves a schema-valid record."""
+
+    async def scenario(base: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            st, hdr, body = await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "gw-plain"})
+            assert 200 == st and "gw-plain" == hdr["x-request-id"]
+            st, _, body = await post(s, base + "/v1/chat/completions", {**CHAT, "stream": True}, headers={"x-request-id": "gw-stream"})
+            assert body.endswith(b"data: [DONE]\n\n") and b'"usage"' not in body
+            st, _, body = await post(s, base + "/v1/chat/completions", b'{"model": "demo-model", "messages": [', headers={"x-request-id": "gw-bad"})
+            assert 400 == st and orjson.loads(body)["error"]["message"].startswith("Invalid JSON")
+            # a disconnect mid-stream: read the first event, then drop the connection
+            hang = {"model": "demo-model", "messages": [{"role": "user", "content": "wait [[demo:hang]] here"}], "max_tokens": 8, "stream": True}
+            async with s.post(base + "/v1/chat/completions", data=orjson.dumps(hang), headers={"x-request-id": "gw-gone"}) as r:
+                await r.content.readuntil(b"\n\n")
+                r.close()
+            await asyncio.sleep(0.5)
+
+    with gateway(tmp_path) as (base, log_dir, proc):
+        asyncio.run(scenario(base))
+    recs = {r["request_id"]: r for r in read_records(log_dir)}
+    assert {"gw-plain", "gw-stream", "gw-bad", "gw-gone"} <= set(recs)
+    assert "ok" == recs["gw-plain"]["status"] and recs["gw-plain"]["total_tokens"]
+    assert recs["gw-stream"]["stream"] and recs["gw-stream"]["completion_tokens"] == 6
+    assert ("client_error", 400) == (recs["gw-bad"]["status"], recs["gw-bad"]["http_status"])
+    assert "cancelled" == recs["gw-gone"]["status"]
+    assert recs["gw-gone"]["output_response"].startswith("You")
+    schema = json_schema()
+    for rec in recs.values():
+        jsonschema.validate(rec, schema)
+        for key in ("timestamp", "client_ip", "request_id", "user_id", "org_id", "auth_status", "status", "latency_ms"):
+            assert rec[key] is not None, key
+
+
+def test_gateway_upstream_failures_are_recorded(tmp_path: Path) -> None:
+    """Refused connection -> 502, timeout -> 504, upstream 500 passed on; each recorded."""
+    dead = free_port()
+
+    async def scenario(base: str) -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            st1, _, b1 = await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "refused"})
+            assert "upstream_unreachable" == orjson.loads(b1)["error"]["code"]
+            return [st1]
+
+    with gateway(tmp_path, "--upstream", f"http://127.0.0.1:{dead}") as (base, log_dir, _):
+        assert [502] == asyncio.run(scenario(base))
+    (rec,) = read_records(log_dir)
+    assert ("upstream_error", 502, "upstream_unreachable") == (rec["status"], rec["http_status"], rec["error_type"])
+
+    # a demo upstream that hangs, behind a gateway with a short read timeout
+    up_port = free_port()
+    with gateway(tmp_path, port=up_port, log_dir=tmp_path / "uplog") as (up, _, _):
+        cfg = "[gateway]\nread_timeout_s = 0.5\n"
+
+        async def slow(base: str) -> tuple[int, int]:
+            async with aiohttp.ClientSession() as s:
+                st, _, _ = await post(s, base + "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "[[demo:error]]"}]}, headers={"x-request-id": "up500"})
+                hang = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "a b c d [[demo:hang]]"}]}
+                try:
+                    async with s.post(base + "/v1/chat/completions", data=orjson.dumps(hang), headers={"x-request-id": "timeout"}) as r:
+                        await r.read()
+                    st2 = r.status
+                except aiohttp.ClientPayloadError:
+                    st2 = -1  # aborted mid-stream, as it must be
+                return st, st2
+
+        with gateway(tmp_path, "--upstream", up, config=cfg, log_dir=tmp_path / "gwlog") as (base, log_dir2, _):
+            st, st2 = asyncio.run(slow(base))
+    assert 500 == st
+    assert -1 == st2
+    recs = {r["request_id"]: r for r in read_records(tmp_path / "gwlog")}
+    assert ("upstream_error", 500) == (recs["up500"]["status"], recs["up500"]["http_status"])
+    assert ("timeout", "upstream_timeout") == (recs["timeout"]["status"], recs["timeout"]["error_type"])
+
+
+def test_kill_9_under_load_loses_no_record_of_a_completed_response(tmp_path: Path) -> None:
+    """Every response a client received in full has its record on disk after a SIGKILL."""
+    completed: list[str] = []
+
+    async def load(base: str, proc: Any) -> None:
+        stop = asyncio.Event()
+
+        async def worker(w: int) -> None:
+            async with aiohttp.ClientSession() as s:
+                i = 0
+                while not stop.is_set():
+                    rid = f"k9-{w}-{i}"
+                    i += 1
+                    payload = {**CHAT, "stream": bool(i % 2)}
+                    try:
+                        async with s.post(base + "/v1/chat/completions", data=orjson.dumps(payload), headers={"x-request-id": rid}) as r:
+                            body = await r.read()
+                        if r.status == 200 and (body.endswith(b"[DONE]\n\n") or body.endswith(b"}")):
+                            completed.append(rid)
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        return
+
+        async def killer() -> None:
+            await asyncio.sleep(1.5)
+            os.kill(proc.pid, signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            stop.set()
+
+        await asyncio.gather(killer(), *(worker(w) for w in range(16)))
+
+    with gateway(tmp_path) as (base, log_dir, proc):
+        asyncio.run(load(base, proc))
+        proc.wait()
+    assert len(completed) > 50, "the load did not get going"
+    on_disk = {r["request_id"] for r in read_records(log_dir)}
+    missing = [rid for rid in completed if rid not in on_disk]
+    assert [] == missing, f"{len(missing)} completed responses have no record"
+
+    # the restarted gateway adopts the chain and keeps going
+    with gateway(tmp_path, log_dir=log_dir) as (base, _, _):
+
+        async def one() -> int:
+            async with aiohttp.ClientSession() as s:
+                st, _, _ = await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "after-restart"})
+                return st
+
+        assert 200 == asyncio.run(one())
+    assert "after-restart" in {r["request_id"] for r in read_records(log_dir)}
+
+
+def test_two_workers_write_two_chains(tmp_path: Path) -> None:
+    """--workers 2 gives two writers in one log directory, with no lost record."""
+
+    async def many(base: str) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            await asyncio.gather(*(post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": f"w-{i}"}) for i in range(200)))
+
+    with gateway(tmp_path, "--workers", "2") as (base, log_dir, _):
+        asyncio.run(many(base))
+    recs = read_records(log_dir)
+    ids = [r["request_id"] for r in recs]
+    assert sorted(ids) == sorted(f"w-{i}" for i in range(200))
+    assert 2 == len({r["writer_id"] for r in recs}) or sys.platform != "linux"
+
+
+def test_bad_config_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """A config with a wrong value fails at start with exit 2 and names section and key."""
+    import subprocess
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[log]\ndurability = "sometimes"\n')
+    out = subprocess.run([sys.executable, "-m", "vllm_audit.cli", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert 2 == out.returncode
+    assert "[log] durability" in out.stderr and "Traceback" not in out.stderr
