@@ -12,16 +12,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from vllm_audit.config import Config
 from vllm_audit.privacy import operators as op
 from vllm_audit.privacy.config import ENTITY_TYPES, FIELDS, PrivacyConfig
 from vllm_audit.privacy.keystore import DataKey, FileKeyStore, KeyProvider
 from vllm_audit.privacy.policy import FieldRule, Policy, resolve_all
 from vllm_audit.privacy.recognizers import find
+
+if TYPE_CHECKING:  # vllm_audit.config imports privacy.config: no runtime import back
+    from vllm_audit.config import Config
 
 UNREDACTABLE = "<UNREDACTABLE>"
 MAX_DEPTH = 64
