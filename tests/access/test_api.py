@@ -1,0 +1,173 @@
+"""The audit API driven in-process (httpx ASGITransport): roles, cross-tenant 404s, every read audited,
+key administration for platform admins only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.access.conftest import TENANTS, sample_entries, write_log
+from vllm_audit.access import build_audit_api
+from vllm_audit.access.apikeys import KeyStore
+from vllm_audit.config import Config, load_config
+
+BASE = "/audit/v1"
+
+
+class Api:
+    def __init__(self, client: httpx.AsyncClient, keys: dict[str, str], events: list[dict[str, Any]]) -> None:
+        self.client, self.keys, self.events = client, keys, events
+
+    async def get(self, who: str | None, path: str, **params: Any) -> httpx.Response:
+        headers = {"authorization": f"Bearer {self.keys[who]}"} if who else {}
+        return await self.client.get(BASE + path, params=params, headers=headers)
+
+    async def post(self, who: str, path: str, body: Any = None) -> httpx.Response:
+        return await self.client.post(BASE + path, json=body, headers={"authorization": f"Bearer {self.keys[who]}"})
+
+
+def api_config(tmp_path: Path, store: dict[str, Any] | None = None) -> Config:
+    return load_config(
+        None,
+        {
+            "log": {"dir": str(tmp_path / "log")},
+            "access": {"auth": "api_key", "api_keys": {"file": str(tmp_path / "keys.json")}, "store": store or {}},
+        },
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
+    store: dict[str, Any] = {}
+    if request.param == "postgresql":
+        names = request.getfixturevalue("pg_names")
+        store = {"kind": "postgresql", "dsn": request.getfixturevalue("pg_dsn"), "table_prefix": names["prefix"],
+                 "reader_role": names["role"]}
+    config = api_config(tmp_path, store)
+    ks = KeyStore(tmp_path / "keys.json")
+    keys = {user: ks.add(user, org, roles)[0] for user, (org, roles) in TENANTS.items()}
+    write_log(tmp_path / "log", sample_entries())
+    events: list[dict[str, Any]] = []
+    app = build_audit_api(config, events.append)
+    assert app is not None
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as client:
+        yield Api(client, keys, events)
+
+
+def ids(resp: httpx.Response) -> set[str]:
+    assert resp.status_code == 200, resp.text
+    return {r["request_id"] for r in resp.json()["records"]}
+
+
+async def test_each_role_sees_what_it_may(api: Api) -> None:
+    assert ids(await api.get("alice", "/records")) == {f"req-alice-{i}" for i in range(3)}
+    assert ids(await api.get("audrey", "/records")) == {f"req-{u}-{i}" for u in ("alice", "bob") for i in range(3)}
+    assert ids(await api.get("gary", "/records")) == {f"req-carol-{i}" for i in range(3)}
+    assert len(ids(await api.get("root", "/records"))) == 9
+    assert ids(await api.get("root", "/records", org_id="globex", status="client_error")) == {"req-carol-2"}
+    assert ids(await api.get("alice", "/records", org_id="globex")) == set()
+    assert ids(await api.get("audrey", "/records", q="plan of bob", limit=2)) == {"req-bob-2", "req-bob-1"}
+
+    usage = (await api.get("audrey", "/usage", group_by="org_id,user_id")).json()
+    assert [(u["org_id"], u["user_id"], u["calls"], u["total_tokens"]) for u in usage["usage"]] == [
+        ("acme", "alice", 3, 60),
+        ("acme", "bob", 3, 60),
+    ]
+    who = (await api.get("gary", "/whoami")).json()
+    assert (who["user_id"], who["org_id"], who["audit_role"]) == ("gary", "globex", "org_auditor")
+
+
+async def test_single_record_and_cross_tenant_reads(api: Api) -> None:
+    r = await api.get("carol", "/records/req-carol-1")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["record"]["request_id"] == "req-carol-1" and body["record"]["org_id"] == "globex"
+    assert "proof" in body
+    api.events.clear()
+    for who in ("alice", "audrey", "bob"):
+        r = await api.get(who, "/records/req-carol-1")
+        assert r.status_code == 404 and r.json()["error"]["message"] == "no such record"
+    missing = await api.get("alice", "/records/req-never-was")
+    assert missing.status_code == 404 and missing.json() == r.json()  # indistinguishable from not-yours
+    denied = [e for e in api.events if e["outcome"] == "not_found"]
+    assert [(e["actor"]["user_id"], e["query"]["request_id"]) for e in denied] == [
+        ("alice", "req-carol-1"), ("audrey", "req-carol-1"), ("bob", "req-carol-1"), ("alice", "req-never-was")
+    ]
+    assert (await api.get("gary", "/records/req-carol-1")).status_code == 200
+    assert (await api.get("root", "/records/req-alice-0")).status_code == 200
+
+
+async def test_every_read_is_an_audit_event(api: Api) -> None:
+    api.events.clear()
+    await api.get("audrey", "/records", model="m-large")
+    await api.get("audrey", "/usage")
+    await api.get(None, "/records")
+    await api.get("audrey", "/records", limit=0)
+    kinds = [(e["record_type"], e["event"], e["endpoint"], e["outcome"], e["http_status"]) for e in api.events]
+    assert kinds == [
+        ("event", "audit_read", "records", "ok", 200),
+        ("event", "audit_read", "usage", "ok", 200),
+        ("event", "audit_read", "records", "unauthenticated", 401),
+        ("event", "audit_read", "records", "bad_request", 400),
+    ]
+    first = api.events[0]
+    assert first["actor"]["user_id"] == "audrey" and first["audit_role"] == "org_auditor"
+    assert first["query"] == {"model": "m-large"}
+    assert sorted(first["result_ids"]) == ["req-alice-2", "req-bob-2"]
+    assert all(api.keys["audrey"] not in str(e) for e in api.events)
+
+
+async def test_errors_are_json_with_a_reason(api: Api) -> None:
+    r = await api.get(None, "/records")
+    assert r.status_code == 401 and r.json()["error"]["message"] == "missing credentials"
+    r = await api.client.get(BASE + "/records", headers={"authorization": "Bearer vak_0123456789ab_" + "x" * 43})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "unknown API key"
+    for params, status in [({"limit": "x"}, 400), ({"status": "weird"}, 400), ({"since": "soon"}, 400),
+                           ({"cursor": "@@"}, 400), ({"prompt_sha256": "xyz"}, 400)]:
+        r = await api.get("root", "/records", **params)
+        assert r.status_code == status and r.json()["error"]["message"], params
+    assert (await api.get("root", "/usage", group_by="planet")).status_code == 400
+    assert (await api.get("root", "/nope")).status_code == 404
+    r = await api.client.delete(BASE + "/records")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    spec = (await api.client.get(BASE + "/openapi.json")).json()
+    assert spec["openapi"].startswith("3.") and f"{BASE}/records" in spec["paths"]
+
+
+async def test_key_admin_is_platform_admin_only(api: Api) -> None:
+    api.events.clear()
+    for who in ("audrey", "alice"):
+        assert (await api.get(who, "/keys")).status_code == 403
+        assert (await api.post(who, "/keys", {"user_id": "eve", "org_id": "acme", "roles": ["platform_admin"]})).status_code == 403
+    assert [e["event"] for e in api.events] == ["key_admin_denied"] * 4
+    listing = (await api.get("root", "/keys")).json()["keys"]
+    assert len(listing) == len(TENANTS) and all("sha256" not in k for k in listing)
+    r = await api.post("root", "/keys", {"user_id": "dave", "org_id": "globex", "roles": ["user"]})
+    assert r.status_code == 201
+    new = r.json()
+    api.keys["dave"] = new["key"]
+    assert (await api.get("dave", "/whoami")).json()["user_id"] == "dave"
+    r = await api.post("root", f"/keys/{new['key_id']}/revoke")
+    assert r.status_code == 200 and r.json()["status"] == "revoked"
+    r = await api.get("dave", "/whoami")
+    assert r.status_code == 401 and r.json()["error"]["message"] == "revoked API key"
+    assert [e["event"] for e in api.events if e["event"].startswith("key_")][-3:] == ["key_list", "key_added", "key_revoked"]
+    assert all(new["key"] not in str(e) for e in api.events)
+
+
+async def test_read_refused_when_it_cannot_be_recorded(tmp_path: Path) -> None:
+    config = api_config(tmp_path)
+    key, _ = KeyStore(tmp_path / "keys.json").add("root", "platform", ("platform_admin",))
+
+    def broken(entry: dict[str, Any]) -> None:
+        raise RuntimeError("log down")
+
+    app = build_audit_api(config, broken)
+    assert app is not None
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as client:
+        r = await client.get(BASE + "/records", headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 503
