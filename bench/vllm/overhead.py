@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""What does auditing cost a real vLLM? (M16) — one command, one table.
+
+    .venv/bin/python bench/vllm/overhead.py            # ~5-8 min on 2 cores
+    .venv/bin/python bench/vllm/overhead.py --quick    # fewer requests, concurrency 1 and 8
+
+Three targets, same tiny model, same load:
+
+* ``vllm``        — ``vllm serve`` alone
+* ``middleware``  — ``vllm serve --middleware vllm_audit.AuditMiddleware`` (strict durability)
+* ``gateway``     — ``vllm-audit serve --upstream <the plain vLLM>`` in front of the plain vLLM
+
+For each: 16-token completions (``ignore_eos``), non-streaming and streaming, at concurrency
+1, 8 and 32 (closed loop, bounded request counts): throughput, p50/p99 latency, p50 TTFT for
+streams, and the CPU time per request of the API server process (``/proc/<pid>/stat`` utime+stime
+before/after the load; for the gateway also the gateway process's own CPU).
+
+Servers come from ``scripts/vllm-cpu`` (setup.sh is run first; it is quick when already done).
+Runs ``vllm`` and ``gateway`` against one plain server, then ``middleware`` against a second
+server started after the first is stopped, so only one vLLM runs at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts" / "vllm-cpu"))
+import vllm_cpu_harness as harness  # noqa: E402
+
+MODEL = "tiny-llama"
+
+
+@dataclass
+class Result:
+    target: str
+    stream: bool
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    tok_s: float
+    p50_ms: float
+    p99_ms: float
+    ttft_p50_ms: float | None
+    api_cpu_ms_per_req: float | None
+    gw_cpu_ms_per_req: float | None = None
+    error_samples: list[str] = field(default_factory=list)
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+async def one_request(
+    session: aiohttp.ClientSession, url: str, stream: bool, max_tokens: int, i: int
+) -> tuple[float, float | None, int, str | None]:
+    """(latency s, ttft s or None, completion tokens, error or None)."""
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": f"def function_{i % 97}(",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    if stream:
+        body["stream"] = True
+    t0 = time.perf_counter()
+    ttft = None
+    try:
+        async with session.post(url + "/v1/completions", json=body) as r:
+            if stream:
+                n = 0
+                async for line in r.content:
+                    if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+                        n += 1
+                if r.status != 200:
+                    return time.perf_counter() - t0, ttft, 0, f"HTTP {r.status}"
+                return time.perf_counter() - t0, ttft, n, None
+            data = await r.read()
+            if r.status != 200:
+                return time.perf_counter() - t0, None, 0, f"HTTP {r.status}: {data[:200]!r}"
+            return time.perf_counter() - t0, None, json.loads(data)["usage"]["completion_tokens"], None
+    except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as exc:
+        return time.perf_counter() - t0, None, 0, repr(exc)
+
+
+async def run_load(url: str, stream: bool, concurrency: int, n: int, max_tokens: int) -> tuple[float, list[Any]]:
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=300)
+    results: list[Any] = []
+    next_i = 0
+
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+
+        async def worker() -> None:
+            nonlocal next_i
+            while next_i < n:
+                i = next_i
+                next_i += 1
+                results.append(await one_request(session, url, stream, max_tokens, i))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - t0, results
+
+
+def measure(
+    target: str, url: str, api_pid: int, gw_pid: int | None, stream: bool, conc: int, n: int, max_tokens: int
+) -> Result:
+    cpu0 = harness.proc_cpu_seconds(api_pid)
+    gcpu0 = harness.proc_cpu_seconds(gw_pid) if gw_pid else 0.0
+    secs, res = asyncio.run(run_load(url, stream, conc, n, max_tokens))
+    cpu1 = harness.proc_cpu_seconds(api_pid)
+    gcpu1 = harness.proc_cpu_seconds(gw_pid) if gw_pid else 0.0
+    ok = [r for r in res if r[3] is None]
+    errs = [r[3] for r in res if r[3] is not None]
+    lat = [r[0] * 1000 for r in ok]
+    ttft = [r[1] * 1000 for r in ok if r[1] is not None]
+    toks = sum(r[2] for r in ok)
+    return Result(
+        target=target,
+        stream=stream,
+        concurrency=conc,
+        requests=len(res),
+        errors=len(errs),
+        seconds=secs,
+        rps=len(ok) / secs if secs else 0.0,
+        tok_s=toks / secs if secs else 0.0,
+        p50_ms=pct(lat, 50),
+        p99_ms=pct(lat, 99),
+        ttft_p50_ms=pct(ttft, 50) if stream else None,
+        api_cpu_ms_per_req=(cpu1 - cpu0) * 1000 / len(res) if res else None,
+        gw_cpu_ms_per_req=(gcpu1 - gcpu0) * 1000 / len(res) if gw_pid and res else None,
+        error_samples=errs[:3],
+    )
+
+
+def bench_target(
+    target: str, url: str, api_pid: int, gw_pid: int | None, args: argparse.Namespace
+) -> list[Result]:
+    # Warm-up (first requests pay for lazy initialisation on every path).
+    asyncio.run(run_load(url, False, 4, 16, args.max_tokens))
+    asyncio.run(run_load(url, True, 4, 16, args.max_tokens))
+    out = []
+    for stream in (False, True):
+        for conc in args.concurrency:
+            n = max(args.min_requests, conc * args.requests_per_worker)
+            r = measure(target, url, api_pid, gw_pid, stream, conc, n, args.max_tokens)
+            out.append(r)
+            log(
+                f"{target:10s} {'stream' if stream else 'plain ':6s} c={conc:<3d} n={n:<4d} "
+                f"{r.rps:7.1f} req/s p50 {r.p50_ms:7.1f} ms p99 {r.p99_ms:7.1f} ms "
+                f"api cpu {r.api_cpu_ms_per_req or 0:.2f} ms/req errors {r.errors}"
+            )
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def table(results: list[Result]) -> str:
+    base = {(r.stream, r.concurrency): r for r in results if r.target == "vllm"}
+    head = (
+        "| target | mode | conc | req | err | req/s | tok/s | p50 ms | p99 ms | TTFT p50 ms "
+        "| Δp50 vs vllm | vLLM API CPU ms/req | gateway CPU ms/req |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    order = ["vllm", "middleware", "gateway"]
+    for r in sorted(results, key=lambda r: (r.stream, r.concurrency, order.index(r.target))):
+        b = base.get((r.stream, r.concurrency))
+        delta = f"{r.p50_ms - b.p50_ms:+.1f}" if b and r.target != "vllm" else ""
+        lines.append(
+            f"| {r.target} | {'stream' if r.stream else 'non-stream'} | {r.concurrency} | {r.requests} | {r.errors} "
+            f"| {r.rps:.1f} | {r.tok_s:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
+            f"| {'' if r.ttft_p50_ms is None else f'{r.ttft_p50_ms:.1f}'} | {delta} "
+            f"| {'' if r.api_cpu_ms_per_req is None else f'{r.api_cpu_ms_per_req:.2f}'} "
+            f"| {'' if r.gw_cpu_ms_per_req is None else f'{r.gw_cpu_ms_per_req:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--requests-per-worker", type=int, default=8, help="requests = max(min, conc * this)")
+    ap.add_argument("--min-requests", type=int, default=48)
+    ap.add_argument("--targets", nargs="+", default=["vllm", "gateway", "middleware"])
+    ap.add_argument("--durability", choices=["strict", "async"], default="strict")
+    ap.add_argument("--quick", action="store_true", help="concurrency 1 and 8, fewer requests")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--keep-dir", action="store_true", help="keep the temp dir (server logs, audit logs)")
+    args = ap.parse_args()
+    if args.quick:
+        args.concurrency = [1, 8]
+        args.min_requests = 24
+        args.requests_per_worker = 4
+
+    setup = harness.ensure_setup()
+    log(f"vLLM {setup.versions.get('VLLM_VERSION')} torch {setup.versions.get('TORCH_VERSION')} venv {setup.venv}")
+    work = Path(tempfile.mkdtemp(prefix="vllm-audit-bench-"))
+    log(f"work dir {work}")
+    results: list[Result] = []
+    notes: list[str] = []
+
+    def cfg(name: str) -> Path:
+        p = work / f"{name}.toml"
+        p.write_text(f'[log]\ndir = "{work / (name + "-log")}"\ndurability = "{args.durability}"\n')
+        return p
+
+    if {"vllm", "gateway"} & set(args.targets):
+        log("starting plain vLLM")
+        srv = harness.start_vllm(setup, work / "vllm-plain.log")
+        gw = None
+        try:
+            if "vllm" in args.targets:
+                results += bench_target("vllm", srv.url, srv.pid, None, args)
+            if "gateway" in args.targets:
+                try:
+                    gw = harness.start_gateway(setup, srv.url, cfg("gateway"), work / "gateway.log")
+                except harness.ServerError as exc:
+                    notes.append(f"gateway: did not start: {str(exc).splitlines()[0]}")
+                    log(str(exc))
+                if gw is not None:
+                    results += bench_target("gateway", gw.url, srv.pid, gw.pid, args)
+        finally:
+            if gw is not None:
+                gw.stop()
+            srv.stop()
+
+    if "middleware" in args.targets:
+        log("starting vLLM with --middleware vllm_audit.AuditMiddleware")
+        try:
+            srv = harness.start_vllm(
+                setup,
+                work / "vllm-middleware.log",
+                extra_args=["--middleware", "vllm_audit.AuditMiddleware"],
+                env={"VLLM_AUDIT_CONFIG": str(cfg("middleware"))},
+            )
+        except harness.ServerError as exc:
+            notes.append(f"middleware: vLLM did not start: {str(exc).splitlines()[0]}")
+            log(str(exc))
+        else:
+            try:
+                results += bench_target("middleware", srv.url, srv.pid, None, args)
+            finally:
+                srv.stop()
+
+    print()
+    print(
+        f"vLLM {setup.versions.get('VLLM_VERSION')} (CPU), tiny-llama, {args.max_tokens}-token completions "
+        f"(ignore_eos), audit durability={args.durability}; {len(os.sched_getaffinity(0))} CPUs"
+    )
+    print()
+    print(table(results))
+    for n in notes:
+        print(f"\nNOTE: {n}")
+    errs = [r for r in results if r.errors]
+    for r in errs:
+        print(f"\nERRORS {r.target} stream={r.stream} c={r.concurrency}: {r.errors}, e.g. {r.error_samples}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if not args.keep_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        log(f"kept {work}")
+    return 1 if errs or notes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
