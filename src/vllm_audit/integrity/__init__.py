@@ -1,0 +1,1 @@
+"""Tamper evidence: per-writer hash chains, segments, signed Merkle checkpoints, proofs, verifier."""

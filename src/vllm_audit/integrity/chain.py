@@ -1,0 +1,618 @@
+"""One writer's hash chain, its segment files, its Merkle tree and its signed checkpoints.
+
+Every process that writes records owns one chain (its writer id) in
+``LOGDIR/writers/<writer_id>/`` and holds an exclusive ``flock`` on ``writer.lock`` there while
+it lives. A process starting up first tries to adopt the chain of a writer that is no longer
+alive (its lock is free), so a restarted gateway continues its chain instead of leaving a
+trail of one-off writers; otherwise it creates a new writer.
+
+Each entry is one line: ``{"seq":N,"prev":"<hex>","writer_id":"...",...}``. The leaf hash is
+``SHA-256(0x00 || line)`` over the stored bytes; ``prev`` is the previous entry's leaf hash.
+The chain keeps the RFC 6962 tree over its leaves as a compact range (O(log n) hashes), signs a
+checkpoint every ``checkpoint_every_records`` entries / ``checkpoint_every_seconds`` and on every
+idle heartbeat, seals full segments (read-only + manifest) and records every seal, start,
+resume, stop and crash recovery as an ``"event"`` entry in the chain itself. Formats:
+``docs/integrity.md``.
+
+Writer-thread protocol (see ``docs/internals.md``)::
+
+    chain.append(chain.pending_events() + entries) -> leaf hashes   # written, not yet durable
+    chain.sync()                                                     # one fdatasync per batch
+    chain.after_commit()                                             # checkpoint / rotate when due
+    chain.heartbeat()                                                # when idle
+    chain.close()
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from vllm_audit.errors import KeyFileError, LogWriteError
+from vllm_audit.integrity.checkpoint import (
+    CHECKPOINTS_FILE,
+    Checkpoint,
+    note_line,
+    parse_body,
+    parse_note_line,
+    sign_checkpoint,
+    split_note,
+)
+from vllm_audit.integrity.config import IntegrityConfig
+from vllm_audit.integrity.keys import SigningKey, load_signing_key, write_private
+from vllm_audit.integrity.merkle import CompactRange
+
+log = logging.getLogger("vllm_audit.integrity")
+
+ZERO_HASH = "0" * 64
+SEGMENT_PREFIX = "seg-"
+SEGMENT_SUFFIX = ".jsonl"
+MANIFEST_SUFFIX = ".manifest.json"
+QUARANTINE_DIR = "quarantine"
+KEYS_DIR = "keys"
+AUTO_KEY = "signing.key"
+AUTO_PUB = "signing.pub"
+_SAFE_HOST = re.compile(r"[^A-Za-z0-9-]")
+_SEGMENT_RE = re.compile(r"^seg-(\d{12})\.jsonl$")
+
+_sha256 = hashlib.sha256
+
+
+def leaf_hash(line: bytes) -> bytes:
+    """RFC 6962 leaf hash of one stored line (without its newline)."""
+    return _sha256(b"\x00" + line).digest()
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{SEGMENT_PREFIX}{first_seq:012d}{SEGMENT_SUFFIX}"
+
+
+def manifest_name(segment: str) -> str:
+    return segment[: -len(SEGMENT_SUFFIX)] + MANIFEST_SUFFIX
+
+
+def segment_first_seq(name: str) -> int | None:
+    m = _SEGMENT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def list_segments(d: Path) -> list[tuple[int, Path]]:
+    """``(first_seq, path)`` of the segment files in a writer directory, in order."""
+    out = []
+    for p in d.iterdir():
+        first = segment_first_seq(p.name)
+        if first is not None:
+            out.append((first, p))
+    out.sort()
+    return out
+
+
+def anchor_file(anchor_dir: str | os.PathLike[str], writer_id: str) -> Path:
+    return Path(anchor_dir) / f"{writer_id}.{CHECKPOINTS_FILE}"
+
+
+def new_writer_id() -> str:
+    host = _SAFE_HOST.sub("-", socket.gethostname())[:32] or "host"
+    return f"{host}-{secrets.token_hex(4)}"
+
+
+def now_iso(t: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def split_torn(data: bytes) -> tuple[bytes, bytes]:
+    """``(complete lines, torn tail)`` of a segment's bytes."""
+    if not data or data.endswith(b"\n"):
+        return data, b""
+    cut = data.rfind(b"\n") + 1
+    return data[:cut], data[cut:]
+
+
+class Chain:
+    """Append-only chain of entries for one writer (not thread-safe: one writer thread owns it)."""
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        config: IntegrityConfig | None = None,
+        *,
+        signing_key: SigningKey | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or IntegrityConfig()
+        self.clock = clock
+        self.log_dir = Path(log_dir)
+        self.root = self.log_dir / "writers"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LogWriteError(f"Cannot create log directory {str(self.root)!r}: {exc.strerror}.") from None
+        try:
+            self.key = signing_key or self._load_key()
+        except KeyFileError as exc:
+            raise LogWriteError(f"Checkpoint signing key unusable: {exc}") from None
+        self._signer = self.key.signer()
+        self._lock_fd = -1
+        self.writer_id = ""
+        self.dir = self.root
+        self.next_seq = 0
+        self.last_hash = ZERO_HASH
+        self.tree = CompactRange()
+        self._fd = -1
+        self._cp_fd = -1
+        self._segment_path: Path | None = None
+        self._segment_first = 0
+        self._segment_bytes = 0
+        self._segment_opened = 0.0
+        self._segment_sha = _sha256()
+        self._broken = False
+        self._cp_size = -1
+        self._cp_time = 0.0
+        self._anchor_failed: set[str] = set()
+        #: The last signed checkpoint note written (empty before the first one).
+        self.last_checkpoint = ""
+        self._recovered: list[dict[str, Any]] = []
+        self._claim()
+
+    @property
+    def origin(self) -> str:
+        return f"{self.config.origin_prefix}/{self.writer_id}"
+
+    # -- key ----------------------------------------------------------------------------------
+
+    def _load_key(self) -> SigningKey:
+        if self.config.signing_key:
+            return load_signing_key(self.config.signing_key)
+        kdir = self.log_dir / KEYS_DIR
+        path = kdir / AUTO_KEY
+        if path.exists():
+            return load_signing_key(path)
+        try:
+            kdir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise KeyFileError(f"Cannot create {str(kdir)!r}: {exc.strerror}.") from None
+        host = _SAFE_HOST.sub("-", socket.gethostname())[:32] or "host"
+        key = SigningKey.generate(f"{self.config.origin_prefix}/{host}-autogen")
+        try:
+            write_private(path, key)
+        except KeyFileError:
+            if path.exists():  # another process won the race: use its key
+                return load_signing_key(path)
+            raise
+        pub = kdir / AUTO_PUB
+        pub.write_text(
+            f"# auto-generated checkpoint key {key.verifier.label}\n"
+            f"# fingerprint sha256:{key.verifier.fingerprint}\n{key.verifier.vkey()}\n",
+            "utf-8",
+        )
+        log.warning(
+            "No [integrity] signing_key configured: generated checkpoint signing key %s (public key %s). "
+            "Anyone who can write the log directory can read this key; create a real one with "
+            "`vllm-audit keygen --out PREFIX`, keep it off the log volume and set [integrity] signing_key.",
+            path,
+            pub,
+        )
+        return load_signing_key(path)
+
+    # -- slot claiming ------------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and self._try_lock(d):
+                self.writer_id = d.name
+                self._resume(d)
+                return
+        while True:
+            d = self.root / new_writer_id()
+            try:
+                d.mkdir()
+            except FileExistsError:  # pragma: no cover - 32 random bits collided
+                continue
+            if self._try_lock(d):
+                self.writer_id = d.name
+                self._open_checkpoints()
+                self._open_segment(0)
+                self._event("writer_started", {"key": self.key.verifier.label})
+                return
+
+    def _try_lock(self, d: Path) -> bool:
+        try:
+            fd = os.open(d / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        self.dir = d
+        return True
+
+    def _event(self, name: str, detail: Mapping[str, Any] | None = None) -> None:
+        ev: dict[str, Any] = {"record_type": "event", "event": name, "timestamp": now_iso(self.clock())}
+        if detail:
+            ev["detail"] = dict(detail)
+        self._recovered.append(ev)
+
+    def _resume(self, d: Path) -> None:
+        recovery: dict[str, Any] = {}
+        torn_cp = self._open_checkpoints()
+        if torn_cp:
+            recovery["torn_checkpoints"] = torn_cp
+        segments = list_segments(d)
+        start = 0
+        # Sealed segments carry the compact range at their end: no need to re-read them.
+        for i in range(len(segments) - 1, -1, -1):
+            m = _read_manifest(segments[i][1])
+            if m is not None:
+                self.tree = CompactRange(m["tree_size"], [bytes.fromhex(h) for h in m["compact_range"]])
+                self.last_hash = m["last_leaf"]
+                self.next_seq = m["tree_size"]
+                start = i + 1
+                break
+        tail: Path | None = None
+        for idx in range(start, len(segments)):
+            first, path = segments[idx]
+            data = path.read_bytes()
+            good, torn = split_torn(data)
+            count = self._absorb(good)
+            is_last = idx == len(segments) - 1
+            if torn and not count:
+                # Nothing but a torn write (a crash right after rotation): the whole file goes to
+                # quarantine so the next segment can take its name.
+                info = self._quarantine(path, 0, torn)
+                path.unlink()
+                recovery.setdefault("torn_segments", []).append(info)
+                continue
+            if torn:
+                recovery.setdefault("torn_segments", []).append(self._quarantine(path, len(good), torn))
+            if torn or not is_last:
+                if count:
+                    self._seal(path, first, count, data, torn=len(torn))
+            else:
+                tail = path
+                self._segment_first = first
+                self._segment_sha = _sha256(data)
+        if tail is not None and self.next_seq >= self._segment_first:
+            self._open_segment(self._segment_first, path=tail)
+        else:
+            self._open_segment(self.next_seq)
+        self._cp_size = self._last_checkpoint_size()
+        self._cp_time = self.clock()
+        if recovery:
+            log.warning("audit chain %s: recovered from a crash: %s", self.writer_id, recovery)
+            self._event("recovery", recovery)
+        else:
+            self._event("writer_resumed", {"key": self.key.verifier.label})
+
+    def _absorb(self, good: bytes) -> int:
+        """Feed complete stored lines into the chain state (resume)."""
+        lines = good.split(b"\n")[:-1] if good else []
+        tree = self.tree
+        for line in lines:
+            tree.append(leaf_hash(line))
+        if lines:
+            self.last_hash = leaf_hash(lines[-1]).hex()
+            try:
+                seq = int(orjson.loads(lines[-1])["seq"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                seq = -1
+            if seq != tree.size - 1:
+                log.warning("audit chain %s: last entry has seq %s, expected %s", self.writer_id, seq, tree.size - 1)
+        self.next_seq = tree.size
+        return len(lines)
+
+    def _quarantine(self, path: Path, offset: int, torn: bytes) -> dict[str, Any]:
+        """Keep a copy of torn bytes (the segment itself is sealed as it is)."""
+        qdir = self.dir / QUARANTINE_DIR
+        qdir.mkdir(exist_ok=True)
+        q = qdir / f"{path.name}.{offset}.torn"
+        q.write_bytes(torn)
+        return {
+            "segment": path.name,
+            "offset": offset,
+            "bytes": len(torn),
+            "sha256": _sha256(torn).hexdigest(),
+            "quarantine": f"{QUARANTINE_DIR}/{q.name}",
+        }
+
+    # -- checkpoints file ---------------------------------------------------------------------
+
+    def _open_checkpoints(self) -> dict[str, Any] | None:
+        p = self.dir / CHECKPOINTS_FILE
+        torn_info = None
+        try:
+            self._cp_fd = os.open(p, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            size = os.fstat(self._cp_fd).st_size
+            if size:
+                data = p.read_bytes()
+                good, torn = split_torn(data)
+                if torn:
+                    torn_info = self._quarantine(p, len(good), torn)
+                    os.write(self._cp_fd, b"\n")  # terminate the torn line; later lines stay whole
+        except OSError as exc:
+            raise LogWriteError(f"Cannot open {str(p)!r}: {exc.strerror}.") from None
+        return torn_info
+
+    def _last_checkpoint_size(self) -> int:
+        p = self.dir / CHECKPOINTS_FILE
+        data = p.read_bytes()
+        for line in reversed(data.split(b"\n")):
+            if not line:
+                continue
+            try:
+                text, _ = split_note(parse_note_line(line))
+                return parse_body(text).size
+            except (ValueError, orjson.JSONDecodeError):
+                continue
+        return -1
+
+    # -- segments -----------------------------------------------------------------------------
+
+    def _open_segment(self, first_seq: int, path: Path | None = None) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        p = path or (self.dir / segment_name(first_seq))
+        try:
+            self._fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._segment_bytes = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise LogWriteError(f"Cannot open segment {str(p)!r}: {exc.strerror}.") from None
+        if path is None:
+            self._segment_sha = _sha256()
+        self._segment_first = first_seq
+        self._segment_path = p
+        self._segment_opened = self.clock()
+        _fsync_dir(self.dir)
+
+    def _seal(self, path: Path, first: int, count: int, data: bytes | None = None, *, torn: int = 0) -> dict[str, Any]:
+        """Make a segment read-only and write its manifest (both never change again)."""
+        if data is not None:
+            sha = _sha256(data).hexdigest()
+            size = len(data)
+        else:
+            sha = self._segment_sha.hexdigest()
+            size = self._segment_bytes
+        manifest = {
+            "format": "vllm-audit-segment-manifest/v1",
+            "writer_id": self.writer_id,
+            "segment": path.name,
+            "first_seq": first,
+            "last_seq": first + count - 1,
+            "count": count,
+            "bytes": size,
+            "sha256": sha,
+            "last_leaf": self.last_hash,
+            "tree_size": self.tree.size,
+            "merkle_root": self.tree.root().hex(),
+            "compact_range": [h.hex() for h in self.tree.hashes],
+            "torn_bytes": torn,
+            "sealed_at": now_iso(self.clock()),
+        }
+        os.chmod(path, 0o444)
+        mpath = path.with_name(manifest_name(path.name))
+        tmp = mpath.with_name(mpath.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+        try:
+            _write_all(fd, orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, mpath)
+        _fsync_dir(self.dir)
+        self._event(
+            "segment_sealed",
+            {k: manifest[k] for k in ("segment", "first_seq", "last_seq", "count", "sha256", "merkle_root")},
+        )
+        return manifest
+
+    def _rotate(self) -> None:
+        count = self.next_seq - self._segment_first
+        if count <= 0 or self._segment_path is None:
+            return
+        try:
+            os.fsync(self._fd)
+            self._seal(self._segment_path, self._segment_first, count)
+        except OSError as exc:
+            raise LogWriteError(f"Cannot seal segment {str(self._segment_path)!r}: {exc.strerror}.") from None
+        self._open_segment(self.next_seq)
+
+    def _rotation_due(self) -> bool:
+        if self._segment_bytes >= self.config.segment_max_bytes:
+            return True
+        age = self.config.segment_max_seconds
+        return bool(age) and self.clock() - self._segment_opened >= age
+
+    def pending_events(self) -> list[dict[str, Any]]:
+        """Events the chain wants written first (start-up, resume, recovery, segment sealed)."""
+        events, self._recovered = self._recovered, []
+        return events
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def _recover_from_write_error(self) -> None:
+        """After a failed write, seal what is on disk (quarantining partial bytes) and go on."""
+        assert self._segment_path is not None
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == self._segment_bytes:
+                self._broken = False
+                return
+            data = self._segment_path.read_bytes()
+            good, torn = data[: self._segment_bytes], data[self._segment_bytes :]
+            info = self._quarantine(self._segment_path, len(good), torn)
+            self._seal(
+                self._segment_path, self._segment_first, self.next_seq - self._segment_first, data, torn=len(torn)
+            )
+            self._open_segment(self.next_seq)
+        except OSError as exc:
+            raise LogWriteError(f"Cannot recover segment {str(self._segment_path)!r}: {exc.strerror}.") from None
+        self._broken = False
+        self._event("recovery", {"torn_segments": [info], "cause": "write_error"})
+
+    def append(self, entries: Iterable[Mapping[str, Any]]) -> list[bytes]:
+        """Seal and write entries (not yet durable: call ``sync``). Returns their leaf hashes."""
+        if self._broken:
+            self._recover_from_write_error()
+            entries = [*self.pending_events(), *entries]
+        buf = bytearray()
+        leaves: list[bytes] = []
+        seq = self.next_seq
+        prev = self.last_hash
+        wid = orjson.dumps(self.writer_id)
+        dumps = orjson.dumps
+        sha = _sha256
+        for entry in entries:
+            body = dumps(entry)
+            line = b'{"seq":%d,"prev":"%s","writer_id":%s,%s' % (seq, prev.encode(), wid, body[1:])
+            if len(body) <= 2:
+                line = line[:-2] + b"}"
+            leaf = sha(b"\x00" + line).digest()
+            leaves.append(leaf)
+            prev = leaf.hex()
+            seq += 1
+            buf += line
+            buf += b"\n"
+        if not leaves:
+            return leaves
+        try:
+            _write_all(self._fd, buf)
+        except OSError as exc:
+            self._broken = True
+            raise LogWriteError(f"Cannot write segment {str(self._segment_path)!r}: {exc.strerror}.") from None
+        tree = self.tree
+        for leaf in leaves:
+            tree.append(leaf)
+        self._segment_sha.update(buf)
+        self.next_seq = seq
+        self.last_hash = prev
+        self._segment_bytes += len(buf)
+        return leaves
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise LogWriteError(f"Cannot fsync segment {str(self._segment_path)!r}: {exc.strerror}.") from None
+
+    def after_commit(self) -> None:
+        """Called after each durable batch: sign a checkpoint and rotate the segment when due."""
+        size = self.tree.size
+        if size != self._cp_size and (
+            size - self._cp_size >= self.config.checkpoint_every_records
+            or self.clock() - self._cp_time >= self.config.checkpoint_every_seconds
+        ):
+            self.checkpoint()
+        if self._rotation_due():
+            self._rotate()
+
+    def heartbeat(self) -> None:
+        """Called when the writer has been idle: write pending events, rotate by age, checkpoint."""
+        if self._rotation_due():
+            self._rotate()
+        self._flush_pending()
+        if self.tree.size != self._cp_size or self.clock() - self._cp_time >= 0.5 * self.config.heartbeat_seconds:
+            self.checkpoint()
+
+    def _flush_pending(self) -> None:
+        events = self.pending_events()
+        if events:
+            self.append(events)
+            self.sync()
+
+    def checkpoint(self) -> str:
+        """Sign a checkpoint over everything appended so far (call only when it is durable)."""
+        now = self.clock()
+        cp = Checkpoint(self.origin, self.tree.size, self.tree.root(), int(now * 1000))
+        note = sign_checkpoint(cp, self._signer, self.key.name)
+        line = note_line(note)
+        try:
+            _write_all(self._cp_fd, line)
+            os.fdatasync(self._cp_fd)
+        except OSError as exc:
+            raise LogWriteError(f"Cannot write checkpoint for {self.writer_id}: {exc.strerror}.") from None
+        for anchor in self.config.anchors:
+            self._anchor(anchor, line)
+        self._cp_size = cp.size
+        self._cp_time = now
+        self.last_checkpoint = note
+        return note
+
+    def _anchor(self, anchor: str, line: bytes) -> None:
+        path = anchor_file(anchor, self.writer_id)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _write_all(fd, line)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if anchor not in self._anchor_failed:
+                log.warning("cannot anchor checkpoint to %s: %s (will retry with every checkpoint)", path, exc)
+                self._anchor_failed.add(anchor)
+            return
+        if anchor in self._anchor_failed:
+            log.warning("anchoring checkpoints to %s works again", path)
+            self._anchor_failed.discard(anchor)
+
+    def close(self) -> None:
+        """Record the stop, sign a final checkpoint, release the files and the lock."""
+        try:
+            if self._fd >= 0 and not self._broken:
+                self._event("writer_stopped")
+                self._flush_pending()
+                self.checkpoint()
+        finally:
+            for attr in ("_fd", "_cp_fd", "_lock_fd"):
+                fd = getattr(self, attr)
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    finally:
+                        setattr(self, attr, -1)
+
+
+def _read_manifest(segment: Path) -> dict[str, Any] | None:
+    try:
+        m = orjson.loads(segment.with_name(manifest_name(segment.name)).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(m, dict) or m.get("segment") != segment.name:
+        return None
+    try:
+        CompactRange(int(m["tree_size"]), [bytes.fromhex(h) for h in m["compact_range"]])
+        int(m["last_seq"])
+        bytes.fromhex(m["last_leaf"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return m
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

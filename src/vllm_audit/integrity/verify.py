@@ -1,0 +1,678 @@
+"""The offline verifier: recompute every writer's chain, Merkle roots and signed checkpoints.
+
+For each ``writers/<id>/`` directory, in this order:
+
+1. Read the signed checkpoints (``checkpoints.jsonl`` and the copy in every ``--anchor``
+   directory) and verify each signature with the trusted keys valid at the checkpoint's time.
+2. Stream through the segments in sequence order. Each line's fixed-position header is sliced,
+   not JSON-parsed (``{"seq":N,"prev":"<64 hex>","writer_id":"<id>",``), the stored bytes are
+   hashed as they are, ``seq`` must count up by one and ``prev`` must be the previous leaf hash.
+   The RFC 6962 tree grows as a compact range; whenever it reaches the size of a checkpoint or of
+   a sealed segment's manifest its root is compared with the signed (or recorded) root.
+3. Check each sealed segment against its manifest, every torn tail against the recovery event
+   that explains it, every ``segment_sealed`` event against the segment files present, and the
+   log length against the largest signed tree size.
+
+Problems carry a *kind*: ``modified``, ``missing``, ``inserted``, ``reordered``, ``truncated``,
+``torn``, ``segment_missing``, ``bad_signature``, ``checkpoints_inconsistent``,
+``anchor_mismatch``. Verification goes on after a problem and reports the rest.
+"""
+
+from __future__ import annotations
+
+import binascii
+import dataclasses
+import fcntl
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from vllm_audit.integrity.chain import (
+    MANIFEST_SUFFIX,
+    SEGMENT_PREFIX,
+    ZERO_HASH,
+    anchor_file,
+    list_segments,
+    manifest_name,
+    split_torn,
+)
+from vllm_audit.integrity.checkpoint import CHECKPOINTS_FILE, Checkpoint, NoteError, open_checkpoint, parse_note_line
+from vllm_audit.integrity.keys import VerifierKey, format_time_ms
+from vllm_audit.integrity.merkle import EMPTY_ROOT
+
+_sha256 = hashlib.sha256
+_hexlify = binascii.hexlify
+_ZERO = ZERO_HASH.encode()
+_INFERENCE = b'"record_type":"inference"'
+_EVENT = b'"record_type":"event"'
+
+
+@dataclasses.dataclass(slots=True)
+class Problem:
+    """One thing that does not verify."""
+
+    writer_id: str
+    kind: str
+    message: str
+    seq: int | None = None
+    segment: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        where = f"writer {self.writer_id}"
+        if self.seq is not None:
+            where += f" seq {self.seq}"
+        if self.segment:
+            where += f" ({self.segment})"
+        return f"{where}: {self.kind}: {self.message}"
+
+
+@dataclasses.dataclass(slots=True)
+class WriterResult:
+    """What was checked for one writer."""
+
+    writer_id: str
+    entries: int = 0
+    records: int = 0
+    events: int = 0
+    segments: int = 0
+    sealed_segments: int = 0
+    checkpoints: int = 0
+    anchored_checkpoints: int = 0
+    signed_size: int = 0
+    unsigned_tail: int = 0
+    first_time: str = ""
+    last_time: str = ""
+    live: bool = False
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    #: Signed roots that no longer match because of a problem reported earlier in the chain.
+    consequential_mismatches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["problems"] = [p.to_dict() for p in self.problems]
+        return d
+
+
+@dataclasses.dataclass(slots=True)
+class Report:
+    """The verdict over a whole log directory."""
+
+    log_dir: str
+    writers: list[WriterResult]
+    problems: list[Problem]
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+    @property
+    def entries(self) -> int:
+        return sum(w.entries for w in self.writers)
+
+    @property
+    def records(self) -> int:
+        return sum(w.records for w in self.writers)
+
+    @property
+    def checkpoints(self) -> int:
+        return sum(w.checkpoints for w in self.writers)
+
+    @property
+    def time_span(self) -> tuple[str, str]:
+        firsts = [w.first_time for w in self.writers if w.first_time]
+        lasts = [w.last_time for w in self.writers if w.last_time]
+        return (min(firsts) if firsts else "", max(lasts) if lasts else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        first, last = self.time_span
+        return {
+            "log_dir": self.log_dir,
+            "intact": self.intact,
+            "summary": {
+                "writers": len(self.writers),
+                "entries": self.entries,
+                "records": self.records,
+                "checkpoints": self.checkpoints,
+                "first_time": first,
+                "last_time": last,
+            },
+            "problems": [p.to_dict() for p in self.problems],
+            "writers": [w.to_dict() for w in self.writers],
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class _Target:
+    size: int
+    root: bytes
+    source: str  # "checkpoint", "anchor <dir>", "manifest <segment>"
+    time: str = ""
+
+
+def verify_log(
+    log_dir: str | os.PathLike[str],
+    keys: Sequence[VerifierKey],
+    anchors: Sequence[str | os.PathLike[str]] = (),
+) -> Report:
+    """Verify every writer in ``log_dir``; never raises for a bad log (it reports)."""
+    root = Path(log_dir) / "writers"
+    writers: list[WriterResult] = []
+    problems: list[Problem] = []
+    dirs = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    for d in dirs:
+        res = _WriterVerifier(d, keys, anchors).run()
+        writers.append(res)
+        problems.extend(res.problems)
+    present = {d.name for d in dirs}
+    suffix = f".{CHECKPOINTS_FILE}"
+    for a in anchors:
+        ad = Path(a)
+        if not ad.is_dir():
+            problems.append(Problem("*", "anchor_mismatch", f"anchor directory {str(ad)!r} is missing"))
+            continue
+        for f in sorted(ad.iterdir()):
+            if f.name.endswith(suffix) and f.name[: -len(suffix)] not in present:
+                wid = f.name[: -len(suffix)]
+                problems.append(
+                    Problem(
+                        wid,
+                        "segment_missing",
+                        f"anchor {str(ad)!r} holds checkpoints for this writer, "
+                        "but its directory is missing from the log",
+                    )
+                )
+    if not dirs:
+        problems.append(Problem("*", "segment_missing", f"no writer directories under {str(root)!r}"))
+    return Report(str(log_dir), writers, problems)
+
+
+class _WriterVerifier:
+    def __init__(self, d: Path, keys: Sequence[VerifierKey], anchors: Sequence[str | os.PathLike[str]]) -> None:
+        self.d = d
+        self.wid = d.name
+        self.keys = keys
+        self.anchors = anchors
+        self.res = WriterResult(d.name)
+        self.targets: dict[int, list[_Target]] = {}
+        self._reported: set[tuple[str, int | None]] = set()
+        self._first_anomaly: int | None = None
+        # chain state
+        self.e = 0
+        self.last = _ZERO
+        self.stack: list[bytes] = []
+        self.recent: dict[int, bytes] = {}
+        self.stash: dict[int, tuple[bytes, bytes, bytes]] = {}  # seq -> (prev, leafhex, leaf)
+        self.after_gap = False
+        self.events: list[dict[str, Any]] = []
+        self.torn: list[dict[str, Any]] = []
+        self.bad_cp_lines: list[tuple[int, str]] = []
+        self.times: list[int] = []
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def problem(self, kind: str, message: str, seq: int | None = None, segment: str | None = None) -> None:
+        key = (kind if kind not in ("modified",) else "modified", seq)
+        if seq is not None and key in self._reported:
+            return
+        self._reported.add(key)
+        if seq is not None and kind not in ("bad_signature", "checkpoints_inconsistent", "anchor_mismatch"):
+            if self._first_anomaly is None or seq < self._first_anomaly:
+                self._first_anomaly = seq
+        self.res.problems.append(Problem(self.wid, kind, message, seq, segment))
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _load_checkpoints(self, path: Path, source: str) -> list[Checkpoint]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        out: list[Checkpoint] = []
+        offset = 0
+        for raw in data.split(b"\n"):
+            here = offset
+            offset += len(raw) + 1
+            if not raw:
+                continue
+            try:
+                cp = open_checkpoint(parse_note_line(raw), self.keys)
+            except NoteError as exc:
+                if exc.kind == "malformed":
+                    self.bad_cp_lines.append((here, f"{source}: malformed checkpoint at byte {here}: {exc}"))
+                else:
+                    self.problem("bad_signature", f"{source} at byte {here}: {exc}")
+                continue
+            except (ValueError, orjson.JSONDecodeError):
+                if source == "checkpoint":
+                    self.bad_cp_lines.append((here, f"{source}: unreadable checkpoint line at byte {here}"))
+                else:
+                    self.problem("anchor_mismatch", f"{source}: unreadable checkpoint line at byte {here}")
+                continue
+            if cp.writer_id != self.wid:
+                self.problem(
+                    "checkpoints_inconsistent", f"{source}: checkpoint for log {cp.origin!r} is in this writer's file"
+                )
+                continue
+            out.append(cp)
+        prev: Checkpoint | None = None
+        for cp in out:
+            if prev is not None and (cp.size < prev.size or (cp.timestamp_ms or 0) < (prev.timestamp_ms or 0)):
+                self.problem(
+                    "checkpoints_inconsistent",
+                    f"{source}: checkpoint of size {cp.size} at {cp.time} "
+                    f"follows one of size {prev.size} at {prev.time}",
+                )
+            prev = cp
+        for cp in out:
+            self.targets.setdefault(cp.size, []).append(_Target(cp.size, cp.root, source, cp.time))
+            if cp.timestamp_ms is not None:
+                self.times.append(cp.timestamp_ms)
+        return out
+
+    # -- main ---------------------------------------------------------------------------------
+
+    def run(self) -> WriterResult:
+        res = self.res
+        res.live = _is_locked(self.d / "writer.lock")
+        local = self._load_checkpoints(self.d / CHECKPOINTS_FILE, "checkpoint")
+        res.checkpoints = len(local)
+        for a in self.anchors:
+            anchored = self._load_checkpoints(anchor_file(a, self.wid), f"anchor {str(a)!r}")
+            res.anchored_checkpoints += len(anchored)
+        for size, ts in self.targets.items():
+            roots = {t.root for t in ts}
+            if len(roots) > 1:
+                kind = (
+                    "anchor_mismatch" if any(t.source.startswith("anchor") for t in ts) else "checkpoints_inconsistent"
+                )
+                srcs = ", ".join(f"{t.source} {t.time}" for t in ts)
+                self.problem(
+                    kind, f"signed checkpoints disagree on the root of tree size {size} ({srcs}): history was rewritten"
+                )
+        self._check_segment_files()
+        self._scan()
+        self._finish()
+        return res
+
+    def _check_segment_files(self) -> None:
+        names = {p.name for p in self.d.iterdir()}
+        for n in sorted(names):
+            if n.startswith(SEGMENT_PREFIX) and n.endswith(MANIFEST_SUFFIX):
+                seg = n[: -len(MANIFEST_SUFFIX)] + ".jsonl"
+                if seg not in names:
+                    self.problem("segment_missing", f"manifest {n} is present but its segment is gone", segment=seg)
+
+    def _scan(self) -> None:
+        res = self.res
+        segments = list_segments(self.d)
+        res.segments = len(segments)
+        wid_tail = b'","writer_id":' + orjson.dumps(self.wid) + b","
+        wt_len = len(wid_tail)
+        sha = _sha256
+        hexlify = _hexlify
+        targets = self.targets
+        next_target = min((s for s in targets if s > 0), default=-1)
+        if 0 in targets:
+            self._check_root(0)
+        stack = self.stack
+        recent = self.recent
+        n_inference = n_event = 0
+        prev_clean_end = True
+        e = self.e
+        last = self.last
+        for idx, (first, path) in enumerate(segments):
+            data = path.read_bytes()
+            good, torn = split_torn(data)
+            lines = good.split(b"\n")
+            lines.pop()
+            seg_start_e = e
+            nlines = len(lines)
+            for i, line in enumerate(lines):
+                # Slice the fixed-position header: {"seq":N,"prev":"<64 hex>","writer_id":"<id>",
+                seq = -1
+                body = 0
+                prev = b""
+                if line[:7] == b'{"seq":':
+                    j = line.find(b',"prev":"', 7, 29)
+                    if j > 7 and line.startswith(wid_tail, j + 73):
+                        sdig = line[7:j]
+                        if sdig.isdigit() and (len(sdig) == 1 or sdig[0] != 48):
+                            seq = int(sdig)
+                            prev = line[j + 9 : j + 73]
+                            body = j + 73 + wt_len
+                leaf = sha(b"\x00" + line).digest()
+                lh = hexlify(leaf)
+                if seq != e or prev != last or i == 0:
+                    self.e, self.last = e, last
+                    if seq < 0:
+                        self.problem(
+                            "modified",
+                            f"entry {e} has a malformed header (line {i + 1} of {path.name})",
+                            e,
+                            path.name,
+                        )
+                        self.after_gap = False
+                    else:
+                        nxt = _header(lines[i + 1], wid_tail) if i + 1 < nlines else None
+                        if not self._anomaly(seq, prev, lh, leaf, nxt, i == 0, first, path.name, prev_clean_end):
+                            e, last = self.e, self.last
+                            continue
+                    e, last = self.e, self.last
+                # -- accept: this line is leaf number e ---------------------------------------
+                if body:
+                    if line.startswith(_INFERENCE, body):
+                        n_inference += 1
+                    elif line.startswith(_EVENT, body):
+                        n_event += 1
+                        self._event(line, e)
+                n = e
+                h = leaf
+                while n & 1:
+                    h = sha(b"\x01" + stack.pop() + h).digest()
+                    n >>= 1
+                stack.append(h)
+                recent[e] = lh
+                e += 1
+                last = lh
+                if e == next_target:
+                    self.e = e
+                    self._check_root(e)
+                    next_target = min((s for s in targets if s > e), default=-1)
+                if self.stash:
+                    self.e, self.last = e, last
+                    next_target = self._drain_stash(next_target)
+                    e, last = self.e, self.last
+                if len(recent) > 8192:
+                    for k in sorted(recent)[:4096]:
+                        del recent[k]
+            self.e, self.last = e, last
+            if torn:
+                self.torn.append(
+                    {
+                        "segment": path.name,
+                        "offset": len(good),
+                        "bytes": len(torn),
+                        "sha256": _sha256(torn).hexdigest(),
+                        "last": idx == len(segments) - 1,
+                        "seq": e,
+                    }
+                )
+            manifest = _load_manifest(path)
+            if manifest is not None:
+                res.sealed_segments += 1
+                self._check_manifest(path, manifest, data, nlines, seg_start_e)
+                if os.stat(path).st_mode & 0o222:
+                    res.warnings.append(f"sealed segment {path.name} is writable (expected mode 0444)")
+            elif idx != len(segments) - 1:
+                res.warnings.append(f"segment {path.name} is not the last one but has no manifest (not sealed)")
+            prev_clean_end = not torn
+        res.entries = e
+        res.records = n_inference
+        res.events = n_event
+
+    def _drain_stash(self, next_target: int) -> int:
+        while self.e in self.stash and self.stash[self.e][0] == self.last:
+            seq = self.e
+            _prev, lh, leaf = self.stash.pop(seq)
+            self.problem("reordered", f"entry {seq} is stored out of order (it came before entry {seq - 1})", seq)
+            n = self.e
+            h = leaf
+            while n & 1:
+                h = _sha256(b"\x01" + self.stack.pop() + h).digest()
+                n >>= 1
+            self.stack.append(h)
+            self.recent[seq] = lh
+            self.e += 1
+            self.last = lh
+            if self.e == next_target:
+                self._check_root(self.e)
+                next_target = min((s for s in self.targets if s > self.e), default=-1)
+        return next_target
+
+    def _anomaly(
+        self,
+        s: int,
+        p: bytes,
+        lh: bytes,
+        leaf: bytes,
+        nxt: tuple[int, bytes] | None,
+        first_line: bool,
+        seg_first: int,
+        seg: str,
+        prev_clean_end: bool,
+    ) -> bool:
+        """Classify an entry that is not the expected next one; True if it is accepted as ``self.e``."""
+        e = self.e
+        if s == e and p == self.last:
+            if first_line and s != seg_first:
+                self.problem("modified", f"segment {seg} is named for seq {seg_first} but starts with seq {s}", s, seg)
+            self.after_gap = False
+            return True
+        if s == e:
+            if not self.after_gap:
+                if e == 0:
+                    self.problem("modified", "the first entry's prev is not zero", 0, seg)
+                else:
+                    self.problem("modified", f"entry {e - 1} was altered: its hash is not the prev of entry {e}", e - 1)
+            self.after_gap = False
+            return True
+        if p == self.last:
+            self.problem("modified", f"entry {e} is in place but its seq field says {s}", e, seg)
+            self.after_gap = False
+            return True
+        if s > e:
+            if nxt is not None and nxt[0] == e and nxt[1] == self.last:
+                self.stash[s] = (p, lh, leaf)
+                return False
+            if first_line and s == seg_first and prev_clean_end:
+                self.problem(
+                    "segment_missing",
+                    f"segments holding entries {e}..{s - 1} are missing (next segment is {seg})",
+                    e,
+                    seg,
+                )
+            else:
+                what = f"entry {e}" if s == e + 1 else f"entries {e}..{s - 1}"
+                self.problem("missing", f"{what} deleted: entry {s} follows entry {e - 1}", e, seg)
+            self.e = s  # the gap: later checkpoints cannot match
+            self._gap_fill()
+            self.after_gap = True
+            return True
+        # s < e: a number already used
+        if self.recent.get(s) == lh:
+            self.problem("inserted", f"a copy of entry {s} was inserted after entry {e - 1}", s, seg)
+            return False
+        before = _ZERO if s == 0 else self.recent.get(s - 1)
+        if s in self.recent and before is not None and p == before:
+            self.problem("inserted", f"two different entries claim seq {s}: one of them was inserted", s, seg)
+            # Follow the entry the rest of the chain links to (the tree keeps the first one).
+            self.last = lh
+            self.recent[s] = lh
+            return False
+        self.problem("inserted", f"an entry claiming seq {s} does not fit the chain after entry {e - 1}", s, seg)
+        return False
+
+    def _gap_fill(self) -> None:
+        # Positions skipped by a gap cannot be hashed; restart the tree so sizes stay aligned for
+        # reporting only (roots after a gap are reported as consequences).
+        self.stack.clear()
+        n = self.e
+        self.stack.extend(EMPTY_ROOT for _ in range(bin(n).count("1")))
+
+    def _check_root(self, size: int) -> None:
+        r = _root(self.stack)
+        for t in self.targets.get(size, ()):
+            if t.root == r:
+                continue
+            if self._first_anomaly is not None and self._first_anomaly < size:
+                self.res.consequential_mismatches += 1
+                continue
+            if t.source.startswith("manifest"):
+                continue  # reported by the manifest check
+            kind = "anchor_mismatch" if t.source.startswith("anchor") else "modified"
+            self.problem(
+                kind,
+                f"the Merkle root of entries 0..{size - 1} does not match the {t.source} signed {t.time}: "
+                "entries were altered and the chain recomputed"
+                if kind == "modified"
+                else f"the log's root at tree size {size} differs from the {t.source} copy signed {t.time}: "
+                "history was rewritten",
+                None,
+            )
+            self._first_anomaly = size - 1 if self._first_anomaly is None else self._first_anomaly
+
+    def _event(self, line: bytes, seq: int) -> None:
+        try:
+            ev = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(ev, dict):
+            ev["_seq"] = seq
+            self.events.append(ev)
+
+    def _check_manifest(self, path: Path, m: dict[str, Any], data: bytes, nlines: int, start: int) -> None:
+        seg = path.name
+        diffs = []
+        if m.get("sha256") != _sha256(data).hexdigest():
+            diffs.append("sha256")
+        if m.get("bytes") != len(data):
+            diffs.append("size")
+        if m.get("count") != nlines:
+            diffs.append("entry count")
+        if m.get("tree_size") == self.e and self._first_anomaly is None:
+            if m.get("last_leaf") != self.last.decode() or m.get("merkle_root") != _root(self.stack).hex():
+                diffs.append("last leaf / Merkle root")
+        if diffs:
+            inside = any(
+                p.segment == seg or (p.seq is not None and start <= p.seq <= self.e) for p in self.res.problems
+            )
+            if not inside:
+                self.problem(
+                    "modified", f"sealed segment {seg} differs from its manifest ({', '.join(diffs)})", start, seg
+                )
+
+    def _finish(self) -> None:
+        res = self.res
+        e = self.e
+        for s, (_p, _lh, _leaf) in sorted(self.stash.items()):
+            self.problem("inserted", f"an entry claiming seq {s} does not fit the chain", s)
+        # Torn tails must be explained by a recovery event.
+        explained: set[tuple[str, int, int, str]] = set()
+        torn_cp: set[int] = set()
+        sealed: dict[str, dict[str, Any]] = {}
+        for ev in self.events:
+            detail = ev.get("detail") or {}
+            if not isinstance(detail, dict):
+                continue
+            if ev.get("event") == "recovery":
+                for t in detail.get("torn_segments") or []:
+                    if isinstance(t, dict):
+                        explained.add((t.get("segment"), t.get("offset"), t.get("bytes"), t.get("sha256")))  # type: ignore[arg-type]
+                tc = detail.get("torn_checkpoints")
+                if isinstance(tc, dict) and isinstance(tc.get("offset"), int):
+                    torn_cp.add(tc["offset"])
+            elif ev.get("event") == "segment_sealed" and isinstance(detail.get("segment"), str):
+                sealed[detail["segment"]] = detail
+            ts = ev.get("timestamp")
+            if isinstance(ts, str) and (not res.first_time or ts < res.first_time):
+                res.first_time = ts
+        for t in self.torn:
+            if (t["segment"], t["offset"], t["bytes"], t["sha256"]) in explained:
+                continue
+            if t["last"] and res.live:
+                res.warnings.append(f"{t['segment']} ends in a partial line (a write in progress: the writer is live)")
+                continue
+            self.problem(
+                "torn",
+                f"{t['segment']} ends in {t['bytes']} bytes of a partial entry that no recovery event explains "
+                "(truncated in the middle of an entry)",
+                t["seq"],
+                t["segment"],
+            )
+        for off, msg in self.bad_cp_lines:
+            if off not in torn_cp:
+                self.problem("bad_signature", msg)
+        present = {p.name for _, p in list_segments(self.d)}
+        for name, detail in sorted(sealed.items()):
+            if name not in present:
+                first = detail.get("first_seq")
+                if not any(p.kind == "segment_missing" for p in res.problems):
+                    self.problem(
+                        "segment_missing",
+                        f"segment {name} (entries {first}..{detail.get('last_seq')}) "
+                        "was sealed in the chain but is gone",
+                        first if isinstance(first, int) else None,
+                        name,
+                    )
+        signed = max(
+            (s for s, ts in self.targets.items() if any(not t.source.startswith("manifest") for t in ts)), default=-1
+        )
+        res.signed_size = max(signed, 0)
+        if signed > e:
+            src = [t for t in self.targets[signed]][0]
+            self.problem(
+                "truncated",
+                f"the {src.source} signed {src.time} covers {signed} entries but the log ends after {e} "
+                f"(entries {e}..{signed - 1} are gone)",
+                e,
+            )
+        elif signed < 0 and e > 0:
+            self.problem("bad_signature", "no checkpoint signed by a trusted key covers this writer's entries")
+        elif e > signed:
+            res.unsigned_tail = e - signed
+            res.warnings.append(f"{e - signed} entries after the last checkpoint are not covered by a signature yet")
+        if self.times:
+            res.last_time = format_time_ms(max(self.times))
+            if not res.first_time:
+                res.first_time = format_time_ms(min(self.times))
+        res.problems.sort(key=lambda p: p.seq if p.seq is not None else 1 << 62)
+
+
+def _root(stack: list[bytes]) -> bytes:
+    if not stack:
+        return EMPTY_ROOT
+    h = stack[-1]
+    for left in reversed(stack[:-1]):
+        h = _sha256(b"\x01" + left + h).digest()
+    return h
+
+
+def _header(line: bytes, wid_tail: bytes) -> tuple[int, bytes] | None:
+    if line[:7] != b'{"seq":':
+        return None
+    j = line.find(b',"prev":"', 7, 29)
+    if j <= 7 or not line.startswith(wid_tail, j + 73) or not line[7:j].isdigit():
+        return None
+    return int(line[7:j]), line[j + 9 : j + 73]
+
+
+def _load_manifest(segment: Path) -> dict[str, Any] | None:
+    p = segment.with_name(manifest_name(segment.name))
+    try:
+        m = orjson.loads(p.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def _is_locked(lock: Path) -> bool:
+    """Is a live writer holding this chain's lock?"""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
