@@ -246,6 +246,26 @@ class AuditMiddleware:
                 return
             chunk: bytes = message.get("body", b"")
             more: bool = message.get("more_body", False)
+            if more and held_start is None:
+                # Hot path: a stream chunk after the first one. Keep a reference, pass it on.
+                if chunk:
+                    n = ex.response_bytes + len(chunk)
+                    ex.response_bytes = n
+                    if n <= max_capture:
+                        ex.chunks.append(chunk)
+                    else:
+                        ex.response_truncated = True
+                    if stripper is not None and (
+                        stripper.carry or not chunk.endswith(b"\n\n") or b'"usage"' in chunk
+                    ):
+                        chunk = stripper.feed(chunk)
+                        if stripper.captured is not None and ex.usage_chunk is None:
+                            ex.usage_chunk = stripper.captured
+                        if not chunk:
+                            return
+                        message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                await send(message)
+                return
             if chunk:
                 if ex.t_first is None:
                     ex.t_first = time.perf_counter()
@@ -254,23 +274,20 @@ class AuditMiddleware:
                     ex.chunks.append(chunk)
                 else:
                     ex.response_truncated = True
-                if stripper is not None:
-                    chunk = stripper.feed(chunk)
-                    if not more:
-                        chunk += stripper.flush()
-                    message = {"type": "http.response.body", "body": chunk, "more_body": more}
-            elif stripper is not None and not more:
-                tail = stripper.flush()
-                if tail:
-                    message = {"type": "http.response.body", "body": tail, "more_body": False}
-            if stripper is not None and stripper.captured is not None and ex.usage_chunk is None:
-                ex.usage_chunk = stripper.captured
+            if stripper is not None:
+                out = stripper.feed(chunk) if chunk else b""
+                if not more:
+                    out += stripper.flush()
+                if stripper.captured is not None and ex.usage_chunk is None:
+                    ex.usage_chunk = stripper.captured
+                if out is not chunk:
+                    message = {"type": "http.response.body", "body": out, "more_body": more}
             if more:
-                if held_start is not None:
-                    start, held_start = held_start, None
+                start, held_start = held_start, None
+                if start is not None:
                     await send(start)
                     started = True
-                if message.get("body") or not chunk:
+                if message.get("body"):
                     await send(message)
                 return
             # The last message of the response: record first, then release it.
@@ -473,6 +490,9 @@ class _UsageStripper:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.carry + chunk if self.carry else chunk
+        if data.endswith(b"\n\n") and b'"usage"' not in data:
+            self.carry = b""
+            return data
         cut = data.rfind(b"\n\n")
         if cut < 0:
             if len(data) > 1 << 20:  # not SSE framing we understand: stop holding anything
