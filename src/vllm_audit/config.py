@@ -39,13 +39,16 @@ MiB = 1024 * 1024
 class LogConfig:
     """Where and how records are made durable (``[log]``)."""
 
+    #: Directory of the local log (segments per writer, checkpoints, generated keys).
     dir: str = "./audit-log"
     #: "strict": the last byte of a response is released only after its record is fsynced.
     #: "async": records are fsynced in the background (a crash may lose the last batch).
     durability: Literal["strict", "async"] = "strict"
     #: What happens when records cannot be written (queue full, disk error).
     on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
+    #: Records waiting for the writer beyond which the log counts as failing (policy applies).
     queue_size: int = 65536
+    #: Most records in one group commit (one write + one fdatasync).
     batch_max: int = 4096
     #: Request and response bodies larger than this are captured only up to this size.
     max_capture_bytes: int = 8 * MiB
@@ -59,8 +62,11 @@ class EdgeConfig:
 
     #: CIDRs of reverse proxies whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: tuple[str, ...] = ()
+    #: Header that carries the request id in and out (honoured when safe, else replaced).
     request_id_header: str = "x-request-id"
+    #: Longest inbound request id honoured (bytes).
     max_request_id_length: int = 128
+    #: Request bodies larger than this get 413 (and a record).
     max_request_bytes: int = 32 * MiB
     #: Requests whose headers add up to more than this get 431 (and a record).
     max_header_bytes: int = 64 * 1024
@@ -76,13 +82,19 @@ class EdgeConfig:
 class GatewayConfig:
     """``vllm-audit serve`` (``[gateway]``). An empty upstream serves the built-in demo engine."""
 
+    #: URL of the OpenAI-compatible server to front; empty serves the built-in demo engine.
     upstream: str = ""
+    #: Address to listen on.
     host: str = "127.0.0.1"
+    #: Port to listen on.
     port: int = 8000
+    #: Worker processes; each owns its own writer and chain.
     workers: int = 1
+    #: Seconds to establish a connection to the upstream (502 after).
     connect_timeout_s: float = 10.0
     #: Longest silence tolerated while reading the upstream's response (between chunks).
     read_timeout_s: float = 600.0
+    #: Most concurrent connections to the upstream per worker.
     max_connections: int = 1000
     #: Model name served by the demo engine.
     demo_model: str = "demo-model"
