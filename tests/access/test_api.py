@@ -45,8 +45,12 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
     store: dict[str, Any] = {}
     if request.param == "postgresql":
         names = request.getfixturevalue("pg_names")
-        store = {"kind": "postgresql", "dsn": request.getfixturevalue("pg_dsn"), "table_prefix": names["prefix"],
-                 "reader_role": names["role"]}
+        store = {
+            "kind": "postgresql",
+            "dsn": request.getfixturevalue("pg_dsn"),
+            "table_prefix": names["prefix"],
+            "reader_role": names["role"],
+        }
     config = api_config(tmp_path, store)
     ks = KeyStore(tmp_path / "keys.json")
     keys = {user: ks.add(user, org, roles)[0] for user, (org, roles) in TENANTS.items()}
@@ -95,7 +99,10 @@ async def test_single_record_and_cross_tenant_reads(api: Api) -> None:
     assert missing.status_code == 404 and missing.json() == r.json()  # indistinguishable from not-yours
     denied = [e for e in api.events if e["outcome"] == "not_found"]
     assert [(e["actor"]["user_id"], e["query"]["request_id"]) for e in denied] == [
-        ("alice", "req-carol-1"), ("audrey", "req-carol-1"), ("bob", "req-carol-1"), ("alice", "req-never-was")
+        ("alice", "req-carol-1"),
+        ("audrey", "req-carol-1"),
+        ("bob", "req-carol-1"),
+        ("alice", "req-never-was"),
     ]
     assert (await api.get("gary", "/records/req-carol-1")).status_code == 200
     assert (await api.get("root", "/records/req-alice-0")).status_code == 200
@@ -126,8 +133,13 @@ async def test_errors_are_json_with_a_reason(api: Api) -> None:
     assert r.status_code == 401 and r.json()["error"]["message"] == "missing credentials"
     r = await api.client.get(BASE + "/records", headers={"authorization": "Bearer vak_0123456789ab_" + "x" * 43})
     assert r.status_code == 401 and r.json()["error"]["message"] == "unknown API key"
-    for params, status in [({"limit": "x"}, 400), ({"status": "weird"}, 400), ({"since": "soon"}, 400),
-                           ({"cursor": "@@"}, 400), ({"prompt_sha256": "xyz"}, 400)]:
+    for params, status in [
+        ({"limit": "x"}, 400),
+        ({"status": "weird"}, 400),
+        ({"since": "soon"}, 400),
+        ({"cursor": "@@"}, 400),
+        ({"prompt_sha256": "xyz"}, 400),
+    ]:
         r = await api.get("root", "/records", **params)
         assert r.status_code == status and r.json()["error"]["message"], params
     assert (await api.get("root", "/usage", group_by="planet")).status_code == 400
@@ -142,7 +154,9 @@ async def test_key_admin_is_platform_admin_only(api: Api) -> None:
     api.events.clear()
     for who in ("audrey", "alice"):
         assert (await api.get(who, "/keys")).status_code == 403
-        assert (await api.post(who, "/keys", {"user_id": "eve", "org_id": "acme", "roles": ["platform_admin"]})).status_code == 403
+        assert (
+            await api.post(who, "/keys", {"user_id": "eve", "org_id": "acme", "roles": ["platform_admin"]})
+        ).status_code == 403
     assert [e["event"] for e in api.events] == ["key_admin_denied"] * 4
     listing = (await api.get("root", "/keys")).json()["keys"]
     assert len(listing) == len(TENANTS) and all("sha256" not in k for k in listing)
@@ -155,7 +169,11 @@ async def test_key_admin_is_platform_admin_only(api: Api) -> None:
     assert r.status_code == 200 and r.json()["status"] == "revoked"
     r = await api.get("dave", "/whoami")
     assert r.status_code == 401 and r.json()["error"]["message"] == "revoked API key"
-    assert [e["event"] for e in api.events if e["event"].startswith("key_")][-3:] == ["key_list", "key_added", "key_revoked"]
+    assert [e["event"] for e in api.events if e["event"].startswith("key_")][-3:] == [
+        "key_list",
+        "key_added",
+        "key_revoked",
+    ]
     assert all(new["key"] not in str(e) for e in api.events)
 
 

@@ -20,7 +20,9 @@ from vllm_audit.access.identity import Identity
 from vllm_audit.config import Config, load_config
 
 
-def scope(headers: dict[str, str] | None = None, client: tuple[str, int] | None = ("203.0.113.9", 5555)) -> dict[str, Any]:
+def scope(
+    headers: dict[str, str] | None = None, client: tuple[str, int] | None = ("203.0.113.9", 5555)
+) -> dict[str, Any]:
     return {
         "type": "http",
         "method": "POST",
@@ -89,8 +91,15 @@ ISS, AUD = "https://idp.test/", "vllm"
 
 def claims(**over: Any) -> dict[str, Any]:
     now = int(time.time())
-    c: dict[str, Any] = {"sub": "alice", "org_id": "acme", "roles": ["user"], "iss": ISS, "aud": AUD, "iat": now,
-                         "exp": now + 300}
+    c: dict[str, Any] = {
+        "sub": "alice",
+        "org_id": "acme",
+        "roles": ["user"],
+        "iss": ISS,
+        "aud": AUD,
+        "iat": now,
+        "exp": now + 300,
+    }
     c.update(over)
     return {k: v for k, v in c.items() if v is not None}
 
@@ -173,12 +182,21 @@ async def test_jwt_failures_have_reasons(tmp_path: Path) -> None:
 
 async def test_jwt_claim_names_are_configurable(tmp_path: Path) -> None:
     auth = build_authenticator(
-        jwt_cfg(tmp_path, jwks_file=str(jwks_file(tmp_path, KEYS)), user_claim="email", org_claim="tenant",
-                roles_claim="scope")
+        jwt_cfg(
+            tmp_path,
+            jwks_file=str(jwks_file(tmp_path, KEYS)),
+            user_claim="email",
+            org_claim="tenant",
+            roles_claim="scope",
+        )
     )
     assert auth is not None
-    t = jwt.encode(claims(email="a@acme.test", tenant="acme", scope="user org_auditor"), KEYS["ES256"],
-                   algorithm="ES256", headers={"kid": "kid-ES256"})
+    t = jwt.encode(
+        claims(email="a@acme.test", tenant="acme", scope="user org_auditor"),
+        KEYS["ES256"],
+        algorithm="ES256",
+        headers={"kid": "kid-ES256"},
+    )
     ident = await auth.authenticate(scope({"authorization": f"Bearer {t}"}))
     assert (ident.user_id, ident.org_id, ident.roles) == ("a@acme.test", "acme", ("user", "org_auditor"))
 
@@ -199,8 +217,9 @@ async def test_jwks_url_cached_and_rotated_on_unknown_kid(tmp_path: Path) -> Non
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         auth = build_authenticator(
-            jwt_cfg(tmp_path, jwks_url=f"http://127.0.0.1:{port}/jwks.json", jwks_min_refetch_s=0.2,
-                    jwks_cache_ttl_s=300)
+            jwt_cfg(
+                tmp_path, jwks_url=f"http://127.0.0.1:{port}/jwks.json", jwks_min_refetch_s=0.2, jwks_cache_ttl_s=300
+            )
         )
         assert auth is not None
         t1 = jwt.encode(claims(), KEYS["RS256"], algorithm="RS256", headers={"kid": "k1"})
@@ -230,8 +249,14 @@ async def test_api_key_plus_jwt(tmp_path: Path) -> None:
     keyfile = tmp_path / "keys.json"
     key, _ = KeyStore(keyfile).add("bob", "acme", ("user",))
     auth = build_authenticator(
-        cfg(tmp_path, {"auth": "api_key+jwt", "api_keys": {"file": str(keyfile)},
-                       "jwt": {"jwks_file": str(jwks_file(tmp_path, KEYS)), "issuer": ISS, "audience": [AUD]}})
+        cfg(
+            tmp_path,
+            {
+                "auth": "api_key+jwt",
+                "api_keys": {"file": str(keyfile)},
+                "jwt": {"jwks_file": str(jwks_file(tmp_path, KEYS)), "issuer": ISS, "audience": [AUD]},
+            },
+        )
     )
     assert auth is not None
     t = jwt.encode(claims(), KEYS["EdDSA"], algorithm="EdDSA", headers={"kid": "kid-EdDSA"})
@@ -243,8 +268,9 @@ async def test_api_key_plus_jwt(tmp_path: Path) -> None:
 
 
 async def test_trusted_header_only_from_trusted_proxies(tmp_path: Path) -> None:
-    auth = build_authenticator(cfg(tmp_path, {"auth": "trusted_header",
-                                              "trusted_header": {"trusted_proxies": ["10.1.0.0/16", "::1/128"]}}))
+    auth = build_authenticator(
+        cfg(tmp_path, {"auth": "trusted_header", "trusted_header": {"trusted_proxies": ["10.1.0.0/16", "::1/128"]}})
+    )
     assert auth is not None
     hdrs = {"x-auth-user": "alice", "x-auth-org": "acme", "x-auth-roles": "user, org_auditor"}
     ident = await auth.authenticate(scope(hdrs, client=("10.1.2.3", 1)))

@@ -36,8 +36,17 @@ def test_no_limits_no_quota(tmp_path: Path) -> None:
 
 
 async def test_requests_per_minute_per_key_user_org(tmp_path: Path, backend: dict[str, Any]) -> None:
-    q = build_quota(cfg(tmp_path, {**backend, "per_key": {"requests_per_min": 2}, "per_user": {"requests_per_min": 3},
-                                   "per_org": {"requests_per_min": 4}}))
+    q = build_quota(
+        cfg(
+            tmp_path,
+            {
+                **backend,
+                "per_key": {"requests_per_min": 2},
+                "per_user": {"requests_per_min": 3},
+                "per_org": {"requests_per_min": 4},
+            },
+        )
+    )
     assert q is not None
     try:
         assert await q.check(ALICE, "/v1/chat/completions") is None
@@ -84,8 +93,10 @@ async def test_routes_filter(tmp_path: Path) -> None:
 
 async def test_shared_across_replicas_through_redis(tmp_path: Path, redis_url: str) -> None:
     """Two Quota objects (two gateway processes) share one counter."""
-    conf = cfg(tmp_path, {"redis_url": redis_url, "redis_prefix": f"vat:{secrets.token_hex(4)}",
-                          "per_user": {"requests_per_min": 5}})
+    conf = cfg(
+        tmp_path,
+        {"redis_url": redis_url, "redis_prefix": f"vat:{secrets.token_hex(4)}", "per_user": {"requests_per_min": 5}},
+    )
     a, b = Quota(conf.access.quota), Quota(conf.access.quota)
     try:
         results = []

@@ -140,9 +140,7 @@ def test_ingestion_is_incremental_idempotent_and_rebuildable(store_config: Confi
     assert store.load_cursors() == cursors
 
 
-def test_postgres_row_level_security_with_direct_sql(
-    tmp_path: Path, pg_dsn: str, pg_names: dict[str, str]
-) -> None:
+def test_postgres_row_level_security_with_direct_sql(tmp_path: Path, pg_dsn: str, pg_names: dict[str, str]) -> None:
     """Isolation is enforced by PostgreSQL itself: a tenant role running raw SQL sees only its rows."""
     import psycopg
 
@@ -171,8 +169,10 @@ def test_postgres_row_level_security_with_direct_sql(
     assert visible("superuser", "acme", "x") == []  # unknown role: nothing
     # Even an explicit WHERE for another tenant returns nothing, and the tenant cannot write.
     with psycopg.connect(tenant_dsn) as conn, conn.transaction():
-        conn.execute("SELECT set_config('vllm_audit.role', 'user', true), set_config('vllm_audit.org_id', 'acme', true),"
-                     " set_config('vllm_audit.user_id', 'alice', true)")
+        conn.execute(
+            "SELECT set_config('vllm_audit.role', 'user', true), set_config('vllm_audit.org_id', 'acme', true),"
+            " set_config('vllm_audit.user_id', 'alice', true)"
+        )
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE org_id = 'globex'").fetchone() == (0,)
     with psycopg.connect(tenant_dsn) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SubmitEvent = Callable[[dict[str, Any]], None]
 
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+_REQUEST_ID_MAX = 256
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEY_ID = re.compile(r"^[0-9a-f]{12}$")
 MAX_BODY = 64 * 1024
@@ -229,7 +229,7 @@ class AuditApi:
     async def _record(self, scope: Scope, request_id: str) -> tuple[int, Any, dict[str, str]]:
         query = {"request_id": request_id}
         ident, viewer = await self._caller(scope, "record", query)
-        if not _REQUEST_ID.match(request_id):
+        if not request_id or len(request_id) > _REQUEST_ID_MAX or "\x00" in request_id:
             self._event("audit_read", ident, viewer, "record", query, [], "bad_request", 400)
             raise HttpError(400, "invalid request id", "invalid_parameter")
         await self._fresh_store()
@@ -323,14 +323,19 @@ class AuditApi:
         roles = body.get("roles", [])
         days = body.get("expires_in_days")
         desc = body.get("description", "")
+        texts = [user_id, org_id, desc, *(roles if isinstance(roles, list) else [])]
         if not (isinstance(user_id, str) and user_id and isinstance(org_id, str) and org_id):
             raise HttpError(400, "user_id and org_id are required strings", "invalid_parameter")
         if not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
             raise HttpError(400, "roles must be an array of strings", "invalid_parameter")
-        if days is not None and (isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= 3650):
+        if "expires_in_days" in body and (
+            isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= 3650
+        ):
             raise HttpError(400, "expires_in_days must be a number in (0, 3650]", "invalid_parameter")
         if not isinstance(desc, str):
             raise HttpError(400, "description must be a string", "invalid_parameter")
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            raise HttpError(400, "strings must not contain NUL", "invalid_parameter")
         expires = utcnow() + dt.timedelta(days=float(days)) if days is not None else None
         key, entry = await asyncio.to_thread(keys.add, user_id, org_id, tuple(roles), expires, desc)
         self._event("key_added", ident, viewer, "keys.add", {}, [entry.key_id], "ok", 201, key=entry.public())

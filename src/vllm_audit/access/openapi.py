@@ -7,6 +7,10 @@ from typing import Any
 STATUSES = ("ok", "client_error", "upstream_error", "timeout", "cancelled", "rejected")
 
 
+#: Free text: anything but NUL (PostgreSQL text cannot hold it).
+TEXT: dict[str, Any] = {"type": "string", "pattern": "^[^\\u0000]*$"}
+
+
 def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
@@ -34,17 +38,17 @@ def openapi_spec(base: str, max_limit: int) -> dict[str, Any]:
     filters = [
         _q("since", {"type": "string", "format": "date-time"}, "Records at or after this time (ISO 8601)."),
         _q("until", {"type": "string", "format": "date-time"}, "Records before this time (ISO 8601)."),
-        _q("user_id", {"type": "string"}, "Only this user's calls."),
-        _q("org_id", {"type": "string"}, "Only this org's calls."),
-        _q("model", {"type": "string"}, "Only calls to this model."),
+        _q("user_id", TEXT, "Only this user's calls."),
+        _q("org_id", TEXT, "Only this org's calls."),
+        _q("model", TEXT, "Only calls to this model."),
     ]
     record_filters = [
         *filters,
         _q("status", {"type": "string", "enum": list(STATUSES)}, "Only calls with this outcome."),
-        _q("route", {"type": "string"}, "Only calls to this route (e.g. /v1/chat/completions)."),
-        _q("request_id", {"type": "string"}, "Only the call(s) with this request id."),
+        _q("route", TEXT, "Only calls to this route (e.g. /v1/chat/completions)."),
+        _q("request_id", TEXT, "Only the call(s) with this request id."),
         _q("prompt_sha256", {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "Only calls with this prompt hash."),
-        _q("q", {"type": "string"}, "Case-insensitive text in the (redacted) prompt or response."),
+        _q("q", TEXT, "Case-insensitive text in the (redacted) prompt or response."),
         _q("limit", {"type": "integer", "minimum": 1, "maximum": max_limit}, "Page size."),
         _q("cursor", {"type": "string"}, "The next_cursor of the previous page."),
     ]
@@ -80,7 +84,7 @@ def openapi_spec(base: str, max_limit: int) -> dict[str, Any]:
                             "name": "request_id",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                            "schema": {**TEXT, "minLength": 1, "maxLength": 256},
                         }
                     ],
                     "responses": {**_ok("The record.", "#/components/schemas/RecordWithProof"), **COMMON_ERRORS},
@@ -252,11 +256,11 @@ def openapi_spec(base: str, max_limit: int) -> dict[str, Any]:
                     "type": "object",
                     "required": ["user_id", "org_id"],
                     "properties": {
-                        "user_id": {"type": "string", "minLength": 1},
-                        "org_id": {"type": "string", "minLength": 1},
-                        "roles": {"type": "array", "items": {"type": "string"}},
+                        "user_id": {**TEXT, "minLength": 1},
+                        "org_id": {**TEXT, "minLength": 1},
+                        "roles": {"type": "array", "items": TEXT},
                         "expires_in_days": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 3650},
-                        "description": {"type": "string"},
+                        "description": TEXT,
                     },
                 },
                 "IssuedKey": {
