@@ -72,7 +72,7 @@ def gateway(
         cfg = tmp_path / f"gw-{port}.toml"
         cfg.write_text(config)
         cmd += ["--config", str(cfg)]
-    logf = open(tmp_path / f"gw-{port}.log", "wb")  # noqa: SIM115
+    logf = open(tmp_path / f"gw-{port}.log", "wb")
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env)
     base = f"http://127.0.0.1:{port}"

@@ -25,21 +25,59 @@ def sse(*objs: object) -> bytes:
 def test_vllm_style_chat_stream_with_two_choices() -> None:
     """n=2 streams give a list of outputs and of finish reasons; usage from the final chunk."""
     body = sse(
-        {"id": "chatcmpl-x", "model": "m", "choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]},
-        {"id": "chatcmpl-x", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}, {"index": 1, "delta": {"content": "c"}, "finish_reason": "length"}]},
-        {"id": "chatcmpl-x", "model": "m", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}},
+        {
+            "id": "chatcmpl-x",
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}],
+        },
+        {
+            "id": "chatcmpl-x",
+            "model": "m",
+            "choices": [
+                {"index": 0, "delta": {}, "finish_reason": "stop"},
+                {"index": 1, "delta": {"content": "c"}, "finish_reason": "length"},
+            ],
+        },
+        {
+            "id": "chatcmpl-x",
+            "model": "m",
+            "choices": [],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
+        },
     )
-    rec = finalize(exchange("/v1/chat/completions", {"model": "m", "messages": [], "stream": True}, [body], b"text/event-stream"))
+    rec = finalize(
+        exchange("/v1/chat/completions", {"model": "m", "messages": [], "stream": True}, [body], b"text/event-stream")
+    )
     assert ["a", "bc"] == rec["output_response"]
     assert ["stop", "length"] == rec["finish_reason"]
-    assert (4, 3, 7, "stream") == (rec["prompt_tokens"], rec["completion_tokens"], rec["total_tokens"], rec["usage_source"])
+    assert (4, 3, 7, "stream") == (
+        rec["prompt_tokens"],
+        rec["completion_tokens"],
+        rec["total_tokens"],
+        rec["usage_source"],
+    )
     assert "chatcmpl-x" == rec["response_id"]
 
 
 def test_tool_calls_are_kept_with_the_content() -> None:
     """A tool call answer records the calls next to the (empty) content."""
-    resp = {"id": "c", "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]}
-    rec = finalize(exchange("/v1/chat/completions", {"model": "m", "messages": []}, [orjson.dumps(resp)], b"application/json"))
+    resp = {
+        "id": "c",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }
+    rec = finalize(
+        exchange("/v1/chat/completions", {"model": "m", "messages": []}, [orjson.dumps(resp)], b"application/json")
+    )
     assert "f" == rec["output_response"]["tool_calls"][0]["function"]["name"]
     assert "tool_calls" == rec["finish_reason"]
 
@@ -47,7 +85,9 @@ def test_tool_calls_are_kept_with_the_content() -> None:
 def test_error_body_fills_error_fields() -> None:
     """An OpenAI error body becomes error_type and error_message."""
     err = {"error": {"message": "bad model", "type": "NotFoundError", "code": 404}}
-    rec = finalize(exchange("/v1/completions", {"model": "x", "prompt": "p"}, [orjson.dumps(err)], b"application/json", 404))
+    rec = finalize(
+        exchange("/v1/completions", {"model": "x", "prompt": "p"}, [orjson.dumps(err)], b"application/json", 404)
+    )
     assert ("NotFoundError", "bad model", "client_error") == (rec["error_type"], rec["error_message"], rec["status"])
 
 
@@ -61,7 +101,9 @@ def test_garbage_never_loses_the_record() -> None:
 
 def test_truncated_response_is_not_parsed_but_flagged() -> None:
     """A response captured only in part is flagged, not half-parsed."""
-    ex = exchange("/v1/completions", {"model": "m", "prompt": "p"}, [b'{"choices": [{"text": "abc'], b"application/json")
+    ex = exchange(
+        "/v1/completions", {"model": "m", "prompt": "p"}, [b'{"choices": [{"text": "abc'], b"application/json"
+    )
     ex.response_truncated = True
     rec = finalize(ex)
     assert rec["response_truncated"] and rec["output_response"] is None

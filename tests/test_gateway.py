@@ -21,7 +21,9 @@ CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hello g
 
 async def post(session: aiohttp.ClientSession, url: str, payload: Any, **kw: Any) -> tuple[int, dict[str, str], bytes]:
     data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-    async with session.post(url, data=data, headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw) as r:
+    async with session.post(
+        url, data=data, headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw
+    ) as r:
         return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
 
 
@@ -32,13 +34,27 @@ def test_demo_gateway_records_every_kind_of_call(tmp_path: Path) -> None:
         async with aiohttp.ClientSession() as s:
             st, hdr, body = await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "gw-plain"})
             assert 200 == st and "gw-plain" == hdr["x-request-id"]
-            st, _, body = await post(s, base + "/v1/chat/completions", {**CHAT, "stream": True}, headers={"x-request-id": "gw-stream"})
+            st, _, body = await post(
+                s, base + "/v1/chat/completions", {**CHAT, "stream": True}, headers={"x-request-id": "gw-stream"}
+            )
             assert body.endswith(b"data: [DONE]\n\n") and b'"usage"' not in body
-            st, _, body = await post(s, base + "/v1/chat/completions", b'{"model": "demo-model", "messages": [', headers={"x-request-id": "gw-bad"})
+            st, _, body = await post(
+                s,
+                base + "/v1/chat/completions",
+                b'{"model": "demo-model", "messages": [',
+                headers={"x-request-id": "gw-bad"},
+            )
             assert 400 == st and orjson.loads(body)["error"]["message"].startswith("Invalid JSON")
             # a disconnect mid-stream: read the first event, then drop the connection
-            hang = {"model": "demo-model", "messages": [{"role": "user", "content": "wait [[demo:hang]] here"}], "max_tokens": 8, "stream": True}
-            async with s.post(base + "/v1/chat/completions", data=orjson.dumps(hang), headers={"x-request-id": "gw-gone"}) as r:
+            hang = {
+                "model": "demo-model",
+                "messages": [{"role": "user", "content": "wait [[demo:hang]] here"}],
+                "max_tokens": 8,
+                "stream": True,
+            }
+            async with s.post(
+                base + "/v1/chat/completions", data=orjson.dumps(hang), headers={"x-request-id": "gw-gone"}
+            ) as r:
                 await r.content.readuntil(b"\n\n")
                 r.close()
             await asyncio.sleep(0.5)
@@ -81,10 +97,17 @@ def test_gateway_upstream_failures_are_recorded(tmp_path: Path) -> None:
 
         async def slow(base: str) -> tuple[int, int]:
             async with aiohttp.ClientSession() as s:
-                st, _, _ = await post(s, base + "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "[[demo:error]]"}]}, headers={"x-request-id": "up500"})
+                st, _, _ = await post(
+                    s,
+                    base + "/v1/chat/completions",
+                    {**CHAT, "messages": [{"role": "user", "content": "[[demo:error]]"}]},
+                    headers={"x-request-id": "up500"},
+                )
                 hang = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "a b c d [[demo:hang]]"}]}
                 try:
-                    async with s.post(base + "/v1/chat/completions", data=orjson.dumps(hang), headers={"x-request-id": "timeout"}) as r:
+                    async with s.post(
+                        base + "/v1/chat/completions", data=orjson.dumps(hang), headers={"x-request-id": "timeout"}
+                    ) as r:
                         await r.read()
                     st2 = r.status
                 except aiohttp.ClientPayloadError:
@@ -115,11 +138,13 @@ def test_kill_9_under_load_loses_no_record_of_a_completed_response(tmp_path: Pat
                     i += 1
                     payload = {**CHAT, "stream": bool(i % 2)}
                     try:
-                        async with s.post(base + "/v1/chat/completions", data=orjson.dumps(payload), headers={"x-request-id": rid}) as r:
+                        async with s.post(
+                            base + "/v1/chat/completions", data=orjson.dumps(payload), headers={"x-request-id": rid}
+                        ) as r:
                             body = await r.read()
-                        if r.status == 200 and (body.endswith(b"[DONE]\n\n") or body.endswith(b"}")):
+                        if r.status == 200 and body.endswith((b"[DONE]\n\n", b"}")):
                             completed.append(rid)
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                    except (TimeoutError, aiohttp.ClientError):
                         return
 
         async def killer() -> None:
@@ -155,7 +180,9 @@ def test_two_workers_write_two_chains(tmp_path: Path) -> None:
 
     async def many(base: str) -> None:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            await asyncio.gather(*(post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": f"w-{i}"}) for i in range(200)))
+            await asyncio.gather(
+                *(post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": f"w-{i}"}) for i in range(200))
+            )
 
     with gateway(tmp_path, "--workers", "2") as (base, log_dir, _):
         asyncio.run(many(base))
@@ -171,6 +198,33 @@ def test_bad_config_file_is_a_one_line_error(tmp_path: Path) -> None:
 
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[log]\ndurability = "sometimes"\n')
-    out = subprocess.run([sys.executable, "-m", "vllm_audit.cli", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "vllm_audit.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert 2 == out.returncode
     assert "[log] durability" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_access_log_has_ids_and_timings_but_no_content(tmp_path: Path) -> None:
+    """With [log] access_log, each call logs id, route, sizes and timings — never prompt or output."""
+    from tests.helpers import log_text
+
+    secret = "my-private-words-9f8e7d"
+
+    async def one(base: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            await post(
+                s,
+                base + "/v1/chat/completions",
+                {**CHAT, "messages": [{"role": "user", "content": secret}]},
+                headers={"x-request-id": "acc-1"},
+            )
+
+    with gateway(tmp_path, config="[log]\naccess_log = true\n") as (base, _, _):
+        asyncio.run(one(base))
+    text = log_text(tmp_path)
+    assert "acc-1 POST /v1/chat/completions 200" in text
+    assert secret not in text

@@ -107,7 +107,13 @@ async def test_each_sse_event_reaches_the_client_before_the_next_is_produced(aud
     async def slow_stream(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        await send({"type": "http.response.body", "body": b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n', "more_body": True})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+                "more_body": True,
+            }
+        )
         await gate.wait()
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
@@ -161,7 +167,11 @@ async def test_client_requested_usage_is_passed_through(audited, tmp_path: Path)
 async def test_usage_chunk_split_across_messages_is_still_stripped(audited, tmp_path: Path) -> None:
     """An SSE event cut in two ASGI messages is reassembled before the usage check."""
     usage = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
-    parts = [b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n' + usage[:20], usage[20:], b"data: [DONE]\n\n"]
+    parts = [
+        b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n' + usage[:20],
+        usage[20:],
+        b"data: [DONE]\n\n",
+    ]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
@@ -183,7 +193,13 @@ async def test_usage_that_never_came_is_recorded_as_absent(audited, tmp_path: Pa
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        await send({"type": "http.response.body", "body": b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n', "more_body": True})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n',
+                "more_body": True,
+            }
+        )
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     mw = audited(app)
@@ -199,7 +215,13 @@ async def test_disconnect_mid_stream_records_cancelled_with_partial_output(audit
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        await send({"type": "http.response.body", "body": b'data: {"choices":[{"index":0,"delta":{"content":"partial"}}]}\n\n', "more_body": True})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b'data: {"choices":[{"index":0,"delta":{"content":"partial"}}]}\n\n',
+                "more_body": True,
+            }
+        )
         msg = await receive()  # like starlette's listen_for_disconnect
         assert "http.disconnect" == msg["type"]
 
@@ -244,7 +266,15 @@ async def test_every_route_gets_a_record(audited, tmp_path: Path) -> None:
     mw.writer.stop()
     recs = read_records(tmp_path / "log")
     routes = [r["route"] for r in recs]
-    assert ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models", "/tokenize", "/v1/nothing-here"] == routes
+    assert [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/models",
+        "/tokenize",
+        "/v1/nothing-here",
+    ] == routes
     by = {r["route"]: r for r in recs}
     assert {"embeddings": 2, "dimensions": 16} == by["/v1/embeddings"]["output_response"]
     assert by["/v1/responses"]["total_tokens"] and by["/v1/responses"]["output_response"].startswith("You said")

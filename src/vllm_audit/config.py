@@ -54,6 +54,9 @@ class LogConfig:
     max_capture_bytes: int = 8 * MiB
     #: Seconds a strictly durable response may wait for its record before it fails.
     durable_timeout_s: float = 10.0
+    #: Log one operational line per record (logger ``vllm_audit.access``, INFO), written by the
+    #: writer thread: request id, route, status, sizes, tokens, timings — never content.
+    access_log: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ def _type_name(tp: Any) -> str:
         return f"array of {_type_name(args[0])}" if args else "array"
     if origin is dict:
         return f"table of {_type_name(args[1])}" if len(args) == 2 else "table"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return f"table ({tp.__name__})"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
 

@@ -109,7 +109,9 @@ class DemoEngine:
         elif path == "/tokenize":
             text = req.get("prompt") or ""
             toks = tokens_of(str(text))
-            await _respond(send, 200, orjson.dumps({"count": len(toks), "max_model_len": 4096, "tokens": list(range(len(toks)))}))
+            await _respond(
+                send, 200, orjson.dumps({"count": len(toks), "max_model_len": 4096, "tokens": list(range(len(toks)))})
+            )
         else:
             await _error(send, 404, f"Not found: {path}", "not_found")
 
@@ -236,7 +238,10 @@ class DemoEngine:
                 choice = {"index": 0, "text": tok}
             await event({**head, "choices": [choice]})
         last: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        last.update({"delta": {}} if chat else {"text": ""})
+        if chat:
+            last["delta"] = {}
+        else:
+            last["text"] = ""
         await event({**head, "choices": [last]})
         if usage is not None:
             await event({**head, "choices": [], "usage": usage})
@@ -294,7 +299,9 @@ class DemoEngine:
         }
         if req.get("stream") is True:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HDR})
-            events: list[dict[str, Any]] = [{"type": "response.created", "response": {**resp, "status": "in_progress", "output": []}}]
+            events: list[dict[str, Any]] = [
+                {"type": "response.created", "response": {**resp, "status": "in_progress", "output": []}}
+            ]
             events += [{"type": "response.output_text.delta", "delta": t} for t in toks]
             events.append({"type": "response.completed", "response": resp})
             for ev in events:

@@ -22,9 +22,20 @@ from vllm_audit.types import ASGIApp
 def create_app(config: Config | None = None) -> AuditMiddleware:
     """Build the gateway app (also the uvicorn factory: config from the environment)."""
     cfg = config if config is not None else config_from_env()
+    _ensure_logging()
     upstream = cfg.gateway.upstream
     inner: ASGIApp = Proxy(upstream, cfg.gateway) if upstream else DemoEngine(cfg.gateway)
     return AuditMiddleware(inner, cfg, upstream=upstream or "demo", ops_at_root=True)
+
+
+def _ensure_logging() -> None:
+    """Worker processes start with no handler for our loggers; give them one (stderr, INFO)."""
+    ours = logging.getLogger("vllm_audit")
+    if not ours.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
 
 
 def run(config_path: str | None, overrides: dict[str, Any]) -> None:

@@ -155,7 +155,9 @@ class AuditMiddleware:
 
         try:
             if hdr_size > self.max_headers:
-                raise _Reject(431, "request_header_fields_too_large", f"Request headers exceed {self.max_headers} bytes.")
+                raise _Reject(
+                    431, "request_header_fields_too_large", f"Request headers exceed {self.max_headers} bytes."
+                )
             if not self.writer.accepting and not self.fail_open:
                 self.metrics.count_rejected("log_unavailable")
                 raise _Reject(503, "audit_log_unavailable", "The audit log cannot record requests; try again later.")
@@ -211,7 +213,6 @@ class AuditMiddleware:
         submitted = False
         stripper = _UsageStripper() if ex.usage_injected else None
         max_capture = self.max_capture
-        writer = self.writer
 
         async def inner_receive() -> Message:
             nonlocal body_pending
@@ -255,9 +256,7 @@ class AuditMiddleware:
                         ex.chunks.append(chunk)
                     else:
                         ex.response_truncated = True
-                    if stripper is not None and (
-                        stripper.carry or not chunk.endswith(b"\n\n") or b'"usage"' in chunk
-                    ):
+                    if stripper is not None and (stripper.carry or not chunk.endswith(b"\n\n") or b'"usage"' in chunk):
                         chunk = stripper.feed(chunk)
                         if stripper.captured is not None and ex.usage_chunk is None:
                             ex.usage_chunk = stripper.captured

@@ -172,10 +172,19 @@ class Proxy:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            await self._fail(send, ex, started, 504, TIMEOUT, "upstream_timeout", "The upstream did not answer in time.", exc)
+            await self._fail(
+                send, ex, started, 504, TIMEOUT, "upstream_timeout", "The upstream did not answer in time.", exc
+            )
         except aiohttp.ClientConnectorError as exc:
             await self._fail(
-                send, ex, started, 502, UPSTREAM_ERROR, "upstream_unreachable", "The upstream server is unreachable.", exc
+                send,
+                ex,
+                started,
+                502,
+                UPSTREAM_ERROR,
+                "upstream_unreachable",
+                "The upstream server is unreachable.",
+                exc,
             )
         except (aiohttp.ClientError, ConnectionError) as exc:
             await self._fail(

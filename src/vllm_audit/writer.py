@@ -28,6 +28,7 @@ from vllm_audit.metrics import Metrics
 from vllm_audit.record import prompt_sha256
 
 log = logging.getLogger("vllm_audit.writer")
+access_log = logging.getLogger("vllm_audit.access")
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
 Listener = Callable[[list[dict[str, Any]]], None]
@@ -230,6 +231,22 @@ class AuditWriter:
         m.batch_size_last = len(entries)
         m.write_seconds.observe(time.perf_counter() - t0)
         _resolve(items, None)
+        if self.config.log.access_log:
+            for rec in entries:
+                if rec.get("record_type") == "inference":
+                    access_log.info(
+                        "%s %s %s %s status=%s req_bytes=%s resp_bytes=%s tokens=%s latency_ms=%s ttft_ms=%s",
+                        rec.get("request_id"),
+                        rec.get("method"),
+                        rec.get("route"),
+                        rec.get("http_status"),
+                        rec.get("status"),
+                        rec.get("request_bytes"),
+                        rec.get("response_bytes"),
+                        rec.get("total_tokens"),
+                        rec.get("latency_ms"),
+                        rec.get("ttft_ms"),
+                    )
         try:
             chain.after_commit()
         except Exception:
