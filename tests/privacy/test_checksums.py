@@ -39,10 +39,21 @@ def test_luhn_and_card_brands() -> None:
 def test_uscc_check_character() -> None:
     """A GB 32100 code with its computed check character passes; another character fails."""
     assert cs.is_uscc("91350100M000100Y43")
-    body = "91110000710928498"
+    org = "71092849"
+    body = "91110000" + org + cs.org_code_check_char(org)
     assert cs.is_uscc(body + cs.uscc_check_char(body))
     wrong = "0" if cs.uscc_check_char(body) != "0" else "1"
     assert not cs.is_uscc(body + wrong)
+
+
+def test_uscc_requires_valid_org_code() -> None:
+    """The embedded GB 11714 organization code must carry its own check character."""
+    org = "MA01ABCD"
+    good = org + cs.org_code_check_char(org)
+    bad = org + ("1" if good[8] != "1" else "2")
+    assert cs.is_org_code(good) and not cs.is_org_code(bad)
+    body_bad = "91440300" + bad
+    assert not cs.is_uscc(body_bad + cs.uscc_check_char(body_bad))
 
 
 def test_iban_mod97() -> None:

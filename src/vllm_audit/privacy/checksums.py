@@ -18,6 +18,9 @@ _ID_CHECK = "10X98765432"
 
 _USCC_CHARS = "0123456789ABCDEFGHJKLMNPQRTUWXY"
 _USCC_VALUE = {c: i for i, c in enumerate(_USCC_CHARS)}
+#: Registration authority + organisation type pairs (GB 32100-2015 tables 1-2).
+_USCC_KINDS = frozenset("11 12 13 19 21 29 31 32 33 34 35 39 41 49 51 52 53 59 61 62 69 71 72 79 81 89 91 92 93 "
+                        "A1 A9 N1 N2 N3 N9 Y1".split())
 _USCC_WEIGHTS = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
 
 #: IBAN length per country (ISO 13616 registry, the common ones).
@@ -112,9 +115,9 @@ def card_brand(digits: str) -> str | None:
 
 def is_uscc(value: str) -> bool:
     """An 18-character unified social credit code with a valid GB 32100 check character."""
-    if len(value) != 18 or value[0] not in "123456789ABCDEFGY" or value[1] not in "123459":
+    if len(value) != 18 or value[:2] not in _USCC_KINDS or not value[2:8].isdigit():
         return False
-    if not value[2:8].isdigit():
+    if int(value[2:4]) not in CN_PROVINCES and value[2:4] != "10":  # 10xxxx: national level
         return False
     total = 0
     for c, w in zip(value[:17], _USCC_WEIGHTS, strict=True):
@@ -123,7 +126,24 @@ def is_uscc(value: str) -> bool:
             return False
         total += v * w
     check = (31 - total % 31) % 31
-    return _USCC_CHARS[check] == value[17]
+    return _USCC_CHARS[check] == value[17] and is_org_code(value[8:17])
+
+
+_ORG_WEIGHTS = (3, 7, 9, 10, 5, 8, 4, 2)
+
+
+def org_code_check_char(first8: str) -> str:
+    """The GB 11714 check character of an organization code (the 9th-17th characters of a USCC)."""
+    total = sum(int(c, 36) * w for c, w in zip(first8, _ORG_WEIGHTS, strict=True))
+    c = 11 - total % 11
+    return "X" if c == 10 else "0" if c == 11 else str(c)
+
+
+def is_org_code(value: str) -> bool:
+    """A 9-character organization code with a valid GB 11714 check character."""
+    if len(value) != 9 or not value[:8].isalnum() or not value.isascii():
+        return False
+    return org_code_check_char(value[:8]) == value[8]
 
 
 def uscc_check_char(first17: str) -> str:

@@ -20,104 +20,149 @@ from vllm_audit.privacy import checksums as cs
 
 Finding = tuple[int, int, str, str]
 
-# Full-width forms (U+FF01..U+FF5E) map to ASCII; dashes and wide spaces map to "-" and " ".
-_FOLD = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)}
-_FOLD.update({0x3000: 0x20, 0x00A0: 0x20, 0x2010: 0x2D, 0x2011: 0x2D, 0x2012: 0x2D, 0x2013: 0x2D, 0x2014: 0x2D})
-_FOLD.update({cp: 0x20 for cp in range(0x2002, 0x200B)})
-_NEEDS_FOLD = re.compile("[\uff0b\uff0d\uff0e\uff10-\uff1a\uff20-\uff3a\uff41-\uff5a]")
+# Full-width digits, letters, "+-.@()" and wide spaces/dashes are folded to ASCII (same length).
+_FOLD = {c: chr(ord(c) - 0xFEE0) for c in "\uff08\uff09\uff0b\uff0d\uff0e\uff20"}
+for _lo, _hi in ((0xFF10, 0xFF1A), (0xFF21, 0xFF3B), (0xFF41, 0xFF5B)):
+    _FOLD.update({chr(cp): chr(cp - 0xFEE0) for cp in range(_lo, _hi)})
+_FOLD.update({"\u3000": " ", "\u00a0": " ", **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014", "-")})
+_FOLD.update({chr(cp): " " for cp in range(0x2002, 0x200B)})
+_NEEDS_FOLD = re.compile("[" + "".join(sorted(_FOLD)) + "]")
 
-# Each pattern starts with a character class (so the regex engine can skip ahead fast) and then
-# checks the character before it with a two-character lookbehind.
-_NUM = re.compile(
-    r"[0-9+(](?<![0-9+.][0-9+(])"
-    r"(?:(?<=\+)[ ]?|(?<=0)0[ ]?|(?<=\()\+?[0-9]{1,4}\)[ ]?)?"  # +86, 0086, (+86), (010)
-    r"(?:(?<=[0-9])|[0-9])(?:[ \-]?[0-9]){6,40}[Xx]?"
-    r"(?![0-9A-Za-z]|\.[0-9])"
+# One pass finds every number-like and ID-like candidate. It starts with a character class (so the
+# regex engine skips ahead fast), checks the character before it with a two-character lookbehind,
+# and ends each branch with an empty named group that tells which branch matched.
+_SCAN = re.compile(
+    r"[0-9A-Z+(](?<![0-9+.][0-9A-Z+(])(?:"
+    r"(?<=[0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9A-Za-z]|\.[0-9])(?P<IP>)"
+    r"|(?<=[0-9+(])(?:(?<=\+)[ ]?|(?<=0)0[ ]?|(?<=\()\+?[0-9]{1,4}\)[ ]?)?"  # +86, 0086, (+86), (010)
+    r"(?:(?<=[0-9])|[0-9])(?:[ \-]?[0-9]){6,40}[Xx]?(?![0-9A-Za-z]|\.[0-9])(?P<NUM>)"
+    r"|(?<=[0-9A-Z])(?:[A-Z][0-9]{2}(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?|[0-9A-Z]{7,33})(?![0-9A-Za-z])(?P<ALNUM>)"
+    r")"
 )
 #: ASCII words a number may be glued to in Chinese text ("ID110...", "Tel138...").
-_GLUE_OK = ("ID", "Id", "No", "Tel", "TEL", "NO")
+_GLUE_OK = ("ID", "Id", "No", "Tel", "TEL", "NO", "SSN")
+#: A 15-digit legacy ID is only taken with an identity keyword shortly before it.
+_ID15_CONTEXT = re.compile(r"(?i:身份|证件|证号|\bID|identity)")
+_IBAN_GLUED = re.compile(r"IBAN[ :：]?([A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)(?![0-9A-Za-z])")
 _SSN = re.compile(r"([0-9]{3})([ \-])([0-9]{2})\2([0-9]{4})")
-_ALNUM = re.compile(
-    r"[0-9A-Z](?<![0-9A-Za-z][0-9A-Z])"
-    r"(?:[A-Z][0-9]{2}(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?|[0-9A-Z]{7,33})"
-    r"(?![0-9A-Za-z])"
-)
 _EMAIL_DOMAIN = re.compile(
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9\-])"
 )
 _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-_IPV4 = re.compile(
-    r"[0-9](?<![0-9A-Za-z.][0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9A-Za-z]|\.[0-9])"
-)
-_IPV6 = re.compile(
-    r"[0-9A-Fa-f:](?<![0-9A-Za-z:.][0-9A-Fa-f:])[0-9A-Fa-f:]{1,45}(?:\.[0-9]{1,3}){0,3}(?![0-9A-Za-z:.])"
-)
+_HEX_COLON = frozenset("0123456789abcdefABCDEF:")
+_HEX_COLON_DOT = frozenset("0123456789abcdefABCDEF:.")
 _VERSION_CONTEXT = re.compile(r"(?i:version|ver\.?|release|build|版本)[ :：]*$")
-_SECRET = re.compile(
-    r"(?P<API_KEY>sk-ant-[A-Za-z0-9_\-]{20,}"
-    r"|sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"
-    r"|(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"
-    r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"
-    r"|xox[abposre]-[A-Za-z0-9\-]{10,})"
-    r"|(?P<JWT>eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{8,})"
-    r"|(?P<PRIVATE_KEY>-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-    r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*\Z))"
-    r"|://(?P<URL_CREDENTIALS>[^\s/:@]{1,256}:[^\s/@]{1,256})@"
-    r"|aws_secret_access_key[ \t]*[=:][ \t]*[\"']?(?P<AWS_SECRET>[A-Za-z0-9/+=]{40})"
-    r"|Bearer (?P<BEARER>[A-Za-z0-9._~+/\-]{20,}=*)"
+#: Secrets start with a literal: find the literal with str.find, then match the pattern there.
+_SECRETS: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
+    (hint, re.compile(pattern), kind)
+    for hint, pattern, kind in (
+        ("sk-", r"sk-(?:ant-|proj-|svcacct-|admin-)?(?P<s>[A-Za-z0-9_\-]{20,})", "API_KEY"),
+        ("AKIA", r"AKIA[A-Z0-9]{16}(?![A-Za-z0-9])", "API_KEY"),
+        ("ASIA", r"ASIA[A-Z0-9]{16}(?![A-Za-z0-9])", "API_KEY"),
+        ("gh", r"gh[pousr]_[A-Za-z0-9]{36,}", "API_KEY"),
+        ("github_pat_", r"github_pat_[A-Za-z0-9_]{22,}", "API_KEY"),
+        ("xox", r"xox[abposre]-[A-Za-z0-9\-]{10,}", "API_KEY"),
+        ("eyJ", r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{8,}", "JWT"),
+        (
+            "-----BEGIN",
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+            r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*\Z)",
+            "PRIVATE_KEY",
+        ),
+        ("://", r"://(?P<s>[^\s/:@]{1,256}:[^\s/@]{1,256})@", "URL_CREDENTIALS"),
+        ("aws_secret_access_key", r"aws_secret_access_key[ \t]*[=:][ \t]*[\"']?(?P<s>[A-Za-z0-9/+=]{40})", "API_KEY"),
+        ("Bearer ", r"Bearer (?P<s>[A-Za-z0-9._~+/\-]{20,}=*)", "API_KEY"),
+    )
 )
-_SECRET_HINTS: tuple[str, ...] = ("sk-", "AKIA", "ASIA", "ABIA", "ACCA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_")
-_SECRET_HINTS += ("github_pat_", "xox", "eyJ", "-----BEGIN", "://", "aws_secret", "Bearer")
-_ALNUM_HINT = re.compile(r"[A-Z][0-9]|[0-9][A-Z]")
-_DIGITS7 = re.compile(r"[0-9][0-9 \-]{5,}[0-9]")
+
+
+def _fold_char(m: re.Match[str]) -> str:
+    return _FOLD[m.group()]
 
 
 def fold(text: str) -> str:
     """Full-width digits, letters and separators folded to ASCII; same length as ``text``."""
-    return text.translate(_FOLD) if _NEEDS_FOLD.search(text) else text
+    return _NEEDS_FOLD.sub(_fold_char, text) if _NEEDS_FOLD.search(text) else text
+
+
+def _glued(t: str, a: int) -> bool:
+    c = t[a - 1] if a else ""
+    return c.isascii() and c.isalpha()
 
 
 def find(text: str) -> list[Finding]:
     """All validated entities in ``text``, non-overlapping, sorted by start."""
     t = fold(text)
     found: list[Finding] = []
-    if _DIGITS7.search(t):
-        for m in _NUM.finditer(t):
-            a = m.start()
-            if a and t[a - 1].isascii() and t[a - 1].isalpha() and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
+    for m in _SCAN.finditer(t):
+        a = m.start()
+        kind = m.lastgroup
+        if kind == "NUM":
+            if _glued(t, a) and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
                 continue
             _classify_run(m.group(), a, found)
-    if "." in t:
-        for m in _IPV4.finditer(t):
+        elif _glued(t, a):
+            continue
+        elif kind == "IP":
             _ipv4(t, m, found)
-    if _ALNUM_HINT.search(t):
-        for m in _ALNUM.finditer(t):
-            _classify_alnum(m.group(), m.start(), found)
+        else:
+            _classify_alnum(m.group(), a, found)
+    if found:
+        found[:] = [f for f in found if not (f[2] == "CN_ID" and len(f[3]) == 15 and not _id15_context(t, f[0]))]
+    if "IBAN" in t:
+        for m in _IBAN_GLUED.finditer(t):
+            if cs.is_iban(m.group(1).replace(" ", "")):
+                found.append((m.start(1), m.end(1), "IBAN", m.group(1).replace(" ", "")))
     if "@" in t:
         for m in _EMAIL_DOMAIN.finditer(t):
             _email(t, m, found)
-    if "::" in t or t.count(":") >= 2:
-        for m in _IPV6.finditer(t):
-            _ipv6(m, found)
-    if _has_secret_hint(t):
-        for m in _SECRET.finditer(t):
-            kind = m.lastgroup or "API_KEY"
-            if kind != "JWT" or jwt_header_ok(m.group()):
-                a, b = m.span(kind)
-                found.append((a, b, _SECRET_KIND.get(kind, kind), t[a:b]))
+    if ":" in t:
+        _ipv6_scan(t, found)
+    for hint, pattern, kind in _SECRETS:
+        i = t.find(hint)
+        while i >= 0:
+            sm = pattern.match(t, i)
+            if sm is None:
+                i = t.find(hint, i + 1)
+                continue
+            if kind != "JWT" or jwt_header_ok(sm.group()):
+                sa, sb = sm.span("s") if "s" in pattern.groupindex else sm.span()
+                found.append((sa, sb, kind, t[sa:sb]))
+            i = t.find(hint, sm.end())
     if len(found) > 1:
         found = _resolve(found)
     return found
 
 
-def _has_secret_hint(t: str) -> bool:
-    for h in _SECRET_HINTS:
-        if h in t:
-            return True
-    return False
+def _ipv6_scan(t: str, found: list[Finding]) -> None:
+    n = len(t)
+    i = t.find(":")
+    while i >= 0:
+        a = i
+        while a > 0 and i - a < 40 and t[a - 1] in _HEX_COLON:
+            a -= 1
+        b = i + 1
+        while b < n and b - a < 46 and t[b] in _HEX_COLON_DOT:
+            b += 1
+        end = b
+        while end > a and t[end - 1] in ".:" and t[end - 2 : end] != "::":
+            end -= 1
+        cand = t[a:end]
+        if cand.count(":") >= 2 and len(cand) >= 3 and not _glued(t, a) and not (end < n and t[end].isalnum()):
+            try:
+                addr = ipaddress.IPv6Address(cand)
+            except ValueError:
+                pass
+            else:
+                found.append((a, end, "IP_ADDRESS", addr.compressed))
+        i = t.find(":", b)
 
 
-_SECRET_KIND = {"AWS_SECRET": "API_KEY", "BEARER": "API_KEY"}
+def _id15_context(t: str, start: int) -> bool:
+    return _ID15_CONTEXT.search(t, max(0, start - 16), start) is not None
+
+
+
 
 
 def _email(t: str, m: re.Match[str], found: list[Finding]) -> None:
@@ -164,10 +209,8 @@ def classify_number(raw: str) -> tuple[str, str] | None:
         return "CN_ID", d
     if 13 <= n <= 19:
         brand = cs.card_brand(d)
-        if brand == "unionpay":
-            return "BANK_CARD", d
-        if brand is not None:
-            return "CREDIT_CARD", d
+        if brand is not None and not (n == 18 and _id_shaped(d)):
+            return ("BANK_CARD" if brand == "unionpay" else "CREDIT_CARD"), d
     if n == 15 and cs.is_cn_id(d):
         return "CN_ID", d
     if n == 18 and cs.is_uscc(d):
@@ -185,8 +228,15 @@ def classify_number(raw: str) -> tuple[str, str] | None:
     return None
 
 
+def _id_shaped(d: str) -> bool:
+    """Province code and a real birth date: an ID with a typo, not a card."""
+    return cs.is_cn_id(d[:17] + cs.cn_id_check_char(d[:17]))
+
+
 def _is_landline(raw: str, d: str) -> bool:
     if raw.startswith("("):
+        if ")" not in raw:
+            return False
         area = _digits(raw[: raw.index(")")])
         local = d[len(area) :]
         return cs.is_cn_area_code(area) and len(local) in (7, 8) and local[0] not in "01"
@@ -214,6 +264,8 @@ def _classify_international(d: str) -> tuple[str, str] | None:
 
 
 def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
+    if raw[0] == "(" and ")" not in raw:  # an opening parenthesis before a number
+        raw, start = raw[1:], start + 1
     hit = classify_number(raw)
     if hit is not None:
         found.append((start, start + len(raw), hit[0], hit[1]))
@@ -272,15 +324,6 @@ def _ipv4(t: str, m: re.Match[str], found: list[Finding]) -> None:
     found.append((m.start(), m.end(), "IP_ADDRESS", m.group()))
 
 
-def _ipv6(m: re.Match[str], found: list[Finding]) -> None:
-    s = m.group()
-    if s.count(":") < 2 or len(s) < 3:
-        return
-    try:
-        addr = ipaddress.IPv6Address(s)
-    except ValueError:
-        return
-    found.append((m.start(), m.end(), "IP_ADDRESS", addr.compressed))
 
 
 def jwt_header_ok(token: str) -> bool:
