@@ -102,7 +102,9 @@ def record_for_response_id(log_dir: Path, response_id: str, timeout: float = 15.
     """The record whose request_id R gives vLLM's response id ``chatcmpl-R`` / ``cmpl-R``."""
     prefix, _, rid = response_id.partition("-")
     assert prefix in ("chatcmpl", "cmpl") and rid, response_id
-    return record_for(log_dir, rid, timeout=timeout)
+    rec = record_for(log_dir, rid, timeout=timeout)
+    assert rec.get("response_id", response_id) == response_id, rec
+    return rec
 
 
 # ---------------------------------------------------------------- SSE
