@@ -150,10 +150,10 @@ class AuditApiConfig:
     """The audit query API under ``{edge.ops_prefix}/v1`` (``[access.api]``)."""
 
     enabled: bool = True
-    #: Role names as they appear in keys and tokens.
+    #: Role names as they appear in keys and tokens. Any other authenticated caller is a "user"
+    #: (sees only their own calls).
     admin_role: str = "platform_admin"
     auditor_role: str = "org_auditor"
-    user_role: str = "user"
     #: Page size when ``limit`` is not given, and the largest allowed.
     default_limit: int = 50
     max_limit: int = 500
