@@ -45,7 +45,8 @@ def cn_id_bad_check(rng: random.Random) -> str:
 
 
 def cn_id_bad_date(rng: random.Random) -> str:
-    body = f"{rng.choice(PROVINCES)}{rng.randrange(100, 9999):04d}{rng.randrange(1950, 2010)}{rng.choice(['13', '00', '02'])}"
+    body = f"{rng.choice(PROVINCES)}{rng.randrange(100, 9999):04d}{rng.randrange(1950, 2010)}"
+    body += rng.choice(["13", "00", "02"])
     body += f"{rng.choice(['30', '31', '00'])}{rng.randrange(1000):03d}"
     return body + cs.cn_id_check_char(body)
 
@@ -83,7 +84,6 @@ def credit_card(rng: random.Random) -> str:
 
 
 def uscc(rng: random.Random) -> str:
-    chars = "0123456789ABCDEFGHJKLMNPQRTUWXY"
     body = rng.choice(["91", "92", "93", "11", "12", "52", "Y1"]) + f"{rng.choice(PROVINCES)}{rng.randrange(10000):04d}"
     org = "".join(rng.choice(string.digits + "ABCDEFGHJKLMNPQRTUWXY") for _ in range(8))
     body += org + cs.org_code_check_char(org)
@@ -162,7 +162,7 @@ NEGATIVE: list[Callable[[random.Random], str]] = [
     cn_id_bad_date,
     lambda r: f"v{r.randrange(10)}.{r.randrange(20)}.{r.randrange(50)}",
     lambda r: f"version {r.randrange(10)}.{r.randrange(20)}.{r.randrange(50)}.{r.randrange(99)}",
-    lambda r: f"2025-{r.randrange(1, 13):02d}-{r.randrange(1, 29):02d} {r.randrange(24):02d}:{r.randrange(60):02d}:{r.randrange(60):02d}",
+    lambda r: f"2025-{r.randrange(1, 13):02d}-{r.randrange(1, 29):02d} {r.randrange(24):02d}:{r.randrange(60):02d}",
     lambda r: f"SF{r.randrange(10**12, 10**13)}",
     lambda r: f"JD{r.randrange(10**13, 10**14)}",
     lambda r: f"{r.randrange(10**14, 10**15)}",
@@ -200,12 +200,16 @@ def _fill(template: str, k: str, v: str, rng: random.Random) -> tuple[str, tuple
     return head + v + tail.format(k=k, n=n, t=t), (len(head), len(head) + len(v))
 
 
+def _untyped(f: Callable[[random.Random], str]) -> Callable[[random.Random], tuple[str, str]]:
+    return lambda r: (f(r), "")
+
+
 def generate(seed: int = SEED, per_type: int = 40, negatives: int = 300) -> list[dict[str, object]]:
     """The corpus: ``per_type`` positives per entity type and language, plus negative texts."""
     rng = random.Random(seed)
     items: list[dict[str, object]] = []
     kinds: list[tuple[str, Callable[[random.Random], tuple[str, str]]]] = [
-        (t, (lambda f: lambda r: (f(r), ""))(f)) for t, f in POSITIVE.items()
+        (t, _untyped(f)) for t, f in POSITIVE.items()
     ]
     kinds.append(("SECRET", secret))
     for kind, gen in kinds:

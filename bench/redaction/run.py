@@ -23,9 +23,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import SEED, generate  # noqa: E402
+from corpus import SEED, generate
 
-from vllm_audit.privacy.recognizers import find  # noqa: E402
+from vllm_audit.privacy.recognizers import find
 
 Span = tuple[int, int, str]
 CHECKSUMMED = ("CN_ID", "BANK_CARD", "CREDIT_CARD", "CN_USCC", "IBAN")
@@ -78,16 +78,17 @@ def presidio() -> Callable[[str], list[Span]] | None:
     return predict
 
 
-def throughput(texts: list[str], predict: Callable[[str], Any], min_s: float = 1.0) -> float:
+def throughput(texts: list[str], *predictors: Callable[[str], Any], rounds: int = 5) -> list[float]:
+    """MB/s of each predictor; rounds are interleaved so machine load affects all alike."""
     size = sum(len(t.encode()) for t in texts)
-    rounds, t0 = 0, time.perf_counter()
-    while True:
-        for t in texts:
-            predict(t)
-        rounds += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_s:
-            return size * rounds / elapsed / 1e6
+    spent = [0.0] * len(predictors)
+    for _ in range(rounds):
+        for i, predict in enumerate(predictors):
+            t0 = time.perf_counter()
+            for t in texts:
+                predict(t)
+            spent[i] += time.perf_counter() - t0
+    return [size * rounds / s / 1e6 for s in spent]
 
 
 def table(name: str, stats: dict[str, Counter[str]], types: list[str]) -> None:
@@ -109,8 +110,9 @@ def main() -> int:
     items = generate(args.seed, args.per_type, args.negatives)
     texts = [str(i["text"]) for i in items]
     mb = sum(len(t.encode()) for t in texts) / 1e6
-    print(f"corpus: {len(items)} texts ({mb:.2f} MB), seed {args.seed}, "
-          f"{sum(1 for i in items if i['entities'])} with an entity, {sum(1 for i in items if not i['entities'])} negatives")
+    positives = sum(1 for i in items if i["entities"])
+    print(f"corpus: {len(items)} texts ({mb:.2f} MB), seed {args.seed}, {positives} with an entity, "
+          f"{len(items) - positives} negatives")
     mine = score(items, ours)
     types = sorted({t for i in items for _, _, t in i["entities"]} | set(mine))
     table("vllm-audit recognizers", mine, types)
@@ -120,17 +122,19 @@ def main() -> int:
         p = c["tp"] / max(c["tp"] + c["fp"], 1)
         r = c["tp"] / max(c["tp"] + c["fn"], 1)
         ok &= p >= 0.98 and r >= 0.99
-    ours_mbs = throughput(texts, ours)
-    print(f"\nthroughput vllm-audit: {ours_mbs:.1f} MB/s (all {len(types)} types)")
     big = [" ".join(texts[i : i + 50]) for i in range(0, len(texts), 50)]
-    print(f"throughput vllm-audit, 50 texts per string: {throughput(big, ours):.1f} MB/s")
     pres = presidio()
+    predictors = (ours,) if pres is None else (ours, pres)
+    speed = throughput(texts, *predictors)
+    speed_big = throughput(big, *predictors, rounds=3)
+    print(f"\nthroughput vllm-audit: {speed[0]:.2f} MB/s one text per call, {speed_big[0]:.2f} MB/s 50 texts per call")
     if pres is not None:
         pstats = score(items, pres)
         table("Presidio pattern recognizers (email, credit card, IP, US SSN, IBAN)", pstats, types)
-        pres_mbs = throughput(texts, pres)
-        print(f"\nthroughput Presidio: {pres_mbs:.2f} MB/s (5 types) -> vllm-audit is {ours_mbs / pres_mbs:.0f}x faster")
-        ok &= ours_mbs >= 20 * pres_mbs
+        ratio, ratio_big = speed[0] / speed[1], speed_big[0] / speed_big[1]
+        print(f"\nthroughput Presidio (5 types): {speed[1]:.2f} MB/s one text per call, {speed_big[1]:.2f} MB/s 50 per call")
+        print(f"vllm-audit (15 types) is {ratio:.1f}x / {ratio_big:.1f}x faster than Presidio")
+        ok &= min(ratio, ratio_big) >= 20
     print(f"\ntargets (checksummed types P>=98% R>=99%, >=20x Presidio): {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
 
