@@ -132,7 +132,8 @@ def main() -> int:
         pstats = score(items, pres)
         table("Presidio pattern recognizers (email, credit card, IP, US SSN, IBAN)", pstats, types)
         ratio, ratio_big = speed[0] / speed[1], speed_big[0] / speed_big[1]
-        print(f"\nthroughput Presidio (5 types): {speed[1]:.2f} MB/s one text per call, {speed_big[1]:.2f} MB/s 50 per call")
+        print(f"\nthroughput Presidio (5 types): {speed[1]:.2f} MB/s one text per call, "
+              f"{speed_big[1]:.2f} MB/s 50 texts per call")
         print(f"vllm-audit (15 types) is {ratio:.1f}x / {ratio_big:.1f}x faster than Presidio")
         ok &= min(ratio, ratio_big) >= 20
     print(f"\ntargets (checksummed types P>=98% R>=99%, >=20x Presidio): {'met' if ok else 'NOT met'}")
