@@ -238,24 +238,34 @@ class AuditApi:
             # Absent and not-yours look the same; the attempt is on the record either way.
             self._event("audit_read", ident, viewer, "record", query, [], "not_found", 404)
             raise HttpError(404, "no such record", "not_found")
-        proof = await asyncio.to_thread(self._proof, request_id)
+        proof, proof_error = await asyncio.to_thread(self._proof, record)
         self._event("audit_read", ident, viewer, "record", query, [request_id], "ok", 200)
-        return 200, {"record": record, "proof": proof}, {}
+        return 200, {"record": record, "proof": proof, "proof_error": proof_error}, {}
 
-    def _proof(self, request_id: str) -> dict[str, Any] | None:
+    def _proof(self, record: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """The integrity area's inclusion proof of exactly this record (writer id and seq must match:
+        request ids are client-influenced, and a proof of another tenant's record must never leak)."""
         try:
             proofs = importlib.import_module("vllm_audit.integrity.proofs")
         except ImportError:
-            return None
+            return None, "inclusion proofs are not available"
         build = getattr(proofs, "build_inclusion_proof", None)
         if build is None:
-            return None
+            return None, "inclusion proofs are not available"
         try:
-            proof = build(self.log_dir, request_id)
-        except Exception as exc:
-            log.warning("inclusion proof for %s failed: %s", request_id, exc)
-            return None
-        return proof if isinstance(proof, dict) else None
+            proof = build(self.log_dir, str(record.get("request_id", "")))
+        except Exception as exc:  # e.g. not yet covered by a signed checkpoint
+            return None, str(exc)
+        if not isinstance(proof, dict):
+            return None, "no proof found"
+        try:
+            proved = orjson.loads(proof["record"])
+            same = proved["writer_id"] == record.get("writer_id") and proved["seq"] == record.get("seq")
+        except (KeyError, TypeError, orjson.JSONDecodeError):
+            same = False
+        if not same:
+            return None, "no inclusion proof is available for this record"
+        return proof, None
 
     def _record_query(self, p: Mapping[str, str]) -> RecordQuery:
         limit = _int_param(p, "limit", self.cfg.default_limit, 1, self.cfg.max_limit)

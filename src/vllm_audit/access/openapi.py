@@ -194,6 +194,7 @@ def openapi_spec(base: str, max_limit: int) -> dict[str, Any]:
                     "properties": {
                         "record": {"$ref": "#/components/schemas/Record"},
                         "proof": {"type": "object", "nullable": True, "additionalProperties": True},
+                        "proof_error": {"type": "string", "nullable": True},
                     },
                 },
                 "Usage": {
