@@ -13,7 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from vllm_audit.integrity.keys import write_keypair
+from vllm_audit.integrity import verify as verify_mod
+from vllm_audit.integrity.keys import load_public_keys, write_keypair
 
 from ._logtools import (
     all_lines,
@@ -49,10 +50,20 @@ def log(pristine: tuple[Path, Path], tmp_path: Path) -> Path:
     return copy_log(src, tmp_path / "log")
 
 
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verify_mod, "_CHUNK_BYTES", 16 * 1024)
+
+
 def verify(log: Path, *extra: str) -> tuple[int, dict]:
+    """Run the CLI, and check that the parallel chunked scan reports exactly the same problems."""
     r = cli("verify", str(log), "--public-key", str(log.parent / "k.pub"), "--json", *extra)
     assert r.returncode in (0, 1), r.stderr
-    return r.returncode, json.loads(r.stdout)
+    rep = json.loads(r.stdout)
+    anchors = [extra[i + 1] for i, a in enumerate(extra) if a == "--anchor"]
+    par = verify_mod.verify_log(log, load_public_keys([log.parent / "k.pub"]), anchors, workers=2)
+    assert [p.to_dict() for p in par.problems] == rep["problems"]
+    return r.returncode, rep
 
 
 def kinds(report: dict) -> list[str]:
