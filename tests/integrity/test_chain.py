@@ -136,3 +136,21 @@ def test_integrity_config_parsed_strictly() -> None:
         config_from_mapping({"integrity": {"checkpoint_every_records": 0}})
     with pytest.raises(ConfigError):
         config_from_mapping({"integrity": {"nope": 1}})
+
+
+def test_stored_line_is_the_canonical_encoding(tmp_path: Path) -> None:
+    """append writes exactly {"seq":N,"prev":"<hex>","writer_id":"<id>",<fields>} and returns its leaf."""
+    import hashlib
+
+    write_keypair(tmp_path / "k", "ops/k")
+    c = Chain(tmp_path / "log", IntegrityConfig(signing_key=str(tmp_path / "k.key")))
+    c.append(c.pending_events())
+    seq, prev = c.next_seq, c.last_hash
+    (leaf,) = c.append([{"record_type": "event", "event": "x", "n": 1}])
+    c.sync()
+    (_, seg), *_ = list_segments(c.dir)
+    line = seg.read_bytes().split(b"\n")[-2]
+    expect = f'{{"seq":{seq},"prev":"{prev}","writer_id":"{c.writer_id}","record_type":"event","event":"x","n":1}}'
+    assert line == expect.encode()
+    assert leaf == hashlib.sha256(b"\x00" + line).digest() and c.last_hash == leaf.hex()
+    c.close()

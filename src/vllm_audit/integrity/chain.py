@@ -25,6 +25,7 @@ Writer-thread protocol (see ``docs/internals.md``)::
 
 from __future__ import annotations
 
+import binascii
 import fcntl
 import hashlib
 import logging
@@ -68,6 +69,7 @@ _SAFE_HOST = re.compile(r"[^A-Za-z0-9-]")
 _SEGMENT_RE = re.compile(r"^seg-(\d{12})\.jsonl$")
 
 _sha256 = hashlib.sha256
+_LEAF_SEED = _sha256(b"\x00")
 
 
 def leaf_hash(line: bytes) -> bytes:
@@ -472,21 +474,29 @@ class Chain:
         buf = bytearray()
         leaves: list[bytes] = []
         seq = self.next_seq
-        prev = self.last_hash
+        prev = self.last_hash.encode()
         wid = orjson.dumps(self.writer_id)
         dumps = orjson.dumps
-        sha = _sha256
+        seed = _LEAF_SEED
+        hexlify = binascii.hexlify
         for entry in entries:
-            body = dumps(entry)
-            line = b'{"seq":%d,"prev":"%s","writer_id":%s,%s' % (seq, prev.encode(), wid, body[1:])
-            if len(body) <= 2:
-                line = line[:-2] + b"}"
-            leaf = sha(b"\x00" + line).digest()
-            leaves.append(leaf)
-            prev = leaf.hex()
-            seq += 1
-            buf += line
+            body = memoryview(dumps(entry))[1:]  # without its "{"
+            head = b'{"seq":%d,"prev":"%b","writer_id":%b,' % (seq, prev, wid)
+            h = seed.copy()
+            if len(body) > 1:
+                h.update(head)
+                h.update(body)
+                buf += head
+                buf += body
+            else:  # an empty entry: the header alone
+                head = head[:-1] + b"}"
+                h.update(head)
+                buf += head
             buf += b"\n"
+            leaf = h.digest()
+            leaves.append(leaf)
+            prev = hexlify(leaf)
+            seq += 1
         if not leaves:
             return leaves
         try:
@@ -494,12 +504,22 @@ class Chain:
         except OSError as exc:
             self._broken = True
             raise LogWriteError(f"Cannot write segment {str(self._segment_path)!r}: {exc.strerror}.") from None
+        # The compact range (inlined CompactRange.append: about one node hash per leaf).
         tree = self.tree
+        hashes = tree.hashes
+        n = tree.size
         for leaf in leaves:
-            tree.append(leaf)
+            m = n
+            node = leaf
+            while m & 1:
+                node = _sha256(b"\x01" + hashes.pop() + node).digest()
+                m >>= 1
+            hashes.append(node)
+            n += 1
+        tree.size = n
         self._segment_sha.update(buf)
         self.next_seq = seq
-        self.last_hash = prev
+        self.last_hash = prev.decode()
         self._segment_bytes += len(buf)
         return leaves
 
