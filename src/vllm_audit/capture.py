@@ -9,7 +9,6 @@ Nothing here runs on the event loop.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -108,8 +107,19 @@ def finalize(ex: Exchange) -> dict[str, Any]:
         return rec
 
 
+_iso_cache: tuple[int, str] = (-1, "")
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """``2026-11-25T01:02:03.456Z`` (UTC, ms); the per-second prefix is cached (hot path)."""
+    global _iso_cache
+    sec = int(ts)
+    ms = int((ts - sec) * 1000)
+    cached_sec, prefix = _iso_cache
+    if cached_sec != sec:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _iso_cache = (sec, prefix)
+    return f"{prefix}.{ms:03d}Z"
 
 
 def _outcome(ex: Exchange) -> str:
@@ -305,25 +315,69 @@ def _apply_responses_output(obj: dict[str, Any], rec: dict[str, Any]) -> None:
     _apply_usage(obj.get("usage"), rec, "response")
 
 
+def _sse_payloads(body: bytes) -> list[bytes]:
+    out = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if data and data != b"[DONE]":
+                out.append(data)
+    return out
+
+
+def _load_events(payloads: list[bytes]) -> list[Any]:
+    """Parse every event with one orjson call (one JSON array); fall back event by event."""
+    if not payloads:
+        return []
+    try:
+        events: list[Any] = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        return events
+    except orjson.JSONDecodeError:
+        out = []
+        for p in payloads:
+            try:
+                out.append(orjson.loads(p))
+            except orjson.JSONDecodeError:
+                continue
+        return out
+
+
 def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> None:
     texts: dict[int, list[str]] = {}
     reasons: dict[int, str] = {}
-    loads = orjson.loads
-    payloads = body.split(b"\n")
-    if usage_chunk:
-        payloads.extend(usage_chunk.split(b"\n"))
-    injected_usage = usage_chunk is not None
-    for line in payloads:
-        if not line.startswith(b"data:"):
+    events = _load_events(_sse_payloads(body))
+    injected = _load_events(_sse_payloads(usage_chunk)) if usage_chunk else []
+    meta_done = False
+    last_obj: dict[str, Any] | None = None
+    for obj in events:
+        if type(obj) is not dict:
             continue
-        data = line[5:].strip()
-        if not data or data == b"[DONE]":
-            continue
-        try:
-            obj = loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict):
+        choices = obj.get("choices")
+        if choices:
+            last_obj = obj
+            if not meta_done:
+                _apply_meta(obj, rec)
+                meta_done = True
+            for ch in choices:
+                if type(ch) is not dict:
+                    continue
+                idx = ch.get("index", 0)
+                if type(idx) is not int:
+                    idx = 0
+                delta = ch.get("delta")
+                piece = delta.get("content") if type(delta) is dict else ch.get("text")
+                if type(piece) is str and piece:
+                    bucket = texts.get(idx)
+                    if bucket is None:
+                        texts[idx] = [piece]
+                    else:
+                        bucket.append(piece)
+                fr = ch.get("finish_reason")
+                if fr is not None and type(fr) is str:
+                    reasons[idx] = fr
+            usage = obj.get("usage")
+            if usage:
+                _apply_usage(usage, rec, "stream")
             continue
         if "error" in obj and isinstance(obj["error"], dict):
             err = obj["error"]
@@ -342,22 +396,23 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> N
                     if isinstance(resp.get("status"), str):
                         rec["finish_reason"] = resp["status"]
             continue
-        _apply_meta(obj, rec)
+        if not meta_done:
+            _apply_meta(obj, rec)
+            meta_done = True
         usage = obj.get("usage")
         if usage:
-            _apply_usage(usage, rec, "injected" if injected_usage else "stream")
-        for ch in obj.get("choices") or ():
-            if not isinstance(ch, dict):
-                continue
-            idx = ch.get("index", 0)
-            idx = idx if isinstance(idx, int) else 0
-            delta = ch.get("delta")
-            piece = delta.get("content") if isinstance(delta, dict) else ch.get("text")
-            if isinstance(piece, str):
-                texts.setdefault(idx, []).append(piece)
-            fr = ch.get("finish_reason")
-            if isinstance(fr, str):
-                reasons[idx] = fr
+            _apply_usage(usage, rec, "stream")
+    if last_obj is not None:
+        fp = last_obj.get("system_fingerprint")
+        if isinstance(fp, str):
+            rec["model_revision"] = fp
+    for obj in injected:
+        if type(obj) is dict:
+            if not meta_done:
+                _apply_meta(obj, rec)
+                meta_done = True
+            if obj.get("usage"):
+                _apply_usage(obj["usage"], rec, "injected")
     if texts:
         joined = ["".join(texts[i]) for i in sorted(texts)]
         rec["output_response"] = joined[0] if len(joined) == 1 else joined

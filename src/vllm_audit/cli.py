@@ -65,13 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=_schema)
 
     for name in _AREA_COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # TEMP(integration): area still being built
-            continue
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

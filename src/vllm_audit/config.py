@@ -115,7 +115,8 @@ class Config:
     integrity: IntegrityConfig = dataclasses.field(default_factory=IntegrityConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     access: AccessConfig = dataclasses.field(default_factory=AccessConfig)
-    #: The file this was loaded from, if any (relative paths in it are resolved against it).
+    #: The file this was loaded from, if any. ``[log] dir`` is relative to the working directory;
+    #: key and store files named in ``[privacy]`` and ``[access]`` are relative to this file.
     source: str | None = None
 
     def replace(self, **changes: Any) -> Config:

@@ -20,25 +20,22 @@ def anonymous() -> Any:
     return Identity.anonymous()
 
 
-def _area(name: str) -> Any:  # TEMP(integration): tolerate areas still being built
+def build_authenticator(config: Config) -> Any:
     from vllm_audit import access
 
-    return getattr(access, name, None)
-
-
-def build_authenticator(config: Config) -> Any:
-    fn = _area("build_authenticator")
-    return fn(config) if fn else None
+    return access.build_authenticator(config)
 
 
 def build_quota(config: Config) -> Any:
-    fn = _area("build_quota")
-    return fn(config) if fn else None
+    from vllm_audit import access
+
+    return access.build_quota(config)
 
 
 def build_audit_api(config: Config, submit_event: Callable[[dict[str, Any]], None]) -> ASGIApp | None:
-    fn = _area("build_audit_api")
-    app: ASGIApp | None = fn(config, submit_event) if fn else None
+    from vllm_audit import access
+
+    app: ASGIApp | None = access.build_audit_api(config, submit_event)
     return app
 
 

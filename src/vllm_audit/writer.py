@@ -42,12 +42,9 @@ def _now_iso() -> str:
 
 
 def load_redactor(config: Config) -> Redactor:
-    from vllm_audit import privacy
+    from vllm_audit.privacy import build_redactor
 
-    build = getattr(privacy, "build_redactor", None)  # TEMP(integration)
-    if build is None:
-        return lambda rec: rec
-    redactor: Redactor = build(config)
+    redactor: Redactor = build_redactor(config)
     return redactor
 
 
