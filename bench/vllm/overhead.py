@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What does auditing cost a real vLLM? (M16) — one command, one table.
 
-    .venv/bin/python bench/vllm/overhead.py            # ~5-8 min on 2 cores
-    .venv/bin/python bench/vllm/overhead.py --quick    # fewer requests, concurrency 1 and 8
+    .venv/bin/python bench/vllm/overhead.py            # ~6-10 min on 2 cores
+    .venv/bin/python bench/vllm/overhead.py --quick    # concurrency 1 and 8, one round (~3 min)
 
 Three targets, same tiny model, same load:
 
@@ -12,12 +12,12 @@ Three targets, same tiny model, same load:
 
 For each: 16-token completions (``ignore_eos``), non-streaming and streaming, at concurrency
 1, 8 and 32 (closed loop, bounded request counts): throughput, p50/p99 latency, p50 TTFT for
-streams, and the CPU time per request of the API server process (``/proc/<pid>/stat`` utime+stime
-before/after the load; for the gateway also the gateway process's own CPU).
+streams, and the CPU time per request of vLLM's API server process (``/proc/<pid>/stat``
+utime+stime before/after the load; for the gateway also the gateway process's own CPU).
 
-Servers come from ``scripts/vllm-cpu`` (setup.sh is run first; it is quick when already done).
-Runs ``vllm`` and ``gateway`` against one plain server, then ``middleware`` against a second
-server started after the first is stopped, so only one vLLM runs at a time.
+Both vLLM servers and the gateway run at once and the cells are measured interleaved (every
+round runs each cell on every target back to back, rotating the order), so background load and
+drift hit all targets alike. Servers come from ``scripts/vllm-cpu`` (setup.sh runs first).
 """
 
 from __future__ import annotations
@@ -124,55 +124,94 @@ async def run_load(url: str, stream: bool, concurrency: int, n: int, max_tokens:
         return time.perf_counter() - t0, results
 
 
-def measure(
-    target: str, url: str, api_pid: int, gw_pid: int | None, stream: bool, conc: int, n: int, max_tokens: int
-) -> Result:
-    cpu0 = harness.proc_cpu_seconds(api_pid)
-    gcpu0 = harness.proc_cpu_seconds(gw_pid) if gw_pid else 0.0
-    secs, res = asyncio.run(run_load(url, stream, conc, n, max_tokens))
-    cpu1 = harness.proc_cpu_seconds(api_pid)
-    gcpu1 = harness.proc_cpu_seconds(gw_pid) if gw_pid else 0.0
+@dataclass
+class Target:
+    name: str
+    url: str
+    api_pid: int
+    gw_pid: int | None = None
+
+
+@dataclass
+class Acc:
+    """Measurements of one (target, stream, concurrency) cell, summed over rounds."""
+
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    lat_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    api_cpu_s: float = 0.0
+    gw_cpu_s: float = 0.0
+    error_samples: list[str] = field(default_factory=list)
+
+
+def measure(t: Target, stream: bool, conc: int, n: int, max_tokens: int, acc: Acc) -> None:
+    cpu0 = harness.proc_cpu_seconds(t.api_pid)
+    gcpu0 = harness.proc_cpu_seconds(t.gw_pid) if t.gw_pid else 0.0
+    secs, res = asyncio.run(run_load(t.url, stream, conc, n, max_tokens))
+    acc.api_cpu_s += harness.proc_cpu_seconds(t.api_pid) - cpu0
+    if t.gw_pid:
+        acc.gw_cpu_s += harness.proc_cpu_seconds(t.gw_pid) - gcpu0
     ok = [r for r in res if r[3] is None]
-    errs = [r[3] for r in res if r[3] is not None]
-    lat = [r[0] * 1000 for r in ok]
-    ttft = [r[1] * 1000 for r in ok if r[1] is not None]
-    toks = sum(r[2] for r in ok)
+    acc.requests += len(res)
+    acc.errors += len(res) - len(ok)
+    acc.error_samples += [r[3] for r in res if r[3] is not None][: 3 - len(acc.error_samples)]
+    acc.seconds += secs
+    # ignore_eos: every successful request generates exactly max_tokens (stream chunks may carry
+    # several tokens when the API server lags, so chunks are not counted).
+    acc.tokens += len(ok) * max_tokens
+    acc.lat_ms += [r[0] * 1000 for r in ok]
+    acc.ttft_ms += [r[1] * 1000 for r in ok if r[1] is not None]
+
+
+def result(name: str, stream: bool, conc: int, a: Acc, gw: bool) -> Result:
     return Result(
-        target=target,
+        target=name,
         stream=stream,
         concurrency=conc,
-        requests=len(res),
-        errors=len(errs),
-        seconds=secs,
-        rps=len(ok) / secs if secs else 0.0,
-        tok_s=toks / secs if secs else 0.0,
-        p50_ms=pct(lat, 50),
-        p99_ms=pct(lat, 99),
-        ttft_p50_ms=pct(ttft, 50) if stream else None,
-        api_cpu_ms_per_req=(cpu1 - cpu0) * 1000 / len(res) if res else None,
-        gw_cpu_ms_per_req=(gcpu1 - gcpu0) * 1000 / len(res) if gw_pid and res else None,
-        error_samples=errs[:3],
+        requests=a.requests,
+        errors=a.errors,
+        seconds=a.seconds,
+        rps=(a.requests - a.errors) / a.seconds if a.seconds else 0.0,
+        tok_s=a.tokens / a.seconds if a.seconds else 0.0,
+        p50_ms=pct(a.lat_ms, 50),
+        p99_ms=pct(a.lat_ms, 99),
+        ttft_p50_ms=pct(a.ttft_ms, 50) if stream else None,
+        api_cpu_ms_per_req=a.api_cpu_s * 1000 / a.requests if a.requests else None,
+        gw_cpu_ms_per_req=a.gw_cpu_s * 1000 / a.requests if gw and a.requests else None,
+        error_samples=a.error_samples,
     )
 
 
-def bench_target(
-    target: str, url: str, api_pid: int, gw_pid: int | None, args: argparse.Namespace
-) -> list[Result]:
-    # Warm-up (first requests pay for lazy initialisation on every path).
-    asyncio.run(run_load(url, False, 4, 16, args.max_tokens))
-    asyncio.run(run_load(url, True, 4, 16, args.max_tokens))
-    out = []
-    for stream in (False, True):
-        for conc in args.concurrency:
-            n = max(args.min_requests, conc * args.requests_per_worker)
-            r = measure(target, url, api_pid, gw_pid, stream, conc, n, args.max_tokens)
-            out.append(r)
-            log(
-                f"{target:10s} {'stream' if stream else 'plain ':6s} c={conc:<3d} n={n:<4d} "
-                f"{r.rps:7.1f} req/s p50 {r.p50_ms:7.1f} ms p99 {r.p99_ms:7.1f} ms "
-                f"api cpu {r.api_cpu_ms_per_req or 0:.2f} ms/req errors {r.errors}"
-            )
-    return out
+def bench(targets: list[Target], args: argparse.Namespace) -> list[Result]:
+    """Interleaved: every round runs each cell on every target back to back (rotating the order),
+    so background load and drift hit all targets alike."""
+    for t in targets:  # warm-up: first requests pay for lazy initialisation on every path
+        asyncio.run(run_load(t.url, False, 4, 16, args.max_tokens))
+        asyncio.run(run_load(t.url, True, 4, 16, args.max_tokens))
+    accs: dict[tuple[str, bool, int], Acc] = {}
+    k = 0
+    for rnd in range(args.rounds):
+        for stream in (False, True):
+            for conc in args.concurrency:
+                n = max(args.min_requests, conc * args.requests_per_worker)
+                order = targets[k % len(targets) :] + targets[: k % len(targets)]
+                k += 1
+                for t in order:
+                    acc = accs.setdefault((t.name, stream, conc), Acc())
+                    measure(t, stream, conc, n, args.max_tokens, acc)
+                log(
+                    f"round {rnd + 1}/{args.rounds} {'stream' if stream else 'non-stream'} c={conc}: "
+                    + ", ".join(f"{t.name} p50 {pct(accs[(t.name, stream, conc)].lat_ms, 50):.1f} ms" for t in targets)
+                )
+    return [
+        result(t.name, stream, conc, accs[(t.name, stream, conc)], t.gw_pid is not None)
+        for t in targets
+        for stream in (False, True)
+        for conc in args.concurrency
+    ]
 
 
 def log(msg: str) -> None:
@@ -204,73 +243,82 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--requests-per-worker", type=int, default=8, help="requests = max(min, conc * this)")
-    ap.add_argument("--min-requests", type=int, default=48)
-    ap.add_argument("--targets", nargs="+", default=["vllm", "gateway", "middleware"])
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (results are pooled)")
+    ap.add_argument("--requests-per-worker", type=int, default=4, help="requests per round = max(min, conc * this)")
+    ap.add_argument("--min-requests", type=int, default=32)
+    ap.add_argument("--targets", nargs="+", default=["vllm", "middleware", "gateway"])
     ap.add_argument("--durability", choices=["strict", "async"], default="strict")
-    ap.add_argument("--quick", action="store_true", help="concurrency 1 and 8, fewer requests")
+    ap.add_argument("--quick", action="store_true", help="concurrency 1 and 8, one round")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--keep-dir", action="store_true", help="keep the temp dir (server logs, audit logs)")
     args = ap.parse_args()
     if args.quick:
         args.concurrency = [1, 8]
-        args.min_requests = 24
-        args.requests_per_worker = 4
+        args.rounds = 1
+    unknown = set(args.targets) - {"vllm", "middleware", "gateway"}
+    if unknown:
+        ap.error(f"unknown targets {sorted(unknown)}")
 
     setup = harness.ensure_setup()
     log(f"vLLM {setup.versions.get('VLLM_VERSION')} torch {setup.versions.get('TORCH_VERSION')} venv {setup.venv}")
     work = Path(tempfile.mkdtemp(prefix="vllm-audit-bench-"))
     log(f"work dir {work}")
-    results: list[Result] = []
     notes: list[str] = []
+    servers: list[harness.Server] = []
+    targets: list[Target] = []
 
     def cfg(name: str) -> Path:
         p = work / f"{name}.toml"
         p.write_text(f'[log]\ndir = "{work / (name + "-log")}"\ndurability = "{args.durability}"\n')
         return p
 
-    if {"vllm", "gateway"} & set(args.targets):
-        log("starting plain vLLM")
-        srv = harness.start_vllm(setup, work / "vllm-plain.log")
-        gw = None
-        try:
-            if "vllm" in args.targets:
-                results += bench_target("vllm", srv.url, srv.pid, None, args)
-            if "gateway" in args.targets:
-                try:
-                    gw = harness.start_gateway(setup, srv.url, cfg("gateway"), work / "gateway.log")
-                except harness.ServerError as exc:
-                    notes.append(f"gateway: did not start: {str(exc).splitlines()[0]}")
-                    log(str(exc))
-                if gw is not None:
-                    results += bench_target("gateway", gw.url, srv.pid, gw.pid, args)
-        finally:
-            if gw is not None:
-                gw.stop()
-            srv.stop()
-
-    if "middleware" in args.targets:
-        log("starting vLLM with --middleware vllm_audit.AuditMiddleware")
-        try:
-            srv = harness.start_vllm(
+    try:
+        # Both vLLM servers run side by side (idle while the other is measured); only the
+        # API-server process of the measured target does work, besides its engine core.
+        plain = mw = None
+        if {"vllm", "gateway"} & set(args.targets):
+            log("starting plain vLLM")
+            plain = harness.start_vllm(setup, work / "vllm-plain.log", wait=False)
+            servers.append(plain)
+        if "middleware" in args.targets:
+            log("starting vLLM with --middleware vllm_audit.AuditMiddleware")
+            mw = harness.start_vllm(
                 setup,
                 work / "vllm-middleware.log",
                 extra_args=["--middleware", "vllm_audit.AuditMiddleware"],
                 env={"VLLM_AUDIT_CONFIG": str(cfg("middleware"))},
+                wait=False,
             )
-        except harness.ServerError as exc:
-            notes.append(f"middleware: vLLM did not start: {str(exc).splitlines()[0]}")
-            log(str(exc))
-        else:
+            servers.append(mw)
+        for srv in servers:
+            srv.wait_healthy()
+        if plain is not None and "vllm" in args.targets:
+            targets.append(Target("vllm", plain.url, plain.pid))
+        if mw is not None:
+            targets.append(Target("middleware", mw.url, mw.pid))
+        if plain is not None and "gateway" in args.targets:
             try:
-                results += bench_target("middleware", srv.url, srv.pid, None, args)
-            finally:
-                srv.stop()
+                gw = harness.start_gateway(setup, plain.url, cfg("gateway"), work / "gateway.log")
+            except harness.ServerError as exc:
+                notes.append(f"gateway did not start: {str(exc).splitlines()[0]}")
+                log(str(exc))
+            else:
+                servers.append(gw)
+                targets.append(Target("gateway", gw.url, plain.pid, gw.pid))
+        log("targets: " + ", ".join(f"{t.name} {t.url}" for t in targets))
+        results = bench(targets, args)
+    except harness.ServerError as exc:
+        log(str(exc))
+        return 2
+    finally:
+        for srv in reversed(servers):
+            srv.stop()
 
     print()
     print(
         f"vLLM {setup.versions.get('VLLM_VERSION')} (CPU), tiny-llama, {args.max_tokens}-token completions "
-        f"(ignore_eos), audit durability={args.durability}; {len(os.sched_getaffinity(0))} CPUs"
+        f"(ignore_eos), audit durability={args.durability}, {args.rounds} interleaved round(s); "
+        f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
     print()
     print(table(results))
@@ -281,10 +329,10 @@ def main() -> int:
         print(f"\nERRORS {r.target} stream={r.stream} c={r.concurrency}: {r.errors}, e.g. {r.error_samples}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    if not args.keep_dir:
-        shutil.rmtree(work, ignore_errors=True)
-    else:
+    if args.keep_dir:
         log(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if errs or notes else 0
 
 

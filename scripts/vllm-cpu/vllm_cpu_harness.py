@@ -254,7 +254,7 @@ def start_gateway(
     port: int | None = None,
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
-    health_path: str = "/audit/healthz",
+    health_path: str = "/healthz",
     wait: bool = True,
     timeout_s: float = 60.0,
 ) -> Server:
