@@ -228,3 +228,16 @@ def test_access_log_has_ids_and_timings_but_no_content(tmp_path: Path) -> None:
     text = log_text(tmp_path)
     assert "acc-1 POST /v1/chat/completions 200" in text
     assert secret not in text
+
+
+def test_loopback_peer_cannot_spoof_client_ip_without_trust(tmp_path: Path) -> None:
+    """A forwarded header from 127.0.0.1 is ignored unless 127.0.0.1 is a configured trusted proxy."""
+
+    async def one(base: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "spoof", "x-forwarded-for": "6.6.6.6"})
+
+    with gateway(tmp_path) as (base, log_dir, _):
+        asyncio.run(one(base))
+    (rec,) = [r for r in read_records(log_dir) if r["request_id"] == "spoof"]
+    assert ("127.0.0.1", True) == (rec["client_ip"], rec["forwarded_ignored"])

@@ -70,6 +70,10 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
         log_level="warning",
         lifespan="on",
         backlog=4096,
+        # uvicorn would rewrite the client address from X-Forwarded-For (it trusts 127.0.0.1 by
+        # default); the audit edge resolves it itself, from [edge] trusted_proxies only.
+        proxy_headers=False,
+        server_header=False,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=10,
     )
