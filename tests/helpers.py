@@ -63,6 +63,7 @@ def gateway(
     port: int | None = None,
     log_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    preexec_fn: Any = None,
 ) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
     """Run ``vllm-audit serve`` as a real subprocess; yields (base_url, log_dir, process)."""
     port = port or free_port()
@@ -74,7 +75,7 @@ def gateway(
         cmd += ["--config", str(cfg)]
     logf = open(tmp_path / f"gw-{port}.log", "wb")
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env)
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec_fn)
     base = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -97,3 +98,21 @@ def gateway(
 
 def log_text(tmp_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("gw-*.log"))
+
+
+def verify_log(log_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``vllm-audit verify`` on a gateway's log with its generated public key."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_audit.cli",
+            "verify",
+            str(log_dir),
+            "--public-key",
+            str(log_dir / "keys" / "signing.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import aiohttp
 import jsonschema
 import orjson
 
-from tests.helpers import free_port, gateway, read_records
+from tests.helpers import free_port, gateway, read_records, verify_log
 from vllm_audit.record import json_schema
 
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hello gateway"}], "max_tokens": 6}
@@ -173,6 +174,8 @@ def test_kill_9_under_load_loses_no_record_of_a_completed_response(tmp_path: Pat
 
         assert 200 == asyncio.run(one())
     assert "after-restart" in {r["request_id"] for r in read_records(log_dir)}
+    out = verify_log(log_dir)
+    assert 0 == out.returncode, out.stdout + out.stderr
 
 
 def test_two_workers_write_two_chains(tmp_path: Path) -> None:
@@ -235,9 +238,57 @@ def test_loopback_peer_cannot_spoof_client_ip_without_trust(tmp_path: Path) -> N
 
     async def one(base: str) -> None:
         async with aiohttp.ClientSession() as s:
-            await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "spoof", "x-forwarded-for": "6.6.6.6"})
+            await post(
+                s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "spoof", "x-forwarded-for": "6.6.6.6"}
+            )
 
     with gateway(tmp_path) as (base, log_dir, _):
         asyncio.run(one(base))
     (rec,) = [r for r in read_records(log_dir) if r["request_id"] == "spoof"]
     assert ("127.0.0.1", True) == (rec["client_ip"], rec["forwarded_ignored"])
+
+
+def _small_files() -> None:
+    """In the gateway child: files may not grow past 48 KiB (a stand-in for a full disk)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+
+def test_write_errors_fail_closed_and_lose_no_answered_record(tmp_path: Path) -> None:
+    """When segment writes fail (EFBIG), strict fail_closed answers 503 instead of an unrecorded 200,
+    recovers by itself, and every 200 the client got has its record."""
+    cfg = "[integrity]\nsegment_max_bytes = 1048576\n"
+    statuses: dict[str, int] = {}
+
+    async def load(base: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            for i in range(200):
+                rid = f"df-{i}"
+                st, _, _ = await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": rid})
+                statuses[rid] = st
+
+    with gateway(tmp_path, config=cfg, preexec_fn=_small_files) as (base, log_dir, _):
+        asyncio.run(load(base))
+    codes = set(statuses.values())
+    assert 503 in codes, f"the write limit was never hit: {codes}"
+    assert 200 in codes
+    recorded = {r["request_id"] for r in read_records(log_dir)}
+    answered = [rid for rid, st in statuses.items() if st == 200]
+    assert [] == [rid for rid in answered if rid not in recorded]
+    verify = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_audit.cli",
+            "verify",
+            str(log_dir),
+            "--public-key",
+            str(log_dir / "keys" / "signing.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 0 == verify.returncode, verify.stdout + verify.stderr
