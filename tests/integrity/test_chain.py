@@ -154,3 +154,25 @@ def test_stored_line_is_the_canonical_encoding(tmp_path: Path) -> None:
     assert line == expect.encode()
     assert leaf == hashlib.sha256(b"\x00" + line).digest() and c.last_hash == leaf.hex()
     c.close()
+
+
+def test_torn_first_write_of_a_new_segment(tmp_path: Path) -> None:
+    """A segment holding only a torn write (crash right after rotation) moves to quarantine; the log verifies."""
+    write_keypair(tmp_path / "k", "ops/k")
+    cfg = IntegrityConfig(signing_key=str(tmp_path / "k.key"), segment_max_bytes=10_000)
+    c = Chain(tmp_path / "log", cfg)
+    commit(c, 30)
+    c.close()
+    d = c.dir
+    nxt = d / f"seg-{c.next_seq:012d}.jsonl"
+    if not nxt.exists():
+        nxt.write_bytes(b'{"seq":12')
+    else:
+        with open(nxt, "ab") as f:
+            f.write(b'{"seq":12')
+    c = Chain(tmp_path / "log", cfg)
+    commit(c, 5, 30)
+    c.close()
+    assert list((d / "quarantine").iterdir())
+    rep = verify_log(tmp_path / "log", load_public_keys([tmp_path / "k.pub"]))
+    assert rep.intact, rep.problems

@@ -575,8 +575,11 @@ class Chain:
     def _anchor(self, anchor: str, line: bytes) -> None:
         path = anchor_file(anchor, self.writer_id)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # an earlier write was torn: keep this checkpoint on its own line
                 _write_all(fd, line)
                 os.fdatasync(fd)
             finally:
