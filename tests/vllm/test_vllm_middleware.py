@@ -224,6 +224,43 @@ def test_invocations_without_key_is_recorded(mw: MwServer) -> None:
     assert "def hello(" in str(rec["input_prompt"]), rec
 
 
+def test_upstream_404_is_recorded(mw: MwServer) -> None:
+    rid = _rid("nomodel")
+    r = _post(mw, "/v1/completions", completion_body(model="no-such-model"), rid)
+    assert r.status_code == 404, r.text
+    rec = record_for(mw.log_dir, rid)
+    assert rec["http_status"] == 404, rec
+    assert rec["status"] == "client_error", rec
+    assert rec["model_name"] == "no-such-model", rec
+    assert rec["prompt_tokens"] is None, rec
+
+
+def test_models_list(mw: MwServer) -> None:
+    rid = _rid("models")
+    r = mw.client.get("/v1/models", headers={**AUTH, "X-Request-Id": rid})
+    assert r.status_code == 200
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]
+    rec = record_for(mw.log_dir, rid)
+    assert rec["route"] == "/v1/models" and rec["http_status"] == 200, rec
+
+
+def test_client_disconnect_mid_stream_is_recorded(mw: MwServer) -> None:
+    """The client leaves after the first chunk of a long stream: a `cancelled` record."""
+    rid = _rid("gone")
+    body = completion_body(max_tokens=400, stream=True)
+    with (
+        httpx.Client(base_url=mw.url, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json=body, headers={**AUTH, "X-Request-Id": rid}) as r,
+    ):
+        assert r.status_code == 200
+        for _ in r.iter_raw():
+            break  # one chunk, then close the connection
+    rec = record_for(mw.log_dir, rid, timeout=30)
+    assert rec["status"] == "cancelled", rec
+    assert rec["stream"] is True, rec
+    assert rec["completion_tokens"] is None or rec["completion_tokens"] < 400, rec
+
+
 def test_one_record_per_call(mw: MwServer) -> None:
     from vllmtest_support import records
 

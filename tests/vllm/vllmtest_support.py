@@ -73,6 +73,22 @@ def records(log_dir: Path) -> list[dict[str, Any]]:
     return [e for e in log_entries(log_dir) if e.get("record_type") == "inference"]
 
 
+SCHEMA_PATH = REPO / "src" / "vllm_audit" / "schema" / "audit-record-v1.json"
+
+
+def assert_schema_valid(rec: dict[str, Any]) -> None:
+    """The record validates against the published schema (when jsonschema and the schema exist)."""
+    try:
+        import jsonschema
+    except ImportError:  # pragma: no cover - jsonschema is a test dependency
+        return
+    if not SCHEMA_PATH.exists():
+        return
+    schema = json.loads(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(rec), key=str)
+    assert not errors, f"record does not match {SCHEMA_PATH.name}: {[e.message for e in errors[:5]]}; record: {rec}"
+
+
 def wait_records(
     log_dir: Path,
     pred: Callable[[dict[str, Any]], bool],
@@ -95,6 +111,7 @@ def record_for(log_dir: Path, request_id: str, timeout: float = 15.0) -> dict[st
         f"ids present: {[r.get('request_id') for r in records(log_dir)][-20:]}"
     )
     assert len(found) == 1, f"{len(found)} records for request_id={request_id!r}: {found}"
+    assert_schema_valid(found[0])
     return found[0]
 
 
