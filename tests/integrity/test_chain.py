@@ -176,3 +176,33 @@ def test_torn_first_write_of_a_new_segment(tmp_path: Path) -> None:
     assert list((d / "quarantine").iterdir())
     rep = verify_log(tmp_path / "log", load_public_keys([tmp_path / "k.pub"]))
     assert rep.intact, rep.problems
+
+
+def test_live_writer_verifies_with_unsigned_tail(tmp_path: Path) -> None:
+    """A live writer's log verifies; entries after its last checkpoint are a note, not a problem."""
+    write_keypair(tmp_path / "k", "ops/k")
+    c = Chain(tmp_path / "log", IntegrityConfig(signing_key=str(tmp_path / "k.key")))
+    commit(c, 5)  # first batch: checkpoint
+    commit(c, 5, 5)  # not yet due
+    rep = verify_log(tmp_path / "log", load_public_keys([tmp_path / "k.pub"]))
+    assert rep.intact, rep.problems
+    assert rep.writers[0].live and rep.writers[0].unsigned_tail == 5
+    c.close()
+
+
+def test_torn_checkpoint_line_is_recovered(tmp_path: Path) -> None:
+    """A torn checkpoints line fails verification until a restart quarantines it and records the recovery."""
+    write_keypair(tmp_path / "k", "ops/k")
+    cfg = IntegrityConfig(signing_key=str(tmp_path / "k.key"))
+    c = Chain(tmp_path / "log", cfg)
+    commit(c, 5)
+    c.close()
+    with open(c.dir / "checkpoints.jsonl", "ab") as f:
+        f.write(b'{"note":"vllm-audit/')
+    keys = load_public_keys([tmp_path / "k.pub"])
+    assert not verify_log(tmp_path / "log", keys).intact
+    c = Chain(tmp_path / "log", cfg)
+    commit(c, 5, 5)
+    c.close()
+    rep = verify_log(tmp_path / "log", keys)
+    assert rep.intact, rep.problems

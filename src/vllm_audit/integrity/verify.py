@@ -260,10 +260,17 @@ class _WriterVerifier:
             return []
         out: list[Checkpoint] = []
         offset = 0
-        for raw in data.split(b"\n"):
+        pieces = data.split(b"\n")
+        for n, raw in enumerate(pieces):
             here = offset
             offset += len(raw) + 1
             if not raw:
+                continue
+            if n == len(pieces) - 1 and source == "checkpoint":  # no newline yet: a write in progress or torn
+                if self.res.live:
+                    self.res.warnings.append(f"{source}: a checkpoint is being written at byte {here}")
+                else:
+                    self.bad_cp_lines.append((here, f"{source}: partial (torn) checkpoint line at byte {here}"))
                 continue
             try:
                 cp = open_checkpoint(parse_note_line(raw), self.keys)
