@@ -24,7 +24,7 @@ import orjson
 from vllm_audit.integrity.chain import Chain
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.integrity.keys import load_public_keys, write_keypair
-from vllm_audit.integrity.verify import verify_log
+from vllm_audit.integrity.verify import tune_malloc, verify_log
 
 
 def make_record(i: int, size: int) -> dict[str, object]:
@@ -109,6 +109,7 @@ def main() -> None:
 
     # 3. verify
     keys = load_public_keys([f"{key}.pub"])
+    tune_malloc()  # as `vllm-audit verify` does
     best = float("inf")
     cpu = 0.0
     for _ in range(3):

@@ -110,7 +110,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from vllm_audit.integrity.verify import verify_log
+    from vllm_audit.integrity.verify import tune_malloc, verify_log
 
     try:
         keys = load_public_keys(args.public_key)
@@ -118,6 +118,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _err(str(exc), EXIT_USAGE)
     if not Path(args.log_dir).is_dir():
         return _err(f"log directory {args.log_dir!r} does not exist", EXIT_USAGE)
+    tune_malloc()
     report = verify_log(args.log_dir, keys, args.anchor)
     if args.json:
         _write_json(report.to_dict(), None)
