@@ -8,12 +8,20 @@ its pattern recognizers only (e-mail, credit card, IP, US SSN, IBAN: the ones th
 types), each called directly with ``analyze(text, entities, nlp_artifacts=None)``; it is skipped
 with a message when not installed. Scoring: a prediction is a true positive when it overlaps a
 gold span of the same type.
+
+Throughput (CPU time, ``time.process_time``; rounds interleaved, medians reported, since the
+machine may be shared): (i) all 15 types vs Presidio's 5, (ii) ours restricted to Presidio's 5
+types (``find(text, entities)``), (iii) realistic prompts without PII (``realistic.py``), and the
+records/s of ``build_redactor`` (default config) on ~1 KB chat records with 0, 1 and 2 PII values.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import logging
+import statistics
 import sys
 import time
 from collections import Counter
@@ -24,13 +32,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import SEED, generate
+from realistic import prompts, records
 
+from vllm_audit.config import Config
 from vllm_audit.privacy.recognizers import find
+from vllm_audit.privacy.redactor import build_redactor
 
 Span = tuple[int, int, str]
 CHECKSUMMED = ("CN_ID", "BANK_CARD", "CREDIT_CARD", "CN_USCC", "IBAN")
 PRESIDIO_MAP = {"EMAIL_ADDRESS": "EMAIL", "CREDIT_CARD": "CREDIT_CARD", "IP_ADDRESS": "IP_ADDRESS",
                 "US_SSN": "US_SSN", "IBAN_CODE": "IBAN"}  # fmt: skip
+PRESIDIO_TYPES = frozenset(PRESIDIO_MAP.values())
 
 
 def score(items: list[dict[str, Any]], predict: Callable[[str], list[Span]]) -> dict[str, Counter[str]]:
@@ -49,6 +61,17 @@ def score(items: list[dict[str, Any]], predict: Callable[[str], list[Span]]) -> 
 
 def ours(text: str) -> list[Span]:
     return [(a, b, t) for a, b, t, _ in find(text)]
+
+
+if "entities" in inspect.signature(find).parameters:
+
+    def ours_restricted(text: str) -> list[Span]:
+        return [(a, b, t) for a, b, t, _ in find(text, PRESIDIO_TYPES)]
+
+else:  # an older find() without the parameter (for before/after runs): filter its output
+
+    def ours_restricted(text: str) -> list[Span]:
+        return [(a, b, t) for a, b, t, _ in find(text) if t in PRESIDIO_TYPES]
 
 
 def presidio() -> Callable[[str], list[Span]] | None:
@@ -79,16 +102,30 @@ def presidio() -> Callable[[str], list[Span]] | None:
 
 
 def throughput(texts: list[str], *predictors: Callable[[str], Any], rounds: int = 5) -> list[float]:
-    """MB/s of each predictor; rounds are interleaved so machine load affects all alike."""
+    """Median MB/s (CPU time) of each predictor; rounds are interleaved so load affects all alike."""
     size = sum(len(t.encode()) for t in texts)
-    spent = [0.0] * len(predictors)
+    speeds: list[list[float]] = [[] for _ in predictors]
     for _ in range(rounds):
         for i, predict in enumerate(predictors):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for t in texts:
                 predict(t)
-            spent[i] += time.perf_counter() - t0
-    return [size * rounds / s / 1e6 for s in spent]
+            speeds[i].append(size / max(time.process_time() - t0, 1e-9) / 1e6)
+    return [statistics.median(s) for s in speeds]
+
+
+def records_per_second(pii: int, rounds: int = 7, n: int = 400) -> float:
+    """Median records/s of ``build_redactor`` (default config) on realistic chat records."""
+    redact = build_redactor(Config())
+    base = records(seed=11 + pii, n=n, pii=pii)
+    speeds: list[float] = []
+    for _ in range(rounds):
+        batch = copy.deepcopy(base)  # the redactor works in place
+        t0 = time.process_time()
+        for r in batch:
+            redact(r)
+        speeds.append(n / max(time.process_time() - t0, 1e-9))
+    return statistics.median(speeds)
 
 
 def table(name: str, stats: dict[str, Counter[str]], types: list[str]) -> None:
@@ -123,20 +160,31 @@ def main() -> int:
         r = c["tp"] / max(c["tp"] + c["fn"], 1)
         ok &= p >= 0.98 and r >= 0.99
     big = [" ".join(texts[i : i + 50]) for i in range(0, len(texts), 50)]
+    clean = prompts()
     pres = presidio()
-    predictors = (ours,) if pres is None else (ours, pres)
-    speed = throughput(texts, *predictors)
-    speed_big = throughput(big, *predictors, rounds=3)
-    print(f"\nthroughput vllm-audit: {speed[0]:.2f} MB/s one text per call, {speed_big[0]:.2f} MB/s 50 texts per call")
     if pres is not None:
-        pstats = score(items, pres)
-        table("Presidio pattern recognizers (email, credit card, IP, US SSN, IBAN)", pstats, types)
-        ratio, ratio_big = speed[0] / speed[1], speed_big[0] / speed_big[1]
-        print(f"\nthroughput Presidio (5 types): {speed[1]:.2f} MB/s one text per call, "
-              f"{speed_big[1]:.2f} MB/s 50 texts per call")
-        print(f"vllm-audit (15 types) is {ratio:.1f}x / {ratio_big:.1f}x faster than Presidio")
-        ok &= min(ratio, ratio_big) >= 20
-    print(f"\ntargets (checksummed types P>=98% R>=99%, >=20x Presidio): {'met' if ok else 'NOT met'}")
+        table("Presidio pattern recognizers (email, credit card, IP, US SSN, IBAN)", score(items, pres), types)
+    predictors = (ours, ours_restricted) if pres is None else (ours, ours_restricted, pres)
+    one = throughput(texts, *predictors)
+    fifty = throughput(big, *predictors, rounds=5)
+    prose = throughput(clean, *predictors, rounds=5)
+    print("\nthroughput, MB/s of CPU time (median of interleaved rounds)")
+    print(f"{'':34}{'one text/call':>15}{'50 texts/call':>15}{'no-PII prompts':>16}")
+    names = ["vllm-audit, 15 types", "vllm-audit, Presidio's 5 types", "Presidio, 5 types"]
+    for i in range(len(predictors)):
+        print(f"{names[i]:34}{one[i]:>15.2f}{fifty[i]:>15.2f}{prose[i]:>16.2f}")
+    if pres is not None:
+        print(f"{'ratio (i) 15 types / Presidio':34}{one[0] / one[2]:>14.1f}x{fifty[0] / fifty[2]:>14.1f}x"
+              f"{prose[0] / prose[2]:>15.1f}x")
+        print(f"{'ratio (ii) 5 types / Presidio':34}{one[1] / one[2]:>14.1f}x{fifty[1] / fifty[2]:>14.1f}x"
+              f"{prose[1] / prose[2]:>15.1f}x")
+        ok &= min(one[0] / one[2], fifty[0] / fifty[2]) >= 20
+    rps = [records_per_second(pii) for pii in (0, 1, 2)]
+    print(f"\nbuild_redactor (default config), ~1 KB chat records: {rps[0]:,.0f} records/s without PII, "
+          f"{rps[1]:,.0f} with 1 PII value, {rps[2]:,.0f} with 2 (CPU time, one core)")
+    ok &= rps[0] >= 50_000
+    print(f"\ntargets (checksummed types P>=98% R>=99%, >=20x Presidio on the PII corpus, >=50k records/s "
+          f"without PII): {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
 
 

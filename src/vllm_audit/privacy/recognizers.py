@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
+from collections.abc import Collection
 
 from vllm_audit.privacy import checksums as cs
+from vllm_audit.privacy.config import ENTITY_TYPES
 
 Finding = tuple[int, int, str, str]
 
@@ -39,6 +41,22 @@ _SCAN = re.compile(
     r"|(?<=[0-9A-Z])(?:[A-Z][0-9]{2}(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?|[0-9A-Z]{7,33})(?![0-9A-Za-z])(?P<ALNUM>)"
     r")"
 )
+#: Every _SCAN match lies inside one run of these characters (lower-case only in ``[Xx]``).
+_RUN_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+() .-x")
+_RUN = re.compile(r"[0-9A-Z+() .\-x]*")
+#: Every _SCAN match that can yield an entity contains one of these (7 digits with single separators:
+#: numbers, IDs, passports, permits, USCCs; "1.2": IPv4; two capitals then two digits: IBAN), and a
+#: run without one holds no such match. Runs are independent: a match never spans two of them.
+_SEED = re.compile(r"[0-9](?:(?:[ \-]?[0-9]){6}|\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?<=[A-Z]{2}[0-9])[0-9])")
+_MAX_RUNS = 4
+_ALL = frozenset(ENTITY_TYPES)
+#: The types the number/ID scan reports.
+_SCAN_TYPES = _ALL - {"EMAIL", "API_KEY", "JWT", "PRIVATE_KEY", "URL_CREDENTIALS"}
+_SEED_BYTES = re.compile(_SEED.pattern.encode())
+_NOT_SEED = bytes(sorted(set(range(256)) - set(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ .-")))
+#: A valid IPv6 candidate holds "::" or at least six colons with only hex digits and dots between.
+_IPV6_SEED = re.compile(r"::|:(?:[0-9A-Fa-f.]*:){5}")
+_HEX_COLON_DOT_RUN = re.compile(r"[0-9A-Fa-f:.]*")
 #: ASCII words a number may be glued to in Chinese text ("ID110...", "Tel138...").
 _GLUE_OK = ("ID", "Id", "No", "Tel", "TEL", "NO", "SSN")
 #: A 15-digit legacy ID is only taken with an identity keyword shortly before it.
@@ -52,9 +70,12 @@ _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
 _HEX_COLON_DOT = frozenset("0123456789abcdefABCDEF:.")
 _VERSION_CONTEXT = re.compile(r"(?i:version|ver\.?|release|build|版本)[ :：]*$")
-#: Secrets start with a literal: find the literal with str.find, then match the pattern there.
-_SECRETS: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
-    (hint, re.compile(pattern), kind)
+#: A rare character every match of a secret pattern holds (default: the hint's last character).
+_SECRET_GATE = {"gh": "_", "aws_secret_access_key": "_", "AKIA": "K", "ASIA": "S", "xox": "-", "eyJ": "J"}
+_SECRET_GATE |= {"-----BEGIN": "-", "Bearer ": "B"}
+#: Secrets start with a literal: ``hint in text`` (fast) gates a search for the pattern.
+_SECRETS: tuple[tuple[str, str, re.Pattern[str], str], ...] = tuple(
+    (_SECRET_GATE.get(hint, hint[-1]), hint, re.compile(pattern), kind)
     for hint, pattern, kind in (
         ("sk-", r"sk-(?:ant-|proj-|svcacct-|admin-)?(?P<s>[A-Za-z0-9_\-]{20,})", "API_KEY"),
         ("AKIA", r"AKIA[A-Z0-9]{16}(?![A-Za-z0-9])", "API_KEY"),
@@ -82,61 +103,124 @@ def _fold_char(m: re.Match[str]) -> str:
 
 def fold(text: str) -> str:
     """Full-width digits, letters and separators folded to ASCII; same length as ``text``."""
+    if text.isascii():  # O(1) in CPython; every folded character is non-ASCII
+        return text
     return _NEEDS_FOLD.sub(_fold_char, text) if _NEEDS_FOLD.search(text) else text
 
 
+_ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _span_end(pattern: re.Pattern[str], t: str, pos: int) -> int:
+    """Where a match of ``pattern`` (a starred class: it always matches) at ``pos`` ends."""
+    m = pattern.match(t, pos)
+    return pos if m is None else m.end()
+
+
 def _glued(t: str, a: int) -> bool:
-    c = t[a - 1] if a else ""
-    return c.isascii() and c.isalpha()
+    return a > 0 and t[a - 1] in _ASCII_LETTERS
 
 
-def find(text: str) -> list[Finding]:
-    """All validated entities in ``text``, non-overlapping, sorted by start."""
+def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
+    """All validated entities in ``text``, non-overlapping, sorted by start.
+
+    ``entities`` restricts the search to those types (recognizers for other types do not run;
+    overlaps are resolved among the requested types only).
+    """
     t = fold(text)
     found: list[Finding] = []
-    for m in _SCAN.finditer(t):
-        a = m.start()
-        kind = m.lastgroup
-        if kind == "NUM":
-            if _glued(t, a) and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
-                continue
-            _classify_run(m.group(), a, found)
-        elif _glued(t, a):
-            continue
-        elif kind == "IP":
-            _ipv4(t, m, found)
-        else:
-            _classify_alnum(m.group(), a, found)
+    if len(t) < 20 and t.isalpha() and t.isascii():
+        return found  # JSON keys, roles, short words: every recognizer needs a digit, "@", "-" ... or 20 chars
+    want = _ALL if entities is None else frozenset(entities)
+    if not want.isdisjoint(_SCAN_TYPES):
+        _scan_numbers(t, found)
     if found:
         found[:] = [f for f in found if not (f[2] == "CN_ID" and len(f[3]) == 15 and not _id15_context(t, f[0]))]
-    if "IBAN" in t:
+    if "IBAN" in t and "IBAN" in want:
         for m in _IBAN_GLUED.finditer(t):
             if cs.is_iban(m.group(1).replace(" ", "")):
                 found.append((m.start(1), m.end(1), "IBAN", m.group(1).replace(" ", "")))
-    if "@" in t:
+    if "@" in t and "EMAIL" in want:
         for m in _EMAIL_DOMAIN.finditer(t):
             _email(t, m, found)
-    if ":" in t:
-        _ipv6_scan(t, found)
-    for hint, pattern, kind in _SECRETS:
-        i = t.find(hint)
-        while i >= 0:
-            sm = pattern.match(t, i)
-            if sm is None:
-                i = t.find(hint, i + 1)
-                continue
+    # What _IPV6_SEED needs, checked at memchr speed first.
+    if ":" in t and "IP_ADDRESS" in want and ("::" in t or t.count(":") >= 6):
+        _scan_ipv6(t, found)
+    for gate, hint, pattern, kind in _SECRETS:
+        if gate not in t or hint not in t or kind not in want:  # one-character gates run at memchr speed
+            continue
+        # Every pattern starts with its hint, so searching for the pattern visits the same matches.
+        sm = pattern.search(t)
+        while sm is not None:
             if kind != "JWT" or jwt_header_ok(sm.group()):
                 sa, sb = sm.span("s") if "s" in pattern.groupindex else sm.span()
                 found.append((sa, sb, kind, t[sa:sb]))
-            i = t.find(hint, sm.end())
+            sm = pattern.search(t, sm.end())
+    if entities is not None:
+        found = [f for f in found if f[2] in want]
     if len(found) > 1:
         found = _resolve(found)
     return found
 
 
-def _ipv6_scan(t: str, found: list[Finding]) -> None:
+def _scan_numbers(t: str, found: list[Finding]) -> None:
+    """What ``_SCAN.finditer(t)`` over the whole text finds, visiting only runs that hold a seed."""
+    hi = 0
+    # sre tests a character class one character at a time; dropping (at C speed) every byte a seed
+    # cannot contain first shrinks ASCII prose to a fifth. A seed stays contiguous, so none is lost.
+    if t.isascii() and _SEED_BYTES.search(t.encode().translate(None, _NOT_SEED)) is None:
+        return
+    runs = 0
+    seed = _SEED.search(t)
+    while seed is not None:
+        # The run of characters a _SCAN match can contain around the seed; _SCAN looks at most two
+        # characters beyond a match, so scanning the run (plus two) finds what a full scan finds.
+        # Dense text (many runs): scanning everything from this run on costs less than run by run.
+        lo = seed.start()
+        while lo and t[lo - 1] in _RUN_CHARS:
+            lo -= 1
+        runs += 1
+        hi = _span_end(_RUN, t, seed.end()) if runs <= _MAX_RUNS else len(t)
+        for m in _SCAN.finditer(t, lo, hi + 2):
+            a = m.start()
+            if a >= hi:
+                break
+            kind = m.lastgroup
+            if kind == "NUM":
+                if _glued(t, a) and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
+                    continue
+                _classify_run(m.group(), a, found)
+            elif _glued(t, a):
+                continue
+            elif kind == "IP":
+                _ipv4(t, m, found)
+            else:
+                _classify_alnum(m.group(), a, found)
+        if runs > _MAX_RUNS:
+            break
+        seed = _SEED.search(t, hi)
+
+
+def _scan_ipv6(t: str, found: list[Finding]) -> None:
+    """What ``_ipv6_scan`` from every colon of the text finds, visiting only runs with a seed."""
+    hi = 0
+    for v6 in _IPV6_SEED.finditer(t):
+        if v6.start() >= hi:
+            hi = _ipv6_scan(t, found, v6.start())
+
+
+def _ipv6_scan(t: str, found: list[Finding], seed: int = 0) -> int:
+    """Candidates around each colon of the hex/colon/dot run holding ``seed``; returns the run's end.
+
+    Colons are visited as a scan from the start of the text would visit them: the chain restarts at
+    the first colon of every run, and a run without a seed cannot hold an IPv6 address.
+    """
     n = len(t)
-    i = t.find(":")
+    lo = seed
+    while lo and t[lo - 1] in _HEX_COLON_DOT:
+        lo -= 1
+    run_end = _span_end(_HEX_COLON_DOT_RUN, t, seed)
+    i = t.find(":", lo, run_end)
     while i >= 0:
         a = i
         while a > 0 and i - a < 40 and t[a - 1] in _HEX_COLON:
@@ -155,7 +239,8 @@ def _ipv6_scan(t: str, found: list[Finding]) -> None:
                 pass
             else:
                 found.append((a, end, "IP_ADDRESS", addr.compressed))
-        i = t.find(":", b)
+        i = t.find(":", b, run_end)
+    return run_end
 
 
 def _id15_context(t: str, start: int) -> bool:
@@ -189,6 +274,8 @@ def _resolve(found: list[Finding]) -> list[Finding]:
 
 
 _NON_DIGIT = re.compile(r"[^0-9]+")
+_LANDLINE_HEAD = re.compile(r"(0[0-9]{2,3})[ \-]")
+_CHUNK = re.compile(r"\(?\+?[0-9]+\)?[Xx]?")
 
 
 def _digits(s: str) -> str:
@@ -240,7 +327,7 @@ def _is_landline(raw: str, d: str) -> bool:
         area = _digits(raw[: raw.index(")")])
         local = d[len(area) :]
         return cs.is_cn_area_code(area) and len(local) in (7, 8) and local[0] not in "01"
-    head = re.match(r"(0[0-9]{2,3})[ \-]", raw)
+    head = _LANDLINE_HEAD.match(raw)
     if head:
         local = d[len(head.group(1)) :]
         return cs.is_cn_area_code(head.group(1)) and len(local) in (7, 8) and local[0] not in "01"
@@ -270,8 +357,10 @@ def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
     if hit is not None:
         found.append((start, start + len(raw), hit[0], hit[1]))
         return
+    if raw.isdigit():
+        return  # one chunk: nothing to split
     # A run may hold several numbers separated by spaces/hyphens: try the longest sub-runs.
-    chunks = [(m.start(), m.end()) for m in re.finditer(r"\(?\+?[0-9]+\)?[Xx]?", raw)]
+    chunks = [m.span() for m in _CHUNK.finditer(raw)]
     if len(chunks) < 2 or len(chunks) > 24:
         return
     i = 0
@@ -280,7 +369,7 @@ def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
             if j - i == len(chunks):
                 continue
             sub = raw[chunks[i][0] : chunks[j - 1][1]]
-            if sum(c.isdigit() for c in sub) < 7:
+            if sum(map(str.isdigit, sub)) < 7:
                 break
             hit = classify_number(sub)
             if hit is not None:

@@ -66,7 +66,7 @@ def redact_string(text: str, rule: FieldRule, ctx: _Context, max_chars: int) -> 
         return UNREDACTABLE
     found = find(text)
     if not found:
-        return text if text.isascii() or not _SURROGATE.search(text) else _SURROGATE.sub("\ufffd", text)
+        return _SURROGATE.sub("\ufffd", text) if _has_surrogate(text) else text  # the same object: no copy
     parts: list[str] = []
     pos = 0
     counts = ctx.counts
@@ -85,7 +85,18 @@ def redact_string(text: str, rule: FieldRule, ctx: _Context, max_chars: int) -> 
         pos = b
     parts.append(text[pos:])
     out = "".join(parts)
-    return out if out.isascii() or not _SURROGATE.search(out) else _SURROGATE.sub("\ufffd", out)
+    return _SURROGATE.sub("\ufffd", out) if _has_surrogate(out) else out
+
+
+def _has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (strict UTF-8 encoding, in C, fails only on those)."""
+    if text.isascii():  # O(1)
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.search(text) is not None
+    return False
 
 
 def _walk(value: Any, fn: Callable[[str], str], depth: int = 0) -> Any:
@@ -131,10 +142,11 @@ class Redactor:
         ctx = _Context(policy, self.keys, org)
         user = record.get("user_id")
         errors: list[str] = []
+        fields = policy.fields
         for field in FIELDS:
-            if field not in record:
-                continue
-            rule = policy.fields[field]
+            if record.get(field) is None:
+                continue  # absent or None: _apply leaves both alone under every mode
+            rule = fields[field]
             try:
                 self._apply(record, field, rule, ctx, user)
             except Exception as exc:  # never let raw text through, never fail the writer

@@ -1,0 +1,175 @@
+"""The fast paths (seeded runs, memchr gates, C-level checksums) find exactly what full scans find."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_audit.config import Config
+from vllm_audit.privacy import checksums as cs
+from vllm_audit.privacy import recognizers as rz
+from vllm_audit.privacy.recognizers import Finding, find
+from vllm_audit.privacy.redactor import build_redactor, redact_text
+
+# Reference implementations: the straightforward versions the fast paths replace.
+
+
+def ref_scan_numbers(t: str) -> list[Finding]:
+    found: list[Finding] = []
+    for m in rz._SCAN.finditer(t):
+        a = m.start()
+        if m.lastgroup == "NUM":
+            if rz._glued(t, a) and not t[max(0, a - 3) : a].endswith(rz._GLUE_OK):
+                continue
+            rz._classify_run(m.group(), a, found)
+        elif rz._glued(t, a):
+            continue
+        elif m.lastgroup == "IP":
+            rz._ipv4(t, m, found)
+        else:
+            rz._classify_alnum(m.group(), a, found)
+    return found
+
+
+def ref_scan_ipv6(t: str) -> list[Finding]:
+    found: list[Finding] = []
+    n = len(t)
+    i = t.find(":")
+    while i >= 0:
+        a = i
+        while a > 0 and i - a < 40 and t[a - 1] in rz._HEX_COLON:
+            a -= 1
+        b = i + 1
+        while b < n and b - a < 46 and t[b] in rz._HEX_COLON_DOT:
+            b += 1
+        end = b
+        while end > a and t[end - 1] in ".:" and t[end - 2 : end] != "::":
+            end -= 1
+        cand = t[a:end]
+        if cand.count(":") >= 2 and len(cand) >= 3 and not rz._glued(t, a) and not (end < n and t[end].isalnum()):
+            try:
+                import ipaddress
+
+                found.append((a, end, "IP_ADDRESS", ipaddress.IPv6Address(cand).compressed))
+            except ValueError:
+                pass
+        i = t.find(":", b)
+    return found
+
+
+def ref_luhn(digits: str) -> bool:
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = ord(c) - 48
+        if i & 1:
+            d = d * 2 - 9 if d * 2 > 9 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def ref_iban(value: str) -> bool:
+    if len(value) < 15 or cs.IBAN_LENGTHS.get(value[:2]) != len(value) or not value[2:4].isdigit():
+        return False
+    if not value.isalnum() or not value.isascii():
+        return False
+    return int("".join(str(int(c, 36)) for c in value[4:] + value[:4])) % 97 == 1
+
+
+RUN_ALPHABET = list("0123456789 -.+()xXABEGCHMNWYZab:@_中，．０１２３\u3000")
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.text(alphabet=st.sampled_from(RUN_ALPHABET), max_size=120))
+def test_seeded_runs_find_what_a_full_scan_finds(text: str) -> None:
+    t = rz.fold(text)
+    found: list[Finding] = []
+    rz._scan_numbers(t, found)
+    assert found == ref_scan_numbers(t)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("0123456789abcdefABCDEF:::..  g/")), max_size=140))
+def test_ipv6_seeds_find_what_a_scan_from_every_colon_finds(text: str) -> None:
+    found: list[Finding] = []
+    rz._scan_ipv6(text, found)
+    assert found == ref_scan_ipv6(text)
+
+
+def test_dense_text_beyond_the_run_limit() -> None:
+    phones = [f"1{3 + i % 7}{i:09d}" for i in range(3 * rz._MAX_RUNS)]
+    text = "，".join(f"手机{p}" for p in phones) + " ip 10.0.0.1"
+    assert [t[3] for t in find(text)] == [*phones, "10.0.0.1"]
+    t = rz.fold(text)
+    found: list[Finding] = []
+    rz._scan_numbers(t, found)
+    assert found == ref_scan_numbers(t)
+
+
+def test_long_hex_colon_run_before_an_address() -> None:
+    text = "a:" * 30 + " deadbeef:" * 3 + " fe80::1ff:fe23:4567:890a ok 12:00:01 std::vector"
+    found: list[Finding] = []
+    rz._scan_ipv6(text, found)
+    assert found == ref_scan_ipv6(text)
+    assert ("IP_ADDRESS", "fe80::1ff:fe23:4567:890a") in [(f[2], f[3]) for f in find(text)]
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("key AKIAABCDEFGHIJKLMNOP", "API_KEY"),  # letters only, 20 characters: not the short-word path
+        ("AKIAABCDEFGHIJKLMNOP", "API_KEY"),
+        ("ASIAABCDEFGHIJKLMNOP here", "API_KEY"),
+        ("token ghp_" + "a" * 36, "API_KEY"),
+        ("xoxb-abcdefghijkl", "API_KEY"),
+        ("Authorization: Bearer abcdefghijklmnopqrstuvwxyz", "API_KEY"),
+        ("aws_secret_access_key = " + "A" * 40, "API_KEY"),
+        ("postgres://admin:hunter2@db.internal/app", "URL_CREDENTIALS"),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----", "PRIVATE_KEY"),
+        ("use sk-proj-abcdefghijklmnopqrstuvwx now", "API_KEY"),
+    ],
+)
+def test_secret_gates_let_secrets_through(text: str, kind: str) -> None:
+    assert kind in [f[2] for f in find(text)]
+
+
+def test_short_words_and_restricted_types() -> None:
+    assert find("content") == [] and find("role") == []
+    text = "mail bob@example.com, card 4111111111111111, ID 11010519491231002X, ip 10.1.2.3, ghp_" + "b" * 36
+    types = {"EMAIL", "CREDIT_CARD", "IP_ADDRESS", "US_SSN", "IBAN"}
+    assert [f[2] for f in find(text, types)] == ["EMAIL", "CREDIT_CARD", "IP_ADDRESS"]
+    assert [f for f in find(text) if f[2] in types] == find(text, types)
+    assert find(text, ()) == []
+
+
+def test_checksums_match_reference_implementations() -> None:
+    rng = random.Random(3)
+    for _ in range(3000):
+        d = "".join(rng.choice("0123456789") for _ in range(rng.randrange(1, 20)))
+        assert cs.luhn_ok(d) == ref_luhn(d)
+        first17 = (d * 2)[:17].ljust(17, "7")
+        weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+        total = sum(int(c) * w for c, w in zip(first17, weights, strict=True))
+        assert cs.cn_id_check_char(first17) == "10X98765432"[total % 11]
+        cc = rng.choice(sorted(cs.IBAN_LENGTHS))
+        body = "".join(rng.choice("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZab") for _ in range(cs.IBAN_LENGTHS[cc] - 4))
+        for check in ("00", "42", f"{rng.randrange(100):02d}"):
+            assert cs.is_iban(cc + check + body) == ref_iban(cc + check + body)
+    assert cs.luhn_ok("１２") == ref_luhn("１２")  # non-ASCII digits take the generic path
+    assert cs.cn_id_check_char("１" * 17) == cs.cn_id_check_char("1" * 17)
+    assert not cs.is_uscc("91110108MA01abcdeX") and not cs.is_uscc("91110108MA01ÀBCDEX")
+
+
+def test_no_pii_returns_the_same_object_and_none_fields_stay() -> None:
+    text = "请帮我总结一下 version 3.11.7, 2025-06-03 14:22:51 INFO done in 312 ms " * 5
+    assert redact_text(text) is text
+    rec = build_redactor(Config())(
+        {"org_id": "acme", "input_prompt": [{"role": "user", "content": text}], "output_response": None}
+    )
+    assert rec["input_prompt"][0]["content"] is text
+    assert rec["output_response"] is None and "output_response_enc" not in rec
+    assert rec["redaction"] == {"policy": "default", "entities": {}}
+    assert re.fullmatch(r"<API_KEY>", redact_text("AKIAABCDEFGHIJKLMNOP"))
