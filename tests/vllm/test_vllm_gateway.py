@@ -185,3 +185,17 @@ def test_models_and_upstream_errors(gw: Gw) -> None:
 
 def test_log_verifies(gw: Gw, vllm_setup: harness.Setup, integrity: Integrity) -> None:
     verify_log(vllm_setup, integrity, gw.log_dir)
+
+
+def test_upstream_down_is_recorded(gw: Gw, vllm_setup: harness.Setup, integrity: Integrity) -> None:
+    """Last in the module (it stops vLLM): the gateway answers an error and records it."""
+    gw.vllm.stop()
+    rid = _rid("down")
+    r = gw.via.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": rid})
+    assert r.status_code in (502, 503, 504), r.text
+    assert "error" in r.json(), r.text
+    rec = record_for(gw.log_dir, rid)
+    assert rec["http_status"] == r.status_code, rec
+    assert rec["status"] == "upstream_error", rec
+    assert rec["prompt_tokens"] is None, rec
+    verify_log(vllm_setup, integrity, gw.log_dir)
