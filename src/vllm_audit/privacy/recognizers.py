@@ -275,11 +275,15 @@ def _resolve(found: list[Finding]) -> list[Finding]:
 
 _NON_DIGIT = re.compile(r"[^0-9]+")
 _LANDLINE_HEAD = re.compile(r"(0[0-9]{2,3})[ \-]")
-_CHUNK = re.compile(r"\(?\+?[0-9]+\)?[Xx]?")
+_CHUNK = re.compile(r"\(?\+?([0-9]+)\)?[Xx]?")
+_DROP_SEPARATORS = dict.fromkeys(map(ord, " -+()Xx."))
 
 
 def _digits(s: str) -> str:
-    return s if s.isdigit() else _NON_DIGIT.sub("", s)
+    if s.isdigit():
+        return s
+    d = s.translate(_DROP_SEPARATORS)  # the characters a _SCAN run holds besides digits (no regex call)
+    return d if d.isascii() and d.isdigit() else _NON_DIGIT.sub("", s)
 
 
 def classify_number(raw: str) -> tuple[str, str] | None:
@@ -292,6 +296,8 @@ def classify_number(raw: str) -> tuple[str, str] | None:
     n = len(d)
     if intl:
         return _classify_international(d[2:] if raw.startswith("00") else d)
+    if not 9 <= n <= 19:
+        return None  # every rule below needs 9 to 19 digits
     if n == 18 and cs.is_cn_id(d):
         return "CN_ID", d
     if 13 <= n <= 19:
@@ -360,17 +366,21 @@ def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
     if raw.isdigit():
         return  # one chunk: nothing to split
     # A run may hold several numbers separated by spaces/hyphens: try the longest sub-runs.
-    chunks = [m.span() for m in _CHUNK.finditer(raw)]
-    if len(chunks) < 2 or len(chunks) > 24:
+    found_chunks = list(_CHUNK.finditer(raw))
+    if len(found_chunks) < 2 or len(found_chunks) > 24:
         return
+    chunks = [m.span() for m in found_chunks]
+    cum = [0]  # digits before each chunk: a sub-run's digit count without counting characters
+    for m in found_chunks:
+        cum.append(cum[-1] + m.end(1) - m.start(1))
     i = 0
     while i < len(chunks):
         for j in range(len(chunks), i, -1):
             if j - i == len(chunks):
                 continue
-            sub = raw[chunks[i][0] : chunks[j - 1][1]]
-            if sum(map(str.isdigit, sub)) < 7:
+            if cum[j] - cum[i] < 7:
                 break
+            sub = raw[chunks[i][0] : chunks[j - 1][1]]
             hit = classify_number(sub)
             if hit is not None:
                 found.append((start + chunks[i][0], start + chunks[j - 1][1], hit[0], hit[1]))
