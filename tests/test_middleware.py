@@ -406,3 +406,18 @@ async def test_writer_records_its_start_as_an_event(audited, tmp_path: Path) -> 
     entries = read_entries(tmp_path / "log")
     assert "event" == entries[0]["record_type"]
     assert 0 == entries[0]["seq"]
+
+
+async def test_pathsend_file_response_is_a_completed_exchange(audited, tmp_path: Path) -> None:
+    """A response sent with the http.response.pathsend extension is recorded as complete."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.pathsend", "path": "/etc/hostname"})
+
+    mw = audited(app)
+    got = await call(mw, "/files/x")
+    assert ["http.response.start", "http.response.pathsend"] == [m["type"] for m in got.sent]
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert ("ok", 200) == (rec["status"], rec["http_status"])

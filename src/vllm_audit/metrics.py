@@ -46,6 +46,7 @@ class Metrics:
         self.rejected_total: dict[str, int] = {}
         self.upstream_errors_total = 0
         self.submitted_total = 0
+        self.edge_dropped_total = 0  # fail_open: not even handed to the writer
         # written by the writer thread
         self.records_written_total = 0
         self.batches_total = 0
@@ -76,7 +77,7 @@ class Metrics:
             f"vllm_audit_records_submitted_total{{{w}}} {self.submitted_total}",
             "# HELP vllm_audit_records_dropped_total Records that could not be written (fail_open or disk error).",
             "# TYPE vllm_audit_records_dropped_total counter",
-            f"vllm_audit_records_dropped_total{{{w}}} {self.dropped_total}",
+            f"vllm_audit_records_dropped_total{{{w}}} {self.dropped_total + self.edge_dropped_total}",
             "# HELP vllm_audit_write_errors_total Failed batch writes or fsyncs.",
             "# TYPE vllm_audit_write_errors_total counter",
             f"vllm_audit_write_errors_total{{{w}}} {self.write_errors_total}",

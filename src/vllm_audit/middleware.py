@@ -243,6 +243,16 @@ class AuditMiddleware:
                     stripper = None
                 return
             if mtype != "http.response.body":
+                if mtype == "http.response.pathsend" and not submitted:  # a file response: complete
+                    ex.completed = True
+                    ex.t_end = time.perf_counter()
+                    submitted = True
+                    fut = self._submit(ex, wait=self.strict)
+                    if fut is not None:
+                        await self._durable(fut)
+                    if held_start is not None:
+                        start, held_start = held_start, None
+                        await send(start)
                 await send(message)
                 return
             chunk: bytes = message.get("body", b"")
@@ -356,7 +366,7 @@ class AuditMiddleware:
             self.metrics.upstream_errors_total += 1
         if not self.writer.accepting:
             if self.fail_open:
-                self.metrics.dropped_total += 1
+                self.metrics.edge_dropped_total += 1
                 log.warning("request %s: audit log unavailable, record dropped (fail_open)", ex.request_id)
                 return None
         return self.writer.submit(ex, wait=wait)
