@@ -35,6 +35,24 @@ _FIELD_ENTITY = {"client_ip": "IP_ADDRESS", "user_id": "USER_ID"}
 _TAG_RULE = FieldRule("redact", True, dict.fromkeys(ENTITY_TYPES, "tag"))
 
 
+#: Short strings known to hold no entity (dict keys, roles, part types): a set lookup instead of
+#: a scan. ``find`` is a pure function, so an entry stays true; the set is bounded.
+_CLEAN_SHORT: set[str] = set()
+_CLEAN_SHORT_LEN = 64
+_CLEAN_SHORT_MAX = 4096
+
+
+def _clean_short(s: str) -> bool:
+    """Whether a string of at most 64 characters holds no entity (and no lone surrogate)."""
+    if s in _CLEAN_SHORT:
+        return True
+    if find(s) or _has_surrogate(s):
+        return False
+    if len(_CLEAN_SHORT) < _CLEAN_SHORT_MAX:
+        _CLEAN_SHORT.add(s)
+    return True
+
+
 class _TooDeepError(Exception):
     pass
 
@@ -112,7 +130,7 @@ def _walk(value: Any, fn: Callable[[str], str], depth: int = 0) -> Any:
         out: dict[str, Any] = {}
         for k, v in value.items():
             key = fn(k) if isinstance(k, str) else fn(str(k))
-            if k in _STRUCTURAL_KEYS and isinstance(v, str) and len(v) <= 64 and not find(v):
+            if k in _STRUCTURAL_KEYS and isinstance(v, str) and len(v) <= 64 and (v in _CLEAN_SHORT or not find(v)):
                 out[key] = v
             else:
                 out[key] = _walk(v, fn, depth + 1)
@@ -195,6 +213,8 @@ class Redactor:
         max_chars = self.max_chars
 
         def fn(s: str) -> str:
+            if len(s) <= _CLEAN_SHORT_LEN and len(s) <= max_chars and _clean_short(s):
+                return s
             return redact_string(s, rule, ctx, max_chars)
 
         try:
