@@ -70,6 +70,27 @@ class CompactRange:
         return CompactRange(self.size, self.hashes)
 
 
+def decompose(begin: int, end: int) -> list[int]:
+    """Levels of the perfect subtrees covering leaves ``[begin, end)``, left to right."""
+    out = []
+    while begin < end:
+        level = (begin & -begin).bit_length() - 1 if begin else (end - begin).bit_length() - 1
+        while begin + (1 << level) > end:
+            level -= 1
+        out.append(level)
+        begin += 1 << level
+    return out
+
+
+def decompose_starts(begin: int, end: int) -> list[tuple[int, int]]:
+    """``(start, level)`` of the perfect subtrees covering leaves ``[begin, end)``, left to right."""
+    out = []
+    for level in decompose(begin, end):
+        out.append((begin, level))
+        begin += 1 << level
+    return out
+
+
 def root_of(leaves: Sequence[bytes]) -> bytes:
     """MTH(D[n]) of a list of leaf hashes."""
     r = CompactRange()

@@ -26,13 +26,17 @@ from typing import Any
 import orjson
 
 from vllm_audit.errors import VerificationError
-from vllm_audit.integrity.chain import leaf_hash, list_segments, split_torn
+from vllm_audit.integrity.chain import _read_manifest, leaf_hash, list_segments, split_torn
 from vllm_audit.integrity.checkpoint import CHECKPOINTS_FILE, Checkpoint, open_checkpoint, parse_body, split_note
 from vllm_audit.integrity.checkpoint import parse_note_line as _parse_note_line
 from vllm_audit.integrity.keys import VerifierKey
 from vllm_audit.integrity.merkle import (
+    CompactRange,
     consistency_proof,
+    decompose_starts,
     inclusion_proof,
+    node_hash,
+    root_from_inclusion_proof,
     root_of,
     verify_consistency,
     verify_inclusion,
@@ -82,10 +86,21 @@ def _notes(d: Path) -> list[tuple[str, Checkpoint]]:
     return out
 
 
-def _find_record(d: Path, request_id: str) -> tuple[int, bytes] | None:
+def _locate(d: Path, request_id: str, seq: int | None = None) -> tuple[int, bytes, int] | None:
+    """``(leaf index, stored line, segment number)`` of the record with ``request_id``.
+
+    With ``seq`` (the audit store knows it) only the segment holding it is read; otherwise the
+    writer's segments are searched with ``bytes.find`` and the hit is confirmed by parsing it.
+    """
     needle = b'"request_id":' + orjson.dumps(request_id)
-    index = 0
-    for _, path in list_segments(d):
+    segs = list_segments(d)
+    if seq is not None:
+        cands = [i for i, (first, _) in enumerate(segs) if first <= seq]
+        order = cands[-1:] if cands else []
+    else:
+        order = list(range(len(segs)))
+    for i in order:
+        first, path = segs[i]
         good, _torn = split_torn(path.read_bytes())
         pos = good.find(needle)
         while pos >= 0:
@@ -96,23 +111,91 @@ def _find_record(d: Path, request_id: str) -> tuple[int, bytes] | None:
                 rec = orjson.loads(line)
             except orjson.JSONDecodeError:
                 rec = None
-            if isinstance(rec, dict) and rec.get("request_id") == request_id:
-                return index + good.count(b"\n", 0, start), line
+            if isinstance(rec, dict) and rec.get("request_id") == request_id and (seq is None or rec.get("seq") == seq):
+                index = first + good.count(b"\n", 0, start)
+                if rec.get("seq") != index:
+                    raise VerificationError(
+                        f"writer {d.name} {path.name}: entry {index} says seq {rec.get('seq')} (run vllm-audit verify)"
+                    )
+                return index, line, i
             pos = good.find(needle, end)
-        index += good.count(b"\n")
     return None
 
 
-def build_inclusion_proof(log_dir: str | os.PathLike[str], request_id: str) -> dict[str, Any] | None:
+def _fast_path(d: Path, segs: list[tuple[int, Path]], seg_no: int, index: int, size: int) -> list[bytes] | None:
+    """Inclusion path from one segment onwards, using the previous manifest's compact range.
+
+    The left siblings of a leaf's path are whole subtrees of ``[0, index)``: any of them left of
+    the segment is a node of the compact range saved at the segment start (or is split into such
+    nodes and leaves of the segment), so only the leaves from the segment start to ``size`` are
+    hashed. Returns None when the manifest is missing or does not fit (the caller then hashes all).
+    """
+    first = segs[seg_no][0]
+    if first == 0:
+        prefix = CompactRange()
+    else:
+        m = _read_manifest(segs[seg_no - 1][1])
+        if m is None or m["tree_size"] != first:
+            return None
+        prefix = CompactRange(first, [bytes.fromhex(h) for h in m["compact_range"]])
+    known = {(b, b + (1 << lv)): h for (b, lv), h in zip(decompose_starts(0, first), prefix.hashes, strict=True)}
+    leaves: list[bytes] = []
+    want = size - first
+    for _, seg in segs[seg_no:]:
+        good, _torn = split_torn(seg.read_bytes())
+        leaves += [leaf_hash(line) for line in good.split(b"\n")[:-1]]
+        if len(leaves) >= want:
+            break
+    if len(leaves) < want:
+        return None
+    leaves = leaves[:want]
+
+    def sub(lo: int, hi: int) -> bytes:
+        if lo >= first:
+            return root_of(leaves[lo - first : hi - first])
+        if (lo, hi) in known:
+            return known[(lo, hi)]
+        if hi - lo == 1:
+            raise KeyError(lo)
+        k = 1 << ((hi - lo - 1).bit_length() - 1)
+        return node_hash(sub(lo, lo + k), sub(lo + k, hi))
+
+    def walk(m: int, lo: int, hi: int) -> list[bytes]:
+        if hi - lo == 1:
+            return []
+        k = 1 << ((hi - lo - 1).bit_length() - 1)
+        if m < lo + k:
+            return [*walk(m, lo, lo + k), sub(lo + k, hi)]
+        return [*walk(m, lo + k, hi), sub(lo, lo + k)]
+
+    try:
+        return walk(index, 0, size)
+    except KeyError:
+        return None
+
+
+def build_inclusion_proof(
+    log_dir: str | os.PathLike[str],
+    request_id: str,
+    *,
+    writer_id: str | None = None,
+    seq: int | None = None,
+) -> dict[str, Any] | None:
     """The inclusion proof of the record with ``request_id``; None if no record has it.
 
-    Raises ``VerificationError`` when the record exists but no checkpoint covers it yet.
+    ``writer_id`` / ``seq`` (known to the audit store) skip the search. The cost is hashing the
+    entries from the record's segment up to the first checkpoint covering it (the compact range in
+    the previous segment's manifest stands in for everything before). Raises ``VerificationError``
+    when the record exists but no checkpoint covers it yet, or the log no longer matches it.
     """
-    for d in _writer_dirs(log_dir):
-        found = _find_record(d, request_id)
+    dirs = _writer_dirs(log_dir)
+    if writer_id is not None:
+        dirs = [d for d in dirs if d.name == writer_id]
+    for d in dirs:
+        found = _locate(d, request_id, seq)
         if found is None:
             continue
-        index, line = found
+        index, line, seg_no = found
         cp_note = next(((n, cp) for n, cp in _notes(d) if cp.size > index), None)
         if cp_note is None:
             raise VerificationError(
@@ -120,10 +203,14 @@ def build_inclusion_proof(log_dir: str | os.PathLike[str], request_id: str) -> d
                 "retry after the next checkpoint"
             )
         note, cp = cp_note
-        leaves = _leaves(d, cp.size)
-        path = inclusion_proof(leaves, index, cp.size)
-        if root_of(leaves) != cp.root:
-            raise VerificationError(f"writer {d.name}: the log no longer matches its checkpoint of size {cp.size}")
+        segs = list_segments(d)
+        leaf = leaf_hash(line)
+        path = _fast_path(d, segs, seg_no, index, cp.size)
+        if path is None or root_from_inclusion_proof(index, cp.size, leaf, path) != cp.root:
+            leaves = _leaves(d, cp.size)
+            if root_of(leaves) != cp.root:
+                raise VerificationError(f"writer {d.name}: the log no longer matches its checkpoint of size {cp.size}")
+            path = inclusion_proof(leaves, index, cp.size)
         _, sigs = split_note(note)
         name, key_id, _ = sigs[0]
         return {
@@ -132,7 +219,7 @@ def build_inclusion_proof(log_dir: str | os.PathLike[str], request_id: str) -> d
             "leaf_index": index,
             "tree_size": cp.size,
             "record": line.decode("utf-8"),
-            "leaf_hash": leaf_hash(line).hex(),
+            "leaf_hash": leaf.hex(),
             "inclusion_proof": [h.hex() for h in path],
             "checkpoint": note,
             "key_id": f"{name}+{key_id.hex()}",

@@ -43,7 +43,7 @@ from vllm_audit.integrity.chain import (
 )
 from vllm_audit.integrity.checkpoint import CHECKPOINTS_FILE, Checkpoint, NoteError, open_checkpoint, parse_note_line
 from vllm_audit.integrity.keys import VerifierKey, format_time_ms
-from vllm_audit.integrity.merkle import EMPTY_ROOT
+from vllm_audit.integrity.merkle import EMPTY_ROOT, decompose, decompose_starts
 
 _sha256 = hashlib.sha256
 
@@ -817,21 +817,9 @@ def tune_malloc() -> None:
         pass
 
 
-def _decompose(begin: int, end: int) -> list[int]:
-    """Levels of the perfect subtrees covering leaves ``[begin, end)``, left to right."""
-    out = []
-    while begin < end:
-        level = (begin & -begin).bit_length() - 1 if begin else (end - begin).bit_length() - 1
-        while begin + (1 << level) > end:
-            level -= 1
-        out.append(level)
-        begin += 1 << level
-    return out
-
-
 def _merge_nodes(stack: list[bytes], begin: int, end: int, nodes: list[bytes]) -> None:
     """Append the subtrees covering ``[begin, end)`` to the compact range ``stack`` of ``[0, begin)``."""
-    levels = _decompose(begin, end)
+    levels = decompose(begin, end)
     if len(levels) != len(nodes):  # pragma: no cover - a worker bug, not a log problem
         raise RuntimeError("compact range shape mismatch")
     n = begin
@@ -926,7 +914,7 @@ def _scan_chunk(
 
     def nodes(stop: int) -> list[bytes]:
         out = []
-        for b, level in _decompose_starts(first, stop):
+        for b, level in decompose_starts(first, stop):
             out.append(levels[level][(b >> level) - los[level]])
         return out
 
@@ -942,15 +930,6 @@ def _scan_chunk(
         "inference": n_inf,
         "torn": torn_info,
     }
-
-
-def _decompose_starts(begin: int, end: int) -> list[tuple[int, int]]:
-    """``(start, level)`` of the perfect subtrees covering leaves ``[begin, end)``, left to right."""
-    out = []
-    for level in _decompose(begin, end):
-        out.append((begin, level))
-        begin += 1 << level
-    return out
 
 
 def _chunks(path: Path, size: int, chunk: int) -> list[tuple[int, int]]:
