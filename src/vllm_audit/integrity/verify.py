@@ -243,7 +243,7 @@ class _WriterVerifier:
     # -- reporting ----------------------------------------------------------------------------
 
     def problem(self, kind: str, message: str, seq: int | None = None, segment: str | None = None) -> None:
-        key = (kind if kind not in ("modified",) else "modified", seq)
+        key = (kind, seq)
         if seq is not None and key in self._reported:
             return
         self._reported.add(key)
