@@ -28,6 +28,7 @@ from vllmtest_support import (
     stream_text,
     stream_usage,
     verify_log,
+    wait_records,
     write_config,
 )
 
@@ -259,6 +260,33 @@ def test_client_disconnect_mid_stream_is_recorded(mw: MwServer) -> None:
     assert rec["status"] == "cancelled", rec
     assert rec["stream"] is True, rec
     assert rec["completion_tokens"] is None or rec["completion_tokens"] < 400, rec
+
+
+def test_record_is_durable_when_response_completes(mw: MwServer) -> None:
+    """Strict durability (the default): the record is on disk before the client has the answer."""
+    for kind, path, body in (("c", "/v1/completions", completion_body()), ("h", "/v1/chat/completions", chat_body())):
+        rid = _rid(f"durable{kind}")
+        r = _post(mw, path, body, rid)
+        assert r.status_code == 200
+        found = wait_records(mw.log_dir, lambda rec, rid=rid: rec.get("request_id") == rid, timeout=0)
+        assert len(found) == 1, f"record of {rid} not on disk when the response completed"
+        r, raw = _stream(mw, path, dict(body, stream=True), rid + "-s")
+        assert r.status_code == 200 and raw.endswith(b"data: [DONE]\n\n")
+        found = wait_records(mw.log_dir, lambda rec, rid=rid: rec.get("request_id") == rid + "-s", timeout=0)
+        assert len(found) == 1, f"record of stream {rid}-s not on disk when the stream completed"
+
+
+def test_pii_is_redacted_before_disk(mw: MwServer) -> None:
+    """PII in a prompt sent to vLLM never reaches the log in clear (default policy)."""
+    email, card = "alice.smith@example.com", "4111 1111 1111 1111"
+    rid = _rid("pii")
+    r = _post(mw, "/v1/chat/completions", chat_body(f"My e-mail is {email} and my card {card}"), rid)
+    assert r.status_code == 200, r.text
+    rec = record_for(mw.log_dir, rid)
+    assert "My e-mail is" in str(rec["input_prompt"]), rec
+    raw = b"".join(p.read_bytes() for p in mw.log_dir.glob("writers/*/seg-*.jsonl"))
+    assert email.encode() not in raw and card.encode() not in raw
+    assert rec["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
 
 
 def test_one_record_per_call(mw: MwServer) -> None:
