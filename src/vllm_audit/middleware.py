@@ -292,9 +292,9 @@ class AuditMiddleware:
                 if out is not chunk:
                     message = {"type": "http.response.body", "body": out, "more_body": more}
             if more:
-                start, held_start = held_start, None
-                if start is not None:
-                    await send(start)
+                pending_start, held_start = held_start, None
+                if pending_start is not None:
+                    await send(pending_start)
                     started = True
                 if message.get("body"):
                     await send(message)
