@@ -292,3 +292,22 @@ def test_write_errors_fail_closed_and_lose_no_answered_record(tmp_path: Path) ->
         timeout=60,
     )
     assert 0 == verify.returncode, verify.stdout + verify.stderr
+
+
+def test_one_megabyte_header_gets_431_over_a_real_socket(tmp_path: Path) -> None:
+    """A 1 MB header through uvicorn reaches the edge, gets an OpenAI-shaped 431 and a record."""
+
+    async def one(base: str) -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as s:
+            st, _, body = await post(
+                s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": "big-h", "x-big": "a" * 1_000_000}
+            )
+            async with s.get(base + "/healthz") as r:
+                assert 200 == r.status
+            return st, body
+
+    with gateway(tmp_path) as (base, log_dir, _):
+        st, body = asyncio.run(one(base))
+    assert 431 == st and "request_header_fields_too_large" == orjson.loads(body)["error"]["code"]
+    (rec,) = [r for r in read_records(log_dir) if r["request_id"] == "big-h"]
+    assert (431, "client_error") == (rec["http_status"], rec["status"])
