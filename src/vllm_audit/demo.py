@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from vllm_audit._asgi import lifespan, send_bytes
 from vllm_audit.config import GatewayConfig
 from vllm_audit.types import Receive, Scope, Send
 
@@ -53,22 +54,17 @@ class DemoEngine:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":  # pragma: no cover
             return
         path = scope["path"]
         method = scope["method"]
         if method == "GET":
             if path == "/v1/models":
-                await _respond(send, 200, self._models)
+                await send_bytes(send, 200, self._models)
             elif path in ("/health", "/ping"):
-                await _respond(send, 200, b"{}")
+                await send_bytes(send, 200, b"{}")
             else:
                 await _error(send, 404, f"Not found: {path}", "not_found")
             return
@@ -109,7 +105,7 @@ class DemoEngine:
         elif path == "/tokenize":
             text = req.get("prompt") or ""
             toks = tokens_of(str(text))
-            await _respond(
+            await send_bytes(
                 send, 200, orjson.dumps({"count": len(toks), "max_model_len": 4096, "tokens": list(range(len(toks)))})
             )
         else:
@@ -203,7 +199,7 @@ class DemoEngine:
             "usage": usage,
             "system_fingerprint": FINGERPRINT,
         }
-        await _respond(send, 200, orjson.dumps(payload))
+        await send_bytes(send, 200, orjson.dumps(payload))
 
     async def _stream(
         self,
@@ -267,7 +263,7 @@ class DemoEngine:
             "model": self.model,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         }
-        await _respond(send, 200, orjson.dumps(payload))
+        await send_bytes(send, 200, orjson.dumps(payload))
 
     async def _responses(self, send: Send, req: dict[str, Any], rid: str) -> None:
         inp = req.get("input")
@@ -309,7 +305,7 @@ class DemoEngine:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        await _respond(send, 200, orjson.dumps(resp))
+        await send_bytes(send, 200, orjson.dumps(resp))
 
 
 async def _until_disconnect(work: Any, receive: Receive) -> None:
@@ -328,17 +324,6 @@ async def _until_disconnect(work: Any, receive: Receive) -> None:
         watcher.cancel()
 
 
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*_JSON_HDR, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
 async def _error(send: Send, status: int, message: str, code: str, type_: str = "invalid_request_error") -> None:
     body = orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
-    await _respond(send, status, body)
+    await send_bytes(send, status, body)

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from vllm_audit import hooks
+from vllm_audit._asgi import JSON_HEADER, send_bytes
 from vllm_audit.capture import CANCELLED, CLIENT_ERROR, REJECTED, UPSTREAM_ERROR, Exchange
 from vllm_audit.clientip import ClientIPResolver
 from vllm_audit.config import Config, config_from_env
@@ -53,8 +54,6 @@ KNOWN_ROUTES = frozenset(
         "/health",
     }
 )
-
-_JSON = (b"content-type", b"application/json")
 
 
 class _Reject(Exception):
@@ -457,17 +456,7 @@ class AuditMiddleware:
             await _send_json(send, 200 if ok else 503, payload)
         elif sub == "/metrics":
             body = self.metrics.render()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_bytes(send, 200, body, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
         elif (sub == "/v1" or sub.startswith("/v1/")) and self.audit_api is not None:
             ident = self.anonymous
             if self.auth is not None:
@@ -562,23 +551,13 @@ async def _send_error(
         type_ = "authentication_error"
     elif status == 429:
         type_ = "rate_limit_error"
-    body = error_body(message, type_, code)
-    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    headers = [JSON_HEADER]
     if rid:
         headers.append((b"x-request-id", rid))
     if extra:
         headers.extend(extra)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_bytes(send, status, error_body(message, type_, code), headers)
 
 
 async def _send_json(send: Send, status: int, payload: Any) -> None:
-    body = orjson.dumps(payload)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [_JSON, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_bytes(send, status, orjson.dumps(payload))

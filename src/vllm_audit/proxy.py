@@ -14,9 +14,10 @@ from typing import Any
 
 import aiohttp
 
+from vllm_audit._asgi import lifespan, send_bytes
 from vllm_audit.capture import TIMEOUT, UPSTREAM_ERROR
 from vllm_audit.config import GatewayConfig
-from vllm_audit.types import Message, Receive, Scope, Send
+from vllm_audit.types import Receive, Scope, Send
 
 log = logging.getLogger("vllm_audit.proxy")
 
@@ -89,21 +90,11 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await lifespan(receive, send, self.aclose)
             return
         if scope["type"] != "http":  # pragma: no cover - websockets are not proxied
             return
         await self._http(scope, receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks = []
@@ -203,11 +194,4 @@ class Proxy:
             raise UpstreamAborted(message) from None
         from vllm_audit.middleware import error_body
 
-        payload = error_body(message, "upstream_error", code)
-        start: Message = {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-        await send(start)
-        await send({"type": "http.response.body", "body": payload, "more_body": False})
+        await send_bytes(send, status, error_body(message, "upstream_error", code))

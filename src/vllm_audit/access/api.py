@@ -30,7 +30,8 @@ from vllm_audit.access.store import USAGE_GROUPS, BadQuery, RecordQuery, Store, 
 from vllm_audit.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from vllm_audit.config import Config
+    from vllm_audit._asgi import lifespan
+from vllm_audit.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class AuditApi:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -431,14 +432,6 @@ async def _send_json(send: Send, status: int, body: Any, headers: Mapping[str, s
     await send({"type": "http.response.body", "body": data})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif msg["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def build_audit_api(config: Config, submit_event: SubmitEvent) -> AuditApi | None:

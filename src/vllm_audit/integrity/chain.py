@@ -41,6 +41,8 @@ from typing import Any
 
 import orjson
 
+from vllm_audit._fs import fsync_dir as _fsync_dir
+from vllm_audit._fs import write_all as _write_all
 from vllm_audit.errors import KeyFileError, LogWriteError
 from vllm_audit.integrity.checkpoint import (
     CHECKPOINTS_FILE,
@@ -624,18 +626,3 @@ def _read_manifest(segment: Path) -> dict[str, Any] | None:
     except (KeyError, TypeError, ValueError):
         return None
     return m
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,6 +36,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from vllm_audit._fs import fsync_dir
 from vllm_audit.errors import AuditError, KeyFileError
 
 
@@ -226,7 +227,7 @@ class FileKeyStore:
                 scope_link.unlink()
         except FileNotFoundError:
             pass
-        self._fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return tomb
 
     # -- internals --------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class FileKeyStore:
             tmp.write_text(created.kid)
             try:
                 os.link(tmp, link)  # atomic "create if absent": another process may have won
-                self._fsync_dir(link.parent)
+                fsync_dir(link.parent)
                 return created
             except FileExistsError:
                 self._key_path(created.kid).unlink(missing_ok=True)
@@ -302,11 +303,3 @@ class FileKeyStore:
             raise KeyFileError(f"A data key file is malformed: {exc}.") from None
         user = meta.get("user_id")
         return DataKey(kid, str(meta["org_id"]), None if user is None else str(user), parts["dek"], parts["psk"])
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
