@@ -120,8 +120,11 @@ def test_stream_identical_to_direct(gw: Gw, kind: str, sampling: str, include_us
     assert len(ev_via) == len(ev_direct), f"{len(ev_via)} events via the gateway, {len(ev_direct)} direct"
     chunks_direct, _ = sse_json(raw_direct)
     chunks_via, _ = sse_json(raw_via)
-    # Everything but the response id and the creation second is identical, chunk by chunk.
-    assert [normalize_chunk(c) for c in chunks_via] == [normalize_chunk(c) for c in chunks_direct]
+    # Everything but the response id and the creation second is identical, chunk by chunk
+    # (system_fingerprint is compared on its own in test_stream_keeps_system_fingerprint).
+    assert [normalize_chunk(c, "system_fingerprint") for c in chunks_via] == [
+        normalize_chunk(c, "system_fingerprint") for c in chunks_direct
+    ]
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     assert {c["id"] for c in chunks_via} == {prefix + rid}
     # Same framing: "data: <json>\n\n" events, nothing else (no comments, no extra fields).
@@ -136,8 +139,33 @@ def test_stream_identical_to_direct(gw: Gw, kind: str, sampling: str, include_us
     assert r_ref.status_code == 200, r_ref.text
     assert_usage_matches(rec, r_ref.json()["usage"])
     assert rec["model_name"] == MODEL
-    assert rec["model_revision"] == r_ref.json().get("system_fingerprint"), rec
     assert rec["ttft_ms"] is not None and 0 <= rec["ttft_ms"] <= rec["latency_ms"], rec
+
+
+@pytest.mark.parametrize("include_usage", [False, True], ids=["no-usage", "client-usage"])
+@pytest.mark.parametrize("kind", sorted(PATHS))
+def test_stream_keeps_system_fingerprint(gw: Gw, kind: str, include_usage: bool) -> None:
+    """vLLM 0.32 puts system_fingerprint on the finish chunk, or with include_usage only on the
+    `choices: []` usage chunk. The client gets it where vLLM would have put it for the client's own
+    request, and the record's model_revision is it."""
+    body = _body(kind, stream=True)
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    _, raw_direct = _stream(gw.direct, PATHS[kind], body, _rid("direct"))
+    rid = _rid("via")
+    _, raw_via = _stream(gw.via, PATHS[kind], body, rid)
+    where_direct = [
+        (i, c["system_fingerprint"]) for i, c in enumerate(sse_json(raw_direct)[0]) if "system_fingerprint" in c
+    ]
+    where_via = [(i, c["system_fingerprint"]) for i, c in enumerate(sse_json(raw_via)[0]) if "system_fingerprint" in c]
+    fingerprint = where_direct[-1][1]
+    rec = record_for(gw.log_dir, rid)
+    problems = []
+    if rec["model_revision"] != fingerprint:
+        problems.append(f"record model_revision {rec['model_revision']!r} != vLLM's {fingerprint!r}")
+    if where_via != where_direct:
+        problems.append(f"client got system_fingerprint at (chunk, value) {where_via}, vLLM sends {where_direct}")
+    assert not problems, "; ".join(problems)
 
 
 @pytest.mark.parametrize("kind", sorted(PATHS))

@@ -137,17 +137,22 @@ def _stream(mw: MwServer, path: str, body: dict[str, Any], rid: str | None) -> t
     return r, raw
 
 
-@pytest.mark.parametrize("include_usage", [True, False], ids=["client-usage", "no-client-usage"])
-@pytest.mark.parametrize("send_id", [True, False], ids=["client-id", "generated-id"])
-@pytest.mark.parametrize("kind", ["chat", "completions"])
-def test_streaming(mw: MwServer, kind: str, send_id: bool, include_usage: bool) -> None:
+@dataclasses.dataclass
+class StreamCase:
+    path: str
+    chunks: list[dict[str, Any]]
+    rec: dict[str, Any]
+    ref_usage: dict[str, Any]
+    #: vLLM's system_fingerprint for the same request, non-streaming.
+    fingerprint: str | None
+
+
+def _stream_case(mw: MwServer, kind: str, send_id: bool, include_usage: bool) -> StreamCase:
     path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     body = chat_body() if kind == "chat" else completion_body()
     # The same request, non-streaming: vLLM's own usage for it (temperature 0, ignore_eos).
     ref = _post(mw, path, body, _rid("ref"))
     assert ref.status_code == 200, ref.text
-    ref_usage = ref.json()["usage"]
-    fingerprint = ref.json().get("system_fingerprint")
 
     sbody = dict(body, stream=True)
     if include_usage:
@@ -163,7 +168,16 @@ def test_streaming(mw: MwServer, kind: str, send_id: bool, include_usage: bool) 
     assert all(c["id"] == resp_id for c in chunks)
     if rid:
         assert resp_id == ("chatcmpl-" if kind == "chat" else "cmpl-") + rid
+    rec = record_for_response_id(mw.log_dir, resp_id)
+    return StreamCase(path, chunks, rec, ref.json()["usage"], ref.json().get("system_fingerprint"))
 
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["client-usage", "no-client-usage"])
+@pytest.mark.parametrize("send_id", [True, False], ids=["client-id", "generated-id"])
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_streaming(mw: MwServer, kind: str, send_id: bool, include_usage: bool) -> None:
+    case = _stream_case(mw, kind, send_id, include_usage)
+    chunks, rec, ref_usage = case.chunks, case.rec, case.ref_usage
     usage = stream_usage(chunks)
     if include_usage:
         assert usage is not None, "client asked for usage and did not get it"
@@ -174,21 +188,34 @@ def test_streaming(mw: MwServer, kind: str, send_id: bool, include_usage: bool) 
         assert usage is None, f"usage chunk leaked to a client that did not ask: {chunks[-1]}"
         assert all(c.get("choices") for c in chunks), "an injected choices:[] chunk leaked"
 
-    rec = record_for_response_id(mw.log_dir, resp_id)
-    _check_common(rec, path, stream=True)
+    _check_common(rec, case.path, stream=True)
     assert_usage_matches(rec, ref_usage)
+    assert rec["usage_source"] == ("stream" if include_usage else "injected"), rec
     assert rec["finish_reason"] == stream_finish_reason(chunks) == "length", rec
-    assert rec["model_revision"] == fingerprint, rec
     assert rec["ttft_ms"] is not None and 0 <= rec["ttft_ms"] <= rec["latency_ms"], rec
     text = stream_text(chunks)
     assert text, chunks
     assert rec["output_response"], rec
 
-    if not include_usage and fingerprint is not None:
-        # Without include_usage vLLM puts system_fingerprint on the finish chunk (with it, on the
-        # usage chunk): asking vLLM for usage behind the client's back must not lose it.
-        fps = [c.get("system_fingerprint") for c in chunks if c.get("system_fingerprint")]
-        assert fps == [fingerprint], f"client stream lost system_fingerprint: last chunk {chunks[-1]}"
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["client-usage", "no-client-usage"])
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_streaming_model_revision(mw: MwServer, kind: str, include_usage: bool) -> None:
+    """vLLM 0.32 sends system_fingerprint on the finish chunk, or with include_usage (asked for by
+    the client or injected by the middleware) only on the final `choices: []` usage chunk."""
+    case = _stream_case(mw, kind, True, include_usage)
+    assert case.fingerprint is not None
+    assert case.rec["model_revision"] == case.fingerprint, case.rec
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_streaming_client_keeps_system_fingerprint(mw: MwServer, kind: str) -> None:
+    """Asking vLLM for usage behind the client's back must not change the client's stream: without
+    include_usage vLLM puts system_fingerprint on the finish chunk, so the client must get it there.
+    (With the injected include_usage vLLM moves it to the usage chunk, which is then stripped.)"""
+    case = _stream_case(mw, kind, True, False)
+    fps = [c.get("system_fingerprint") for c in case.chunks if c.get("system_fingerprint")]
+    assert fps == [case.fingerprint], f"client stream lost system_fingerprint: last chunk {case.chunks[-1]}"
 
 
 # ---------------------------------------------------------------- auth, /invocations

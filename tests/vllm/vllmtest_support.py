@@ -172,9 +172,10 @@ def stream_finish_reason(chunks: Iterable[dict[str, Any]]) -> str | None:
     return fr
 
 
-def normalize_chunk(c: dict[str, Any]) -> dict[str, Any]:
+def normalize_chunk(c: dict[str, Any], *also: str) -> dict[str, Any]:
     """A chunk without the fields that differ between two identical requests (id, created)."""
-    return {k: v for k, v in c.items() if k not in ("id", "created")}
+    drop = ("id", "created", *also)
+    return {k: v for k, v in c.items() if k not in drop}
 
 
 # ---------------------------------------------------------------- request bodies
