@@ -66,7 +66,9 @@ async def _one(
 
 async def _fire(url: str, rids: list[str]) -> list[tuple[str, int, str]]:
     sem = asyncio.Semaphore(CONCURRENCY)
-    conn = aiohttp.TCPConnector(limit=CONCURRENCY, force_close=False)
+    # A new connection per request: the two API processes share one listening socket, and the
+    # kernel hands each new connection to whichever process accepts first.
+    conn = aiohttp.TCPConnector(limit=CONCURRENCY, force_close=True)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
         return await asyncio.gather(*(_one(s, url, i, rid, sem) for i, rid in enumerate(rids)))
 
@@ -85,10 +87,24 @@ def test_concurrent_requests_exactly_once(multi: MultiServer) -> None:
     assert not missing, f"{len(missing)} of {N_REQUESTS} requests have no record, e.g. {missing[:5]}"
     assert not dup, f"duplicated records: {dict(list(dup.items())[:5])}"
 
-    writers = collections.Counter(r["writer_id"] for r in records(multi.log_dir) if r.get("request_id") in sent)
-    assert len(writers) == 2, f"expected records from two writers (one per API process), got {dict(writers)}"
+    # Two API processes -> two chains in the one directory, each started by its own process.
     dirs = sorted(p.name for p in (multi.log_dir / "writers").iterdir() if p.is_dir())
-    assert sorted(writers) == dirs or set(writers) <= set(dirs), (dirs, writers)
+    assert len(dirs) == 2, f"expected two writer chains (one per API process), got {dirs}"
+    writers = collections.Counter(r["writer_id"] for r in records(multi.log_dir) if r.get("request_id") in sent)
+    assert set(writers) <= set(dirs), (dirs, writers)
+    if len(writers) < 2:
+        # The kernel gave every connection of the burst to one process (possible on a loaded
+        # 2-core box). Fresh connections one by one until the other process answers one.
+        for i in range(100):
+            rid = f"mp-extra-{i:03d}-{uuid.uuid4().hex[:8]}"
+            st = asyncio.run(_fire(multi.srv.url, [rid]))[0][1]
+            assert st == 200
+            rec = [r for r in records(multi.log_dir) if r.get("request_id") == rid]
+            assert len(rec) == 1, rid
+            writers[rec[0]["writer_id"]] += 1
+            if len(writers) == 2:
+                break
+    assert len(writers) == 2, f"every request was recorded by one writer: {dict(writers)}"
 
 
 def test_each_writer_chain_is_contiguous(multi: MultiServer) -> None:
