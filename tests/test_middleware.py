@@ -421,3 +421,32 @@ async def test_pathsend_file_response_is_a_completed_exchange(audited, tmp_path:
     mw.writer.stop()
     (rec,) = read_records(tmp_path / "log")
     assert ("ok", 200) == (rec["status"], rec["http_status"])
+
+
+async def test_fingerprint_moved_to_the_usage_chunk_is_put_back_on_the_finish_chunk(audited, tmp_path: Path) -> None:
+    """vLLM moves system_fingerprint to the usage chunk when usage is on; the client still gets it
+    on the finish chunk, byte for byte as without usage, and the record has it as model_revision."""
+    req = {**CHAT, "stream": True}
+    hdr = [(b"x-request-id", b"fp-1")]
+    bare = await call(DemoEngine(), "/v1/chat/completions", req, hdr)
+    assert b'"system_fingerprint":"demo-rev-1"}' in bare.content
+    mw = audited()
+    got = await call(mw, "/v1/chat/completions", req, hdr)
+    norm = re.compile(rb'"created":\d+')
+    assert norm.sub(b"", bare.content) == norm.sub(b"", got.content)
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert "demo-rev-1" == rec["model_revision"]
+
+
+async def test_finish_chunk_is_not_held_for_multi_choice_streams(audited, tmp_path: Path) -> None:
+    """With n > 1 nothing is held back (events of other choices may follow a finish chunk)."""
+    from vllm_audit.middleware import _UsageStripper
+
+    s = _UsageStripper(hold_finish=False)
+    ev = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    assert ev == s.feed(ev)
+    held = _UsageStripper(hold_finish=True)
+    assert b"" == held.feed(ev)
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":1},"system_fingerprint":"fp"}\n\n'
+    assert ev[:-3] + b',"system_fingerprint":"fp"}\n\n' == held.feed(usage)

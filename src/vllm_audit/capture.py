@@ -379,6 +379,9 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> N
             if usage:
                 _apply_usage(usage, rec, "stream")
             continue
+        fp = obj.get("system_fingerprint")
+        if isinstance(fp, str):  # vLLM's usage-only chunk (choices: []) carries it when usage is on
+            rec["model_revision"] = fp
         if "error" in obj and isinstance(obj["error"], dict):
             err = obj["error"]
             rec["error_type"] = rec["error_type"] or str(err.get("type") or "error")
@@ -402,7 +405,7 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> N
         usage = obj.get("usage")
         if usage:
             _apply_usage(usage, rec, "stream")
-    if last_obj is not None:
+    if last_obj is not None and rec["model_revision"] is None:
         fp = last_obj.get("system_fingerprint")
         if isinstance(fp, str):
             rec["model_revision"] = fp
@@ -411,6 +414,9 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> N
             if not meta_done:
                 _apply_meta(obj, rec)
                 meta_done = True
+            fp = obj.get("system_fingerprint")
+            if isinstance(fp, str):
+                rec["model_revision"] = fp
             if obj.get("usage"):
                 _apply_usage(obj["usage"], rec, "injected")
     if texts:

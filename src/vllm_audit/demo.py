@@ -238,9 +238,12 @@ class DemoEngine:
             last["delta"] = {}
         else:
             last["text"] = ""
-        await event({**head, "choices": [last]})
-        if usage is not None:
-            await event({**head, "choices": [], "usage": usage})
+        # Like vLLM: the fingerprint goes on the finish chunk, or on the usage chunk when asked for.
+        if usage is None:
+            await event({**head, "choices": [last], "system_fingerprint": FINGERPRINT})
+        else:
+            await event({**head, "choices": [last]})
+            await event({**head, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     async def _embeddings(self, send: Send, req: dict[str, Any]) -> None:

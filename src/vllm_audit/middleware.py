@@ -210,7 +210,10 @@ class AuditMiddleware:
         held_start: Message | None = None
         started = False
         submitted = False
-        stripper = _UsageStripper() if ex.usage_injected else None
+        stripper = None
+        if ex.usage_injected:
+            n = ex.request_json.get("n") if isinstance(ex.request_json, dict) else None
+            stripper = _UsageStripper(hold_finish=n in (None, 1))
         max_capture = self.max_capture
 
         async def inner_receive() -> Message:
@@ -265,7 +268,7 @@ class AuditMiddleware:
                         ex.chunks.append(chunk)
                     else:
                         ex.response_truncated = True
-                    if stripper is not None and (stripper.carry or not chunk.endswith(b"\n\n") or b'"usage"' in chunk):
+                    if stripper is not None and stripper.needs(chunk):
                         chunk = stripper.feed(chunk)
                         if stripper.captured is not None and ex.usage_chunk is None:
                             ex.usage_chunk = stripper.captured
@@ -478,44 +481,92 @@ class _UsageStripper:
     Only complete events are passed on (bytes after the last event boundary wait for the next
     chunk), so an event split across messages is still recognised. Servers like vLLM send one
     event per message, so nothing is held back in practice.
+
+    vLLM moves ``system_fingerprint`` from the finish chunk to the usage chunk when usage is
+    requested. With ``hold_finish`` (single-choice streams), the finish chunk waits for the usage
+    chunk that follows it at once, and gets the fingerprint back exactly where vLLM puts it for a
+    request without usage, so the client receives what it would have without us.
     """
 
-    __slots__ = ("captured", "carry")
+    __slots__ = ("captured", "carry", "held", "hold_finish")
 
-    def __init__(self) -> None:
+    def __init__(self, hold_finish: bool = True) -> None:
         self.carry = b""
         self.captured: bytes | None = None
+        self.held: list[bytes] = []
+        self.hold_finish = hold_finish
+
+    def needs(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` must go through :meth:`feed` (the hot path skips it otherwise)."""
+        return bool(
+            self.carry
+            or self.held
+            or not chunk.endswith(b"\n\n")
+            or b'"usage"' in chunk
+            or (self.hold_finish and self.captured is None and b'"finish_reason":"' in chunk)
+        )
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.carry + chunk if self.carry else chunk
-        if data.endswith(b"\n\n") and b'"usage"' not in data:
-            self.carry = b""
+        self.carry = b""
+        if not self.needs(data):
             return data
         cut = data.rfind(b"\n\n")
         if cut < 0:
             if len(data) > 1 << 20:  # not SSE framing we understand: stop holding anything
-                self.carry = b""
-                return data
+                return self._release(None) + data
             self.carry = data
             return b""
         head = data[: cut + 2]
         self.carry = data[cut + 2 :]
-        if b'"usage"' not in head:
-            return head
         out = []
         for event in head.split(b"\n\n"):
             if not event:
                 continue
             if self.captured is None and b'"usage"' in event and _usage_only(event):
                 self.captured = event
+                out.append(self._release(_fingerprint(event)))
+                continue
+            if self.held or (self.captured is None and self.hold_finish and b'"finish_reason":"' in event):
+                self.held.append(event)
                 continue
             out.append(event)
             out.append(b"\n\n")
         return b"".join(out)
 
+    def _release(self, fingerprint: str | None) -> bytes:
+        if not self.held:
+            return b""
+        out = []
+        patch = b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}" if fingerprint else None
+        for event in self.held:
+            if (
+                patch is not None
+                and b'"finish_reason":"' in event
+                and b'"system_fingerprint"' not in event
+                and event.endswith(b"]}")
+            ):
+                event = event[:-1] + patch
+            out.append(event)
+            out.append(b"\n\n")
+        self.held = []
+        return b"".join(out)
+
     def flush(self) -> bytes:
         data, self.carry = self.carry, b""
-        return data
+        return self._release(None) + data
+
+
+def _fingerprint(event: bytes) -> str | None:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                obj = orjson.loads(line[5:].strip())
+            except orjson.JSONDecodeError:
+                return None
+            fp = obj.get("system_fingerprint") if isinstance(obj, dict) else None
+            return fp if isinstance(fp, str) else None
+    return None
 
 
 def _usage_only(event: bytes) -> bool:
