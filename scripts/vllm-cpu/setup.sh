@@ -56,7 +56,7 @@ healthy() {
   grep -qx "VLLM_CPU_PKG=$PKG" "$MARKER" || return 1
   grep -qx "PYPROJECT_SHA=$PYPROJECT_SHA" "$MARKER" || return 1
   # vllm_audit must resolve to THIS checkout (editable install), vllm must import its metadata.
-  "$VENV/bin/python" - "$REPO" <<'PY' || return 1
+  "$VENV/bin/python" - "$REPO" 2>/dev/null <<'PY' || return 1
 import importlib.metadata as md, os, sys
 import importlib.util
 spec = importlib.util.find_spec("vllm_audit")
