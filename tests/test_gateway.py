@@ -304,3 +304,22 @@ def test_one_megabyte_header_gets_431_over_a_real_socket(tmp_path: Path) -> None
     assert 431 == st and "request_header_fields_too_large" == orjson.loads(body)["error"]["code"]
     (rec,) = [r for r in read_records(log_dir) if r["request_id"] == "big-h"]
     assert (431, "client_error") == (rec["http_status"], rec["status"])
+
+
+def test_sigterm_drains_the_writer_and_signs_a_final_checkpoint(tmp_path: Path) -> None:
+    """A graceful stop writes every queued record (async durability too), then writer_stopped."""
+
+    async def some(base: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            for i in range(50):
+                await post(s, base + "/v1/chat/completions", CHAT, headers={"x-request-id": f"term-{i}"})
+
+    with gateway(tmp_path, config='[log]\ndurability = "async"\n') as (base, log_dir, proc):
+        asyncio.run(some(base))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    entries = read_entries(log_dir)
+    assert {f"term-{i}" for i in range(50)} <= {e.get("request_id") for e in entries}
+    assert "writer_stopped" == entries[-1].get("event")
+    out = verify_log(log_dir)
+    assert 0 == out.returncode and "live" not in out.stdout, out.stdout + out.stderr

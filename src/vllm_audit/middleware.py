@@ -111,6 +111,9 @@ class AuditMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, self._lifespan_send(send))
+                return
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -124,6 +127,20 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         await self._audit(scope, receive, send)
+
+    def _lifespan_send(self, send: Send) -> Send:
+        """Drain and close the writer before the server is told shutdown is complete.
+
+        Servers may end the process right after shutdown (uvicorn re-raises SIGTERM), so an
+        ``atexit`` hook alone could lose the final checkpoint, or queued records in async mode.
+        """
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
+            await send(message)
+
+        return wrapped
 
     # -- the audited exchange -----------------------------------------------------------------
 

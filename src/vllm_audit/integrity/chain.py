@@ -459,9 +459,14 @@ class Chain:
             data = self._segment_path.read_bytes()
             good, torn = data[: self._segment_bytes], data[self._segment_bytes :]
             info = self._quarantine(self._segment_path, len(good), torn)
-            self._seal(
-                self._segment_path, self._segment_first, self.next_seq - self._segment_first, data, torn=len(torn)
-            )
+            # The failed write was never acknowledged (its responses failed). Its bytes can hold
+            # complete lines of entries that are written again below, so they are cut back to the
+            # last committed entry; they stay in quarantine/ and the recovery event names them.
+            # Nothing that was ever committed is touched.
+            os.ftruncate(self._fd, len(good))
+            os.fsync(self._fd)
+            info["truncated"] = True
+            self._seal(self._segment_path, self._segment_first, self.next_seq - self._segment_first, good)
             self._open_segment(self.next_seq)
         except OSError as exc:
             raise LogWriteError(f"Cannot recover segment {str(self._segment_path)!r}: {exc.strerror}.") from None
