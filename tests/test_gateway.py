@@ -323,3 +323,26 @@ def test_sigterm_drains_the_writer_and_signs_a_final_checkpoint(tmp_path: Path) 
     assert "writer_stopped" == entries[-1].get("event")
     out = verify_log(log_dir)
     assert 0 == out.returncode and "live" not in out.stdout, out.stdout + out.stderr
+
+
+def test_client_leaving_a_proxied_stream_is_cancelled_upstream_and_recorded(tmp_path: Path) -> None:
+    """Through the proxy, a client that drops a stream gets a 'cancelled' record with partial output,
+    and the gateway stops reading the upstream (its own record there is 'cancelled' too)."""
+    hang = {**CHAT, "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "a b c d [[demo:hang]]"}]}
+
+    async def drop(base: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                base + "/v1/chat/completions", data=orjson.dumps(hang), headers={"x-request-id": "p-gone"}
+            ) as r:
+                await r.content.readuntil(b"\n\n")
+                r.close()
+        await asyncio.sleep(0.5)
+
+    with gateway(tmp_path, log_dir=tmp_path / "uplog") as (up, up_log, _):
+        with gateway(tmp_path, "--upstream", up, log_dir=tmp_path / "gwlog") as (base, gw_log, _):
+            asyncio.run(drop(base))
+    (rec,) = [r for r in read_records(gw_log) if r["request_id"] == "p-gone"]
+    assert "cancelled" == rec["status"] and rec["output_response"].startswith("You")
+    (up_rec,) = [r for r in read_records(up_log) if r["request_id"] == "p-gone"]
+    assert "cancelled" == up_rec["status"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 
 from vllm_audit.types import Receive, Send
@@ -29,3 +30,34 @@ async def send_bytes(
     hdrs = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+    """Run ``work`` in the current task; cancel it if the client disconnects meanwhile.
+
+    Returns True when the client went away (``work`` was stopped), False when ``work`` finished.
+    One watcher task per call reads ``receive`` (as starlette's StreamingResponse does); the
+    work itself is not wrapped in a task of its own.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    state = {"active": True, "gone": False}
+
+    async def watch() -> None:
+        msg = await receive()
+        if msg["type"] == "http.disconnect" and state["active"]:
+            state["gone"] = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work
+    except asyncio.CancelledError:
+        if state["gone"]:
+            task.uncancel()
+            return True
+        raise
+    finally:
+        state["active"] = False
+        watcher.cancel()
+    return False

@@ -14,7 +14,6 @@ value in the prompt reaches the client split across several stream events. A pro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from vllm_audit._asgi import lifespan, send_bytes
+from vllm_audit._asgi import lifespan, send_bytes, until_disconnect
 from vllm_audit.config import GatewayConfig
 from vllm_audit.types import Receive, Scope, Send
 
@@ -174,7 +173,7 @@ class DemoEngine:
             opts = req.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
             stream = self._stream(send, toks, chat, rid_full, created, finish, usage if include_usage else None, prompt)
-            await _until_disconnect(stream, receive)
+            await until_disconnect(stream, receive)
             return
         text = "".join(toks)
         if self.delay:
@@ -309,22 +308,6 @@ class DemoEngine:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await send_bytes(send, 200, orjson.dumps(resp))
-
-
-async def _until_disconnect(work: Any, receive: Receive) -> None:
-    """Run ``work`` but stop it when the client disconnects (as starlette's StreamingResponse does)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(receive())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        else:
-            task.result()
-    finally:
-        watcher.cancel()
 
 
 async def _error(send: Send, status: int, message: str, code: str, type_: str = "invalid_request_error") -> None:

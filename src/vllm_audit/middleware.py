@@ -203,7 +203,6 @@ class AuditMiddleware:
             self._submit(ex)
             return
 
-        inner_scope = scope
         if body:
             body = self._inspect_body(ex, body)
         rid_b = request_id.encode("latin-1")
@@ -225,7 +224,6 @@ class AuditMiddleware:
     ) -> None:
         body_pending = True
         held_start: Message | None = None
-        started = False
         submitted = False
         stripper = None
         if ex.usage_injected:
@@ -243,82 +241,18 @@ class AuditMiddleware:
                 ex.disconnected = True
             return msg
 
-        async def inner_send(message: Message) -> None:
-            nonlocal held_start, started, submitted, stripper
-            mtype = message["type"]
-            if mtype == "http.response.start":
-                ex.http_status = message["status"]
-                hdrs = list(message.get("headers", ()))
-                echo = True
-                for name, value in hdrs:
-                    if name == b"content-type":
-                        ex.content_type = value
-                    elif name == b"x-request-id":
-                        echo = False
-                if echo:
-                    hdrs.append((b"x-request-id", rid_b))
-                held_start = {**message, "headers": hdrs}
-                if stripper is not None and (ex.http_status != 200 or b"text/event-stream" not in ex.content_type):
-                    stripper = None
-                return
-            if mtype != "http.response.body":
-                if mtype == "http.response.pathsend" and not submitted:  # a file response: complete
-                    ex.completed = True
-                    ex.t_end = time.perf_counter()
-                    submitted = True
-                    fut = self._submit(ex, wait=self.strict)
-                    if fut is not None:
-                        await self._durable(fut)
-                    if held_start is not None:
-                        start, held_start = held_start, None
-                        await send(start)
-                await send(message)
-                return
-            chunk: bytes = message.get("body", b"")
-            more: bool = message.get("more_body", False)
-            if more and held_start is None:
-                # Hot path: a stream chunk after the first one. Keep a reference, pass it on.
-                if chunk:
-                    n = ex.response_bytes + len(chunk)
-                    ex.response_bytes = n
-                    if n <= max_capture:
-                        ex.chunks.append(chunk)
-                    else:
-                        ex.response_truncated = True
-                    if stripper is not None and stripper.needs(chunk):
-                        chunk = stripper.feed(chunk)
-                        if stripper.captured is not None and ex.usage_chunk is None:
-                            ex.usage_chunk = stripper.captured
-                        if not chunk:
-                            return
-                        message = {"type": "http.response.body", "body": chunk, "more_body": True}
-                await send(message)
-                return
-            if chunk:
-                if ex.t_first is None:
-                    ex.t_first = time.perf_counter()
-                ex.response_bytes += len(chunk)
-                if ex.response_bytes <= max_capture:
-                    ex.chunks.append(chunk)
-                else:
-                    ex.response_truncated = True
-            if stripper is not None:
-                out = stripper.feed(chunk) if chunk else b""
-                if not more:
-                    out += stripper.flush()
-                if stripper.captured is not None and ex.usage_chunk is None:
-                    ex.usage_chunk = stripper.captured
-                if out is not chunk:
-                    message = {"type": "http.response.body", "body": out, "more_body": more}
-            if more:
-                pending_start, held_start = held_start, None
-                if pending_start is not None:
-                    await send(pending_start)
-                    started = True
-                if message.get("body"):
-                    await send(message)
-                return
-            # The last message of the response: record first, then release it.
+        def keep(chunk: bytes) -> None:
+            """Keep a reference to a response chunk for the record (up to max_capture bytes)."""
+            n = ex.response_bytes + len(chunk)
+            ex.response_bytes = n
+            if n <= max_capture:
+                ex.chunks.append(chunk)
+            else:
+                ex.response_truncated = True
+
+        async def finish(message: Message) -> None:
+            """The response's last message: hand the record over, then (strict) release it once durable."""
+            nonlocal held_start, submitted
             ex.completed = True
             ex.t_end = time.perf_counter()
             submitted = True
@@ -339,8 +273,67 @@ class AuditMiddleware:
             if held_start is not None:
                 start, held_start = held_start, None
                 await send(start)
-                started = True
             await send(message)
+
+        async def inner_send(message: Message) -> None:
+            nonlocal held_start, stripper
+            mtype = message["type"]
+            if mtype == "http.response.start":
+                ex.http_status = message["status"]
+                hdrs = list(message.get("headers", ()))
+                echo = True
+                for name, value in hdrs:
+                    if name == b"content-type":
+                        ex.content_type = value
+                    elif name == b"x-request-id":
+                        echo = False
+                if echo:
+                    hdrs.append((b"x-request-id", rid_b))
+                held_start = {**message, "headers": hdrs}
+                if stripper is not None and (ex.http_status != 200 or b"text/event-stream" not in ex.content_type):
+                    stripper = None
+                return
+            if mtype != "http.response.body":
+                if mtype == "http.response.pathsend" and not submitted:  # a file response: complete
+                    await finish(message)
+                else:
+                    await send(message)
+                return
+            chunk: bytes = message.get("body", b"")
+            more: bool = message.get("more_body", False)
+            if more and held_start is None:
+                # Hot path: a stream chunk after the first one. Keep a reference, pass it on.
+                if chunk:
+                    keep(chunk)
+                    if stripper is not None and stripper.needs(chunk):
+                        chunk = stripper.feed(chunk)
+                        if stripper.captured is not None and ex.usage_chunk is None:
+                            ex.usage_chunk = stripper.captured
+                        if not chunk:
+                            return
+                        message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                await send(message)
+                return
+            if chunk:
+                if ex.t_first is None:
+                    ex.t_first = time.perf_counter()
+                keep(chunk)
+            if stripper is not None:
+                out = stripper.feed(chunk) if chunk else b""
+                if not more:
+                    out += stripper.flush()
+                if stripper.captured is not None and ex.usage_chunk is None:
+                    ex.usage_chunk = stripper.captured
+                if out is not chunk:
+                    message = {"type": "http.response.body", "body": out, "more_body": more}
+            if not more:
+                await finish(message)
+                return
+            pending_start, held_start = held_start, None
+            if pending_start is not None:
+                await send(pending_start)
+            if message.get("body"):
+                await send(message)
 
         try:
             await self.app(scope, inner_receive, inner_send)

@@ -8,49 +8,26 @@ client sees an incomplete response, not a falsely complete one) and recorded.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 import aiohttp
 
-from vllm_audit._asgi import lifespan, send_bytes
+from vllm_audit._asgi import lifespan, send_bytes, until_disconnect
 from vllm_audit.capture import TIMEOUT, UPSTREAM_ERROR
 from vllm_audit.config import GatewayConfig
 from vllm_audit.types import Receive, Scope, Send
 
 log = logging.getLogger("vllm_audit.proxy")
 
-#: Hop-by-hop headers (RFC 9110 7.6.1) and those we set ourselves.
-_DROP_REQUEST = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"accept-encoding",
-        b"expect",
-    }
+#: Hop-by-hop headers (RFC 9110 7.6.1): never forwarded, in either direction.
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-_DROP_RESPONSE = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"date",
-        b"server",
-    }
-)
+#: ... plus what the client (aiohttp) sets itself; no compression, so the audit sees plain bytes.
+_DROP_REQUEST = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
+#: ... plus what uvicorn sets itself.
+_DROP_RESPONSE = _HOP_BY_HOP | {b"content-length", b"date", b"server"}
 #: Responses up to this size that announce a content-length are relayed in one message.
 _WHOLE_BODY_MAX = 8 * 1024 * 1024
 
@@ -118,26 +95,8 @@ class Proxy:
             url += "?" + qs.decode("latin-1")
         ex = scope.get("vllm_audit.exchange")
 
-        task = asyncio.current_task()
-        state = {"streaming": True, "gone": False}
-
-        async def watch() -> None:
-            msg = await receive()
-            if msg["type"] == "http.disconnect" and state["streaming"] and task is not None:
-                state["gone"] = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(watch())
-        try:
-            await self._forward(scope, send, url, body, headers, ex)
-        except asyncio.CancelledError:
-            if state["gone"] and task is not None:
-                task.uncancel()
-                return  # the client went away; the middleware records "cancelled"
-            raise
-        finally:
-            state["streaming"] = False
-            watcher.cancel()
+        # A client that goes away stops the upstream request; the middleware records "cancelled".
+        await until_disconnect(self._forward(scope, send, url, body, headers, ex), receive)
 
     async def _forward(
         self, scope: Scope, send: Send, url: str, body: bytes, headers: list[tuple[str, str]], ex: Any
