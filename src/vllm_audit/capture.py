@@ -122,7 +122,8 @@ def _iso(ts: float) -> str:
     return f"{prefix}.{ms:03d}Z"
 
 
-def _outcome(ex: Exchange) -> str:
+def outcome(ex: Exchange) -> str:
+    """The record's ``status`` (also the edge's metrics label)."""
     if ex.outcome is not None:
         return ex.outcome
     if ex.disconnected and not ex.completed:
@@ -160,7 +161,7 @@ def _base(ex: Exchange) -> dict[str, Any]:
         "response_id": None,
         "stream": ex.stream,
         "http_status": ex.http_status,
-        "status": _outcome(ex),
+        "status": outcome(ex),
         "finish_reason": None,
         "prompt_tokens": None,
         "completion_tokens": None,

@@ -21,7 +21,7 @@ import orjson
 
 from vllm_audit import hooks
 from vllm_audit._asgi import JSON_HEADER, send_bytes
-from vllm_audit.capture import CANCELLED, CLIENT_ERROR, REJECTED, UPSTREAM_ERROR, Exchange
+from vllm_audit.capture import CANCELLED, CLIENT_ERROR, REJECTED, UPSTREAM_ERROR, Exchange, outcome
 from vllm_audit.clientip import ClientIPResolver
 from vllm_audit.config import Config, config_from_env
 from vllm_audit.errors import LogWriteError
@@ -373,7 +373,7 @@ class AuditMiddleware:
             timer.cancel()
 
     def _submit(self, ex: Exchange, wait: bool = False) -> asyncio.Future[None] | None:
-        self.metrics.count_request(ex.route if ex.route in KNOWN_ROUTES else "other", _status_label(ex))
+        self.metrics.count_request(ex.route if ex.route in KNOWN_ROUTES else "other", outcome(ex))
         if ex.http_status >= 500 or ex.outcome == UPSTREAM_ERROR:
             self.metrics.upstream_errors_total += 1
         if not self.writer.accepting:
@@ -593,15 +593,6 @@ def _usage_only(event: bytes) -> bool:
 def _expire(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError("the record was not durable in time"))
-
-
-def _status_label(ex: Exchange) -> str:
-    if ex.outcome:
-        return ex.outcome
-    if ex.disconnected and not ex.completed:
-        return CANCELLED
-    s = ex.http_status
-    return "ok" if 200 <= s < 400 else CLIENT_ERROR if 400 <= s < 500 else UPSTREAM_ERROR
 
 
 async def _send_error(
