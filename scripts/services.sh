@@ -18,4 +18,11 @@ if command -v redis-server >/dev/null; then
     sleep 1
   fi
 fi
+# Services a test area needs that the machine lacks (rsyslog, a Kafka-protocol broker, ...):
+# one idempotent script each; a failure here makes those tests fail with their own message.
+for script in "$(dirname "$0")"/services.d/*.sh; do
+  [ -e "$script" ] || continue
+  echo "== services.d/$(basename "$script")"
+  bash "$script" || echo "services.d/$(basename "$script") failed; its tests will fail and say why"
+done
 exit 0

@@ -25,6 +25,8 @@ from vllm_audit.access.config import AccessConfig
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.privacy.config import PrivacyConfig
+from vllm_audit.ship.config import ShipConfig
+from vllm_audit.sinks.registry import SinkSpec, parse_sinks
 
 ENV_CONFIG = "VLLM_AUDIT_CONFIG"
 #: JSON object merged over the file, section by section (how the CLI hands flags to workers).
@@ -115,6 +117,9 @@ class Config:
     integrity: IntegrityConfig = dataclasses.field(default_factory=IntegrityConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     access: AccessConfig = dataclasses.field(default_factory=AccessConfig)
+    ship: ShipConfig = dataclasses.field(default_factory=ShipConfig)
+    #: ``[sinks.NAME]`` tables, one per sink: ``type`` plus that type's keys (see below).
+    sinks: dict[str, SinkSpec] = dataclasses.field(default_factory=dict)
     #: The file this was loaded from, if any. ``[log] dir`` is relative to the working directory;
     #: key and store files named in ``[privacy]`` and ``[access]`` are relative to this file.
     source: str | None = None
@@ -177,6 +182,9 @@ def config_from_mapping(data: Mapping[str, Any], source: str | None = None) -> C
             raise ConfigError(f"{where}: unknown section [{key}]. Known: {', '.join(_section_names())}.")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: [{key}] must be a table.")
+        if key == "sinks":
+            sections[key] = parse_sinks(value, f"{where} [sinks")
+            continue
         sections[key] = parse_section(hints[key], value, f"{where} [{key}]")
     return Config(source=source, **sections)
 

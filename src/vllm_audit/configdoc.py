@@ -98,6 +98,23 @@ def _render_section(name: str, cls: type, out: list[str], seen: set[type]) -> No
         _render_section(label, sub, out, seen)
 
 
+def _render_sinks(out: list[str], seen: set[type]) -> None:
+    from vllm_audit.sinks.registry import SINK_MODULES, sink_module
+
+    out.append("## `[sinks.NAME]`\n")
+    out.append(
+        "One table per sink; `NAME` is yours (letters, digits, `-`, `_`), `type` picks the sink and "
+        "the other keys are that type's, listed below. Secrets are never written in the file: keys "
+        "of type Secret take `{ env = \"VAR\" }` or `{ file = \"/path\" }`.\n"
+    )
+    for type_ in sorted(SINK_MODULES):
+        try:
+            mod = sink_module(type_)
+        except ImportError:  # pragma: no cover - a sink module not written yet
+            continue
+        _render_section(f'sinks.NAME] type = "{type_}" [', mod.Options, out, seen)
+
+
 def render() -> str:
     out = [
         "# Configuration reference",
@@ -115,9 +132,10 @@ def render() -> str:
     hints = typing.get_type_hints(Config)
     seen: set[type] = set()
     for f in dataclasses.fields(Config):
-        if f.name == "source":
+        if f.name in ("source", "sinks"):
             continue
         _render_section(f.name, hints[f.name], out, seen)
+    _render_sinks(out, seen)
     return "\n".join(out).rstrip() + "\n"
 
 

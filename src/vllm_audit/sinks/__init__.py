@@ -1,0 +1,1 @@
+"""Sinks: projections that carry sealed log entries to external systems (one ``[sinks.NAME]`` each)."""
