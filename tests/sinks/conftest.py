@@ -1,0 +1,120 @@
+"""Shared helpers for the sink tests: a real log written through the real Chain."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from vllm_audit.integrity.chain import Chain
+from vllm_audit.integrity.config import IntegrityConfig
+
+logging.getLogger("vllm_audit.integrity").setLevel(logging.ERROR)  # the auto-key warning
+
+
+def inference(i: int, *, pad: int = 0) -> dict[str, Any]:
+    """A realistic (redacted) inference record, number ``i``; ``pad`` adds that many bytes of output."""
+    return {
+        "record_type": "inference",
+        "schema_version": 1,
+        "timestamp": f"2026-07-01T12:{i // 60 % 60:02d}:{i % 60:02d}.{i % 1000:03d}Z",
+        "request_id": f"req-{i:07d}",
+        "request_id_source": "generated",
+        "client_ip": "203.0.113.7",
+        "peer_ip": "127.0.0.1",
+        "forwarded_ignored": False,
+        "user_id": f"user-{i % 7}",
+        "org_id": "acme",
+        "auth_status": "authenticated",
+        "auth_method": "api_key",
+        "key_id": "k1",
+        "roles": ["caller"],
+        "method": "POST",
+        "route": "/v1/chat/completions",
+        "model_name": "demo-model",
+        "model_revision": None,
+        "response_id": f"chatcmpl-req-{i:07d}",
+        "stream": i % 2 == 0,
+        "http_status": 200,
+        "status": "ok",
+        "finish_reason": "stop",
+        "prompt_tokens": 50 + i % 13,
+        "completion_tokens": 80 + i % 17,
+        "total_tokens": 130 + i % 13 + i % 17,
+        "usage_source": "response",
+        "latency_ms": 12.5 + i % 10,
+        "ttft_ms": None,
+        "input_prompt": [{"role": "user", "content": f"Summarise ticket {i} for <EMAIL_ADDRESS> \"q\" ]\\ é中"}],
+        "output_response": "The customer asks about an invoice." + "x" * pad,
+        "prompt_sha256": None,
+        "request_bytes": 300,
+        "response_bytes": 900,
+        "request_truncated": False,
+        "response_truncated": False,
+        "upstream": "demo",
+        "error_type": None,
+        "error_message": None,
+    }
+
+
+class LiveLog:
+    """One writer appending records through the real Chain, signing a checkpoint after each batch
+    (the reader ships only signed entries)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.chain = Chain(log_dir, IntegrityConfig(checkpoint_every_records=1_000_000, checkpoint_every_seconds=3600))
+        self.writer_id = self.chain.writer_id
+        self.written = 0
+
+    def write(self, n: int, *, batch: int = 100, pad: int = 0, records: list[dict[str, Any]] | None = None) -> None:
+        todo = records if records is not None else [inference(self.written + k, pad=pad) for k in range(n)]
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            self.chain.append([*self.chain.pending_events(), *chunk])
+            self.chain.sync()
+            self.chain.checkpoint()
+            self.written += len(chunk)
+
+    @property
+    def next_seq(self) -> int:
+        return self.chain.next_seq
+
+    def close(self) -> None:
+        self.chain.close()
+
+
+def build_sinks(log_dir: Path, state_dir: Path, tables: dict[str, dict[str, Any]]) -> list[Any]:
+    """Sinks built from ``[sinks.NAME]``-shaped tables through the real config parser and registry."""
+    from vllm_audit.sinks.registry import SinkEnv, build_sink, parse_sinks
+
+    env = SinkEnv(log_dir=log_dir, state_dir=state_dir, base_dir=log_dir.parent)
+    return [build_sink(spec, env) for spec in parse_sinks(tables, "[sinks").values()]
+
+
+#: A shipper process for kill -9 tests: argv[1] is a JSON object {log_dir, state_dir, sinks, ship}.
+SHIPPER = """
+import sys, threading, orjson
+from pathlib import Path
+from tests.sinks.conftest import build_sinks
+from vllm_audit.config import parse_section
+from vllm_audit.ship.config import ShipConfig
+from vllm_audit.ship.runner import Runner
+a = orjson.loads(sys.argv[1])
+log_dir, state_dir = Path(a["log_dir"]), Path(a["state_dir"])
+runner = Runner(log_dir, state_dir, build_sinks(log_dir, state_dir, a["sinks"]),
+                parse_section(ShipConfig, a.get("ship", {}), "[ship]"))
+runner.start()
+print("started", flush=True)
+threading.Event().wait()
+"""
+
+
+def shipper_argv(log_dir: Path, state_dir: Path, sinks: dict[str, dict[str, Any]], **ship: Any) -> list[str]:
+    """``python -c SHIPPER <args>``: a runner over ``log_dir`` in its own process (run from the repo root)."""
+    import sys
+
+    import orjson
+
+    args = {"log_dir": str(log_dir), "state_dir": str(state_dir), "sinks": sinks, "ship": ship}
+    return [sys.executable, "-c", SHIPPER, orjson.dumps(args).decode()]
