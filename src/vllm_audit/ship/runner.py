@@ -153,7 +153,12 @@ class Runner:
                 reader = self._reader()
                 self._write_status(status)
                 delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * (2 ** min(failures - 1, 30)))
-                self._stop.wait(random.uniform(0, delay) + cfg.backoff_initial_s / 2)
+                wait = random.uniform(0, delay) + cfg.backoff_initial_s / 2
+                # A server's Retry-After (an exception's ``retry_after`` seconds) is a floor, capped.
+                retry_after = getattr(exc, "retry_after", None)
+                if isinstance(retry_after, int | float) and retry_after > 0:
+                    wait = max(wait, min(float(retry_after), cfg.backoff_max_s))
+                self._stop.wait(wait)
                 continue
             now = time.monotonic()
             status.lag_records = lag
