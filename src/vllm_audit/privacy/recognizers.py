@@ -1,9 +1,12 @@
 """Recognizers: a few precompiled candidate patterns, then validators decide.
 
 Chinese text has no word boundaries, so candidates are delimited with lookarounds on ASCII
-letters and digits (``(?<![0-9A-Za-z])``), never ``\\b``. Full-width digits, letters and common
-separators are folded to ASCII by a length-preserving ``str.translate`` first, so every span found
-in the folded text is also the span of the original characters.
+letters and digits (``(?<![0-9A-Za-z])``), never ``\\b``. Recognizers read the detection copy of
+the text (``normalize``: invisible characters removed, Unicode digits, full-width forms, spaces
+and dashes mapped to ASCII) and each span found is mapped back to the original characters. Digit
+groups may be separated by up to three of space, tab, newline, ``-`` and ``.`` (dots only as in
+``138.1234.5678``: two or more, between groups of two or more digits). ``gate.hits`` says, in one
+compiled pass, which recognizers can match at all; the others do not run.
 
 ``find(text)`` returns non-overlapping findings ``(start, end, entity_type, canonical_value)``
 sorted by start; the canonical value (digits only, lower-case e-mail, ...) is what pseudonyms hash,
@@ -18,17 +21,11 @@ import re
 from collections.abc import Collection
 
 from vllm_audit.privacy import checksums as cs
+from vllm_audit.privacy import gate
 from vllm_audit.privacy.config import ENTITY_TYPES
+from vllm_audit.privacy.normalize import normalize
 
 Finding = tuple[int, int, str, str]
-
-# Full-width digits, letters, "+-.@()" and wide spaces/dashes are folded to ASCII (same length).
-_FOLD = {c: chr(ord(c) - 0xFEE0) for c in "\uff08\uff09\uff0b\uff0d\uff0e\uff20"}
-for _lo, _hi in ((0xFF10, 0xFF1A), (0xFF21, 0xFF3B), (0xFF41, 0xFF5B)):
-    _FOLD.update({chr(cp): chr(cp - 0xFEE0) for cp in range(_lo, _hi)})
-_FOLD.update({"\u3000": " ", "\u00a0": " ", **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014", "-")})
-_FOLD.update({chr(cp): " " for cp in range(0x2002, 0x200B)})
-_NEEDS_FOLD = re.compile("[" + "".join(sorted(_FOLD)) + "]")
 
 # One pass finds every number-like and ID-like candidate. It starts with a character class (so the
 # regex engine skips ahead fast), checks the character before it with a two-character lookbehind,
@@ -37,23 +34,21 @@ _SCAN = re.compile(
     r"[0-9A-Z+(](?<![0-9+.][0-9A-Z+(])(?:"
     r"(?<=[0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9A-Za-z]|\.[0-9])(?P<IP>)"
     r"|(?<=[0-9+(])(?:(?<=\+)[ ]?|(?<=0)0[ ]?|(?<=\()\+?[0-9]{1,4}\)[ ]?)?"  # +86, 0086, (+86), (010)
-    r"(?:(?<=[0-9])|[0-9])(?:[ \-]?[0-9]){6,40}[Xx]?(?![0-9A-Za-z]|\.[0-9])(?P<NUM>)"
+    r"(?:(?<=[0-9])|[0-9])(?:[ \t\r\n.\-]{0,3}[0-9]){6,40}[Xx]?(?![0-9A-Za-z]|\.[0-9])(?P<NUM>)"
     r"|(?<=[0-9A-Z])(?:[A-Z][0-9]{2}(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?|[0-9A-Z]{7,33})(?![0-9A-Za-z])(?P<ALNUM>)"
     r")"
 )
 #: Every _SCAN match lies inside one run of these characters (lower-case only in ``[Xx]``).
-_RUN_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+() .-x")
-_RUN = re.compile(r"[0-9A-Z+() .\-x]*")
-#: Every _SCAN match that can yield an entity contains one of these (7 digits with single separators:
+_RUN_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+() .-x\t\r\n")
+_RUN = re.compile(r"[0-9A-Z+() .\-x\t\r\n]*")
+#: Every _SCAN match that can yield an entity contains one of these (7 digits with separators:
 #: numbers, IDs, passports, permits, USCCs; "1.2": IPv4; two capitals then two digits: IBAN), and a
 #: run without one holds no such match. Runs are independent: a match never spans two of them.
-_SEED = re.compile(r"[0-9](?:(?:[ \-]?[0-9]){6}|\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?<=[A-Z]{2}[0-9])[0-9])")
+_SEED = re.compile(r"[0-9](?:(?:[ \t\r\n.\-]{0,3}[0-9]){6}|\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?<=[A-Z]{2}[0-9])[0-9])")
 _MAX_RUNS = 4
 _ALL = frozenset(ENTITY_TYPES)
 #: The types the number/ID scan reports.
 _SCAN_TYPES = _ALL - {"EMAIL", "API_KEY", "JWT", "PRIVATE_KEY", "URL_CREDENTIALS"}
-_SEED_BYTES = re.compile(_SEED.pattern.encode())
-_NOT_SEED = bytes(sorted(set(range(256)) - set(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ .-")))
 #: A valid IPv6 candidate holds "::" or at least six colons with only hex digits and dots between.
 _IPV6_SEED = re.compile(r"::|:(?:[0-9A-Fa-f.]*:){5}")
 _HEX_COLON_DOT_RUN = re.compile(r"[0-9A-Fa-f:.]*")
@@ -69,7 +64,9 @@ _EMAIL_DOMAIN = re.compile(
 _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
 _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
 _HEX_COLON_DOT = frozenset("0123456789abcdefABCDEF:.")
-_VERSION_CONTEXT = re.compile(r"(?i:version|ver\.?|release|build|版本)[ :：]*$")
+_VERSION_CONTEXT = re.compile(r"(?i:version|ver\.?|release|build|rev(?:ision)?|版本[号為为是]?|内部版本号?)[ \t:：=]*$")
+#: A 12-digit Chinese invoice code (发票代码) is not a landline.
+_INVOICE_CONTEXT = re.compile(r"(?i:发票|票据|税控|invoice)[^0-9]{0,8}$")
 #: A rare character every match of a secret pattern holds (default: the hint's last character).
 _SECRET_GATE = {"gh": "_", "aws_secret_access_key": "_", "AKIA": "K", "ASIA": "S", "xox": "-", "eyJ": "J"}
 _SECRET_GATE |= {"-----BEGIN": "-", "Bearer ": "B"}
@@ -97,17 +94,6 @@ _SECRETS: tuple[tuple[str, str, re.Pattern[str], str], ...] = tuple(
 )
 
 
-def _fold_char(m: re.Match[str]) -> str:
-    return _FOLD[m.group()]
-
-
-def fold(text: str) -> str:
-    """Full-width digits, letters and separators folded to ASCII; same length as ``text``."""
-    if text.isascii():  # O(1) in CPython; every folded character is non-ASCII
-        return text
-    return _NEEDS_FOLD.sub(_fold_char, text) if _NEEDS_FOLD.search(text) else text
-
-
 _ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -121,33 +107,46 @@ def _glued(t: str, a: int) -> bool:
     return a > 0 and t[a - 1] in _ASCII_LETTERS
 
 
+_HINTS = tuple(hint for _, hint, _, _ in _SECRETS)
+_GATES = tuple(g for g, _, _, _ in _SECRETS)
+_hits = gate.make_hits(_HINTS, _GATES)
+
+
 def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
     """All validated entities in ``text``, non-overlapping, sorted by start.
 
-    ``entities`` restricts the search to those types (recognizers for other types do not run;
-    overlaps are resolved among the requested types only).
+    Spans are of ``text`` itself (the detection copy is mapped back); canonical values come from
+    the copy (``１３８…`` and ``138…`` get the same pseudonym). ``entities`` restricts the search
+    to those types (recognizers for other types do not run; overlaps are resolved among the
+    requested types only).
     """
-    t = fold(text)
     found: list[Finding] = []
-    if len(t) < 20 and t.isalpha() and t.isascii():
+    if len(text) < 20 and text.isascii() and text.isalpha():
         return found  # JSON keys, roles, short words: every recognizer needs a digit, "@", "-" ... or 20 chars
+    bits = _hits(text)
+    t, omap = text, None
+    if bits & gate.NORM:
+        t, omap = normalize(text, checked=True)
+        if t is not text:
+            bits = _hits(t)
+    if not bits & ~gate.NORM:
+        return found
     want = _ALL if entities is None else frozenset(entities)
-    if not want.isdisjoint(_SCAN_TYPES):
+    if bits & gate.NUM and not want.isdisjoint(_SCAN_TYPES):
         _scan_numbers(t, found)
-    if found:
-        found[:] = [f for f in found if not (f[2] == "CN_ID" and len(f[3]) == 15 and not _id15_context(t, f[0]))]
-    if "IBAN" in t and "IBAN" in want:
+        if found:
+            found[:] = [f for f in found if _context_ok(t, f)]
+    if bits & gate.IBAN and "IBAN" in want:
         for m in _IBAN_GLUED.finditer(t):
             if cs.is_iban(m.group(1).replace(" ", "")):
                 found.append((m.start(1), m.end(1), "IBAN", m.group(1).replace(" ", "")))
-    if "@" in t and "EMAIL" in want:
+    if bits & gate.EMAIL and "EMAIL" in want:
         for m in _EMAIL_DOMAIN.finditer(t):
             _email(t, m, found)
-    # What _IPV6_SEED needs, checked at memchr speed first.
-    if ":" in t and "IP_ADDRESS" in want and ("::" in t or t.count(":") >= 6):
+    if bits & gate.IPV6 and "IP_ADDRESS" in want:
         _scan_ipv6(t, found)
-    for gate, hint, pattern, kind in _SECRETS:
-        if gate not in t or hint not in t or kind not in want:  # one-character gates run at memchr speed
+    for i, (_gate, _hint, pattern, kind) in enumerate(_SECRETS):
+        if not bits & gate.secret_bit(i) or kind not in want:
             continue
         # Every pattern starts with its hint, so searching for the pattern visits the same matches.
         sm = pattern.search(t)
@@ -160,16 +159,27 @@ def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
         found = [f for f in found if f[2] in want]
     if len(found) > 1:
         found = _resolve(found)
+    if omap is not None:
+        out: list[Finding] = []
+        for a, b, kind, canonical in found:
+            oa, ob = omap.span(a, b)
+            out.append((oa, ob, kind, canonical))
+        return out
     return found
+
+
+def _context_ok(t: str, f: Finding) -> bool:
+    """Rules that need the text before a number: legacy IDs need a keyword, invoice codes are not phones."""
+    if f[2] == "CN_ID" and len(f[3]) == 15:
+        return _id15_context(t, f[0])
+    if f[2] == "CN_LANDLINE":
+        return _INVOICE_CONTEXT.search(t, max(0, f[0] - 16), f[0]) is None
+    return True
 
 
 def _scan_numbers(t: str, found: list[Finding]) -> None:
     """What ``_SCAN.finditer(t)`` over the whole text finds, visiting only runs that hold a seed."""
     hi = 0
-    # sre tests a character class one character at a time; dropping (at C speed) every byte a seed
-    # cannot contain first shrinks ASCII prose to a fifth. A seed stays contiguous, so none is lost.
-    if t.isascii() and _SEED_BYTES.search(t.encode().translate(None, _NOT_SEED)) is None:
-        return
     runs = 0
     seed = _SEED.search(t)
     while seed is not None:
@@ -189,11 +199,17 @@ def _scan_numbers(t: str, found: list[Finding]) -> None:
             if kind == "NUM":
                 if _glued(t, a) and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
                     continue
-                _classify_run(m.group(), a, found)
+                raw = m.group()
+                if "." in raw:
+                    quad = _DOTTED_QUAD.fullmatch(raw)
+                    if quad is not None:  # "(10.1.2.3": an address after a parenthesis
+                        _ipv4(t, a + quad.start(1), a + quad.end(1), found)
+                        continue
+                _classify_run(raw, a, found)
             elif _glued(t, a):
                 continue
             elif kind == "IP":
-                _ipv4(t, m, found)
+                _ipv4(t, m.start(), m.end(), found)
             else:
                 _classify_alnum(m.group(), a, found)
         if runs > _MAX_RUNS:
@@ -248,8 +264,6 @@ def _id15_context(t: str, start: int) -> bool:
 
 
 
-
-
 def _email(t: str, m: re.Match[str], found: list[Finding]) -> None:
     at = m.start()
     a = at
@@ -274,9 +288,11 @@ def _resolve(found: list[Finding]) -> list[Finding]:
 
 
 _NON_DIGIT = re.compile(r"[^0-9]+")
-_LANDLINE_HEAD = re.compile(r"(0[0-9]{2,3})[ \-]")
+_LANDLINE_HEAD = re.compile(r"(0[0-9]{2,3})[ \t\r\n.\-]")
+_DIGIT_GROUP = re.compile(r"[0-9]+")
+_DOTTED_QUAD = re.compile(r"\(?([0-9]{1,3}(?:\.[0-9]{1,3}){3})")
 _CHUNK = re.compile(r"\(?\+?([0-9]+)\)?[Xx]?")
-_DROP_SEPARATORS = dict.fromkeys(map(ord, " -+()Xx."))
+_DROP_SEPARATORS = dict.fromkeys(map(ord, " -+()Xx.\t\r\n"))
 
 
 def _digits(s: str) -> str:
@@ -288,6 +304,8 @@ def _digits(s: str) -> str:
 
 def classify_number(raw: str) -> tuple[str, str] | None:
     """The entity type and canonical value of one digit run (with separators), or None."""
+    if "." in raw and not _dots_ok(raw):
+        return None  # a decimal, a version or an OID, not a number written with dots
     intl = raw.startswith(("+", "00", "(+"))
     if raw[-1] in "Xx":
         d = _digits(raw) + "X"
@@ -319,6 +337,11 @@ def classify_number(raw: str) -> tuple[str, str] | None:
     if d[:1] == "0" and 10 <= n <= 12 and _is_landline(raw, d):
         return "CN_LANDLINE", d
     return None
+
+
+def _dots_ok(raw: str) -> bool:
+    """``138.1234.5678``: two or more dots, every digit group at least two digits long."""
+    return raw.count(".") >= 2 and min(map(len, _DIGIT_GROUP.findall(raw))) >= 2
 
 
 def _id_shaped(d: str) -> bool:
@@ -370,13 +393,18 @@ def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
     if len(found_chunks) < 2 or len(found_chunks) > 24:
         return
     chunks = [m.span() for m in found_chunks]
+    # A sub-run never starts or ends at a dot: "0.13812345678" is a decimal, not a phone.
+    dot_gap = [False] + ["." in raw[chunks[k - 1][1] : chunks[k][0]] for k in range(1, len(chunks))] + [False]
     cum = [0]  # digits before each chunk: a sub-run's digit count without counting characters
     for m in found_chunks:
         cum.append(cum[-1] + m.end(1) - m.start(1))
     i = 0
     while i < len(chunks):
+        if dot_gap[i]:
+            i += 1
+            continue
         for j in range(len(chunks), i, -1):
-            if j - i == len(chunks):
+            if j - i == len(chunks) or dot_gap[j]:
                 continue
             if cum[j] - cum[i] < 7:
                 break
@@ -413,16 +441,14 @@ def _classify_alnum(raw: str, start: int, found: list[Finding]) -> None:
         found.append((start, start + len(raw), kind, s))
 
 
-def _ipv4(t: str, m: re.Match[str], found: list[Finding]) -> None:
+def _ipv4(t: str, a: int, b: int, found: list[Finding]) -> None:
     try:
-        ipaddress.IPv4Address(m.group())
+        ipaddress.IPv4Address(t[a:b])
     except ValueError:
         return
-    if _VERSION_CONTEXT.search(t, max(0, m.start() - 12), m.start()):
+    if _VERSION_CONTEXT.search(t, max(0, a - 12), a):
         return
-    found.append((m.start(), m.end(), "IP_ADDRESS", m.group()))
-
-
+    found.append((a, b, "IP_ADDRESS", t[a:b]))
 
 
 def jwt_header_ok(token: str) -> bool:

@@ -1,0 +1,129 @@
+"""Which recognizers can match a text: one compiled multi-pattern pass (hyperscan), or Python gates.
+
+``hits(text)`` returns a bit mask: ``NORM`` (the text holds a character the detection copy
+changes, see ``normalize``), ``NUM`` (a number/ID/IPv4 seed: seven digits with separators,
+``d.d.d.d``, or two capitals then two digits), ``EMAIL`` (``@``), ``IPV6`` (``::`` or six
+colons), ``IBAN`` (the literal), and one bit per secret hint (``secret_bit(i)``). A recognizer
+whose bit is clear cannot match, so it does not run: a clean text costs one scan.
+
+With the ``hyperscan`` package (Intel Hyperscan, a DFA-based multi-pattern matcher; Linux/macOS
+x86-64 wheels) every gate is one pattern of one database, matched in one pass over the UTF-8
+bytes, each pattern reported at most once (``HS_FLAG_SINGLEMATCH``). Without it the same bits
+come from Python checks (``in``, a regex per gate); both give the same bits
+(``tests/privacy/test_gate.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from vllm_audit.privacy import normalize as nz
+
+NORM = 1 << 0
+NUM = 1 << 1
+EMAIL = 1 << 2
+IPV6 = 1 << 3
+IBAN = 1 << 4
+_SECRET0 = 5
+
+#: Number/ID seeds (a superset of what the number scan needs).
+NUM_SEED = r"[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){6}|[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|[A-Z]{2}[0-9]{2}"
+IPV6_SEED = r"::|:(?:[0-9A-Fa-f.]*:){5}"
+_NUM_RE = re.compile(NUM_SEED)
+_NUM_BYTES = re.compile(NUM_SEED.encode())
+_NOT_NUM = bytes(sorted(set(range(256)) - set(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ \t\r\n.-")))
+_IPV6_RE = re.compile(IPV6_SEED)
+
+
+def secret_bit(i: int) -> int:
+    """The bit of the ``i``-th secret hint."""
+    return 1 << (_SECRET0 + i)
+
+
+_hs: ModuleType | None
+try:
+    import hyperscan as _hs
+except ImportError:  # pragma: no cover - exercised where no wheel exists
+    _hs = None
+
+AVAILABLE = _hs is not None
+
+
+class _Scanner:
+    """A compiled hyperscan database of every gate, with its scratch space (one per thread)."""
+
+    def __init__(self, hints: Sequence[str]) -> None:
+        assert _hs is not None
+        norm = nz.trigger_pattern()
+        exprs = [norm, NUM_SEED, "@", IPV6_SEED, "IBAN", *(re.escape(h) for h in hints)]
+        self.db = _hs.Database()
+        flags = _hs.HS_FLAG_UTF8 | _hs.HS_FLAG_SINGLEMATCH
+        self.db.compile(
+            expressions=[e.encode() for e in exprs],
+            ids=list(range(len(exprs))),
+            elements=len(exprs),
+            flags=[flags] * len(exprs),
+        )
+        self._scratch = _hs.Scratch(self.db)
+        self._local = threading.local()
+
+    def scratch(self) -> Any:
+        s = getattr(self._local, "scratch", None)
+        if s is None:
+            s = self._local.scratch = self._scratch.clone()
+        return s
+
+    def hits(self, text: str) -> int:
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:  # lone surrogates: hyperscan needs valid UTF-8
+            data = text.encode("utf-8", "replace")
+        bits = [0]
+
+        def on_match(i: int, _a: int, _b: int, _f: int, _c: object) -> None:
+            bits[0] |= 1 << i
+
+        self.db.scan(data, match_event_handler=on_match, scratch=self.scratch())
+        return bits[0]
+
+
+@functools.cache
+def _scanner(hints: tuple[str, ...]) -> _Scanner:
+    return _Scanner(hints)
+
+
+def python_hits(text: str, hints: Sequence[str], gates: Sequence[str]) -> int:
+    """The same bits as the compiled scanner, from Python checks (``gates``: a rare character per hint)."""
+    bits = 0
+    if not text.isascii() and nz.needs_normalize(text):
+        bits |= NORM
+    if text.isascii():
+        # Dropping (at C speed) every byte no seed holds keeps each seed contiguous: no seed in
+        # what is left means none in the text; otherwise the real search decides.
+        if _NUM_BYTES.search(text.encode().translate(None, _NOT_NUM)) is not None and _NUM_RE.search(text):
+            bits |= NUM
+    elif _NUM_RE.search(text) is not None:
+        bits |= NUM
+    if "@" in text:
+        bits |= EMAIL
+    if ":" in text and ("::" in text or (text.count(":") >= 6 and _IPV6_RE.search(text) is not None)):
+        bits |= IPV6
+    if "IBAN" in text:
+        bits |= IBAN
+    for i, (hint, gate) in enumerate(zip(hints, gates, strict=True)):
+        if gate in text and hint in text:
+            bits |= secret_bit(i)
+    return bits
+
+
+def make_hits(hints: Sequence[str], gates: Sequence[str], *, compiled: bool = True) -> Callable[[str], int]:
+    """The gate function for these secret hints: compiled when hyperscan is installed (and wanted)."""
+    if compiled and AVAILABLE:
+        return _scanner(tuple(hints)).hits
+    hints, gates = tuple(hints), tuple(gates)
+    return lambda text: python_hits(text, hints, gates)
