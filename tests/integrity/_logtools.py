@@ -25,7 +25,7 @@ from vllm_audit.integrity.checkpoint import (
 )
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.integrity.keys import SigningKey, load_signing_key
-from vllm_audit.integrity.merkle import root_of
+from vllm_audit.integrity.merkle import CompactRange, root_of
 
 
 def record(i: int) -> dict[str, Any]:
@@ -115,11 +115,16 @@ def rechain(log_dir: Path, key: SigningKey | None = None, anchors_too: bool = Fa
     d = writer_dir(log_dir)
     prev = "0" * 64
     leaves: list[bytes] = []
+    new_sha: dict[str, str] = {}
     for seg in segments(log_dir):
         out = []
         for line in read_lines(seg):
             obj = orjson.loads(line)
             obj["prev"] = prev
+            detail = obj.get("detail")
+            if obj.get("event") == "segment_sealed" and isinstance(detail, dict) and detail.get("segment") in new_sha:
+                detail["sha256"] = new_sha[detail["segment"]]
+                detail["merkle_root"] = root_of(leaves[: detail["last_seq"] + 1]).hex()
             new = orjson.dumps(obj)
             out.append(new)
             lf = leaf_hash(new)
@@ -134,10 +139,18 @@ def rechain(log_dir: Path, key: SigningKey | None = None, anchors_too: bool = Fa
             man["bytes"] = len(data)
             man["last_leaf"] = prev
             man["merkle_root"] = root_of(leaves).hex()
+            man["compact_range"] = [h.hex() for h in _compact(leaves).hashes]
+            new_sha[seg.name] = man["sha256"]
             writable(m)
             m.write_bytes(orjson.dumps(man))
     if key is not None:
         resign(d / CHECKPOINTS_FILE, key, leaves)
+
+
+def _compact(leaves: list[bytes]) -> CompactRange:
+    tree = CompactRange()
+    tree.extend(leaves)
+    return tree
 
 
 def resign(path: Path, key: SigningKey, leaves: list[bytes]) -> None:

@@ -25,7 +25,6 @@ Writer-thread protocol (see ``docs/internals.md``)::
 
 from __future__ import annotations
 
-import binascii
 import fcntl
 import hashlib
 import logging
@@ -53,54 +52,49 @@ from vllm_audit.integrity.checkpoint import (
     sign_checkpoint,
     split_note,
 )
+from vllm_audit.integrity.codec import (
+    MANIFEST_FORMAT,
+    SEGMENT_PREFIX,
+    SEGMENT_SUFFIX,
+    ZERO_HASH,
+    encode_entries,
+    encode_manifest,
+    leaf_hash,
+    manifest_name,
+    parse_header,
+    segment_first_seq,
+    segment_name,
+    split_lines,
+    split_torn,
+    writer_tail,
+)
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.integrity.keys import SigningKey, load_signing_key, write_private
 from vllm_audit.integrity.merkle import CompactRange
+from vllm_audit.integrity.reader import list_segments, read_manifest
+
+__all__ = [
+    "SEGMENT_PREFIX",
+    "SEGMENT_SUFFIX",
+    "ZERO_HASH",
+    "Chain",
+    "leaf_hash",
+    "list_segments",
+    "manifest_name",
+    "segment_first_seq",
+    "segment_name",
+    "split_torn",
+]
 
 log = logging.getLogger("vllm_audit.integrity")
 
-ZERO_HASH = "0" * 64
-SEGMENT_PREFIX = "seg-"
-SEGMENT_SUFFIX = ".jsonl"
-MANIFEST_SUFFIX = ".manifest.json"
 QUARANTINE_DIR = "quarantine"
 KEYS_DIR = "keys"
 AUTO_KEY = "signing.key"
 AUTO_PUB = "signing.pub"
 _SAFE_HOST = re.compile(r"[^A-Za-z0-9-]")
-_SEGMENT_RE = re.compile(r"^seg-(\d{12})\.jsonl$")
 
 _sha256 = hashlib.sha256
-_LEAF_SEED = _sha256(b"\x00")
-
-
-def leaf_hash(line: bytes) -> bytes:
-    """RFC 6962 leaf hash of one stored line (without its newline)."""
-    return _sha256(b"\x00" + line).digest()
-
-
-def segment_name(first_seq: int) -> str:
-    return f"{SEGMENT_PREFIX}{first_seq:012d}{SEGMENT_SUFFIX}"
-
-
-def manifest_name(segment: str) -> str:
-    return segment[: -len(SEGMENT_SUFFIX)] + MANIFEST_SUFFIX
-
-
-def segment_first_seq(name: str) -> int | None:
-    m = _SEGMENT_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def list_segments(d: Path) -> list[tuple[int, Path]]:
-    """``(first_seq, path)`` of the segment files in a writer directory, in order."""
-    out = []
-    for p in d.iterdir():
-        first = segment_first_seq(p.name)
-        if first is not None:
-            out.append((first, p))
-    out.sort()
-    return out
 
 
 def anchor_file(anchor_dir: str | os.PathLike[str], writer_id: str) -> Path:
@@ -114,14 +108,6 @@ def new_writer_id() -> str:
 
 def now_iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def split_torn(data: bytes) -> tuple[bytes, bytes]:
-    """``(complete lines, torn tail)`` of a segment's bytes."""
-    if not data or data.endswith(b"\n"):
-        return data, b""
-    cut = data.rfind(b"\n") + 1
-    return data[:cut], data[cut:]
 
 
 class Chain:
@@ -257,16 +243,9 @@ class Chain:
         if torn_cp:
             recovery["torn_checkpoints"] = torn_cp
         segments = list_segments(d)
-        start = 0
-        # Sealed segments carry the compact range at their end: no need to re-read them.
-        for i in range(len(segments) - 1, -1, -1):
-            m = _read_manifest(segments[i][1])
-            if m is not None:
-                self.tree = CompactRange(m["tree_size"], [bytes.fromhex(h) for h in m["compact_range"]])
-                self.last_hash = m["last_leaf"]
-                self.next_seq = m["tree_size"]
-                start = i + 1
-                break
+        start, distrusted = self._resume_point(segments)
+        if distrusted:
+            recovery["manifests_distrusted"] = distrusted
         tail: Path | None = None
         for idx in range(start, len(segments)):
             first, path = segments[idx]
@@ -302,18 +281,72 @@ class Chain:
         else:
             self._event("writer_resumed", {"key": self.key.verifier.label})
 
+    def _resume_point(self, segments: list[tuple[int, Path]]) -> tuple[int, list[str]]:
+        """Take the chain state from the last sealed segment's manifest, once it proves true.
+
+        The manifest's compact range is what the resumed chain grows from, so it is checked before
+        it is trusted: the segment's bytes must match its ``sha256``, size, count and seq range,
+        and the compact range recomputed from the previous manifest's (or from the start) plus this
+        segment's leaves must equal the recorded one (one segment of hashing). A manifest that
+        fails is named in the recovery event and the state is rebuilt from the segments instead.
+        Returns the index of the first segment still to absorb and the distrusted manifests.
+        """
+        distrusted: list[str] = []
+        for i in range(len(segments) - 1, -1, -1):
+            first, path = segments[i]
+            m = _read_manifest(path)
+            if m is None:
+                continue
+            prev = _read_manifest(segments[i - 1][1]) if i > 0 else None
+            if i == 0:
+                base = CompactRange()
+                base_last = ZERO_HASH
+            elif prev is not None and prev["tree_size"] == first:
+                base = CompactRange(first, [bytes.fromhex(h) for h in prev["compact_range"]])
+                base_last = prev["last_leaf"]
+            else:
+                base = None
+                base_last = ""
+            if base is not None and _manifest_holds(path, m, first, base, base_last):
+                self.tree = CompactRange(m["tree_size"], [bytes.fromhex(h) for h in m["compact_range"]])
+                self.last_hash = m["last_leaf"]
+                self.next_seq = m["tree_size"]
+                return i + 1, distrusted
+            if base is not None:
+                distrusted.append(path.name)
+                log.warning(
+                    "audit chain %s: the manifest of %s does not match its segment; not trusted",
+                    self.writer_id,
+                    path.name,
+                )
+            # Without a usable previous manifest, rebuild from the start.
+            break
+        # Rebuild: absorb every sealed segment (their manifests stay as they are).
+        self.tree = CompactRange()
+        self.last_hash = ZERO_HASH
+        self.next_seq = 0
+        for _first, path in segments:
+            if _read_manifest(path) is None:
+                break
+            good, _torn = split_torn(path.read_bytes())
+            self._absorb(good)
+        sealed = 0
+        for _first, path in segments:
+            if _read_manifest(path) is None:
+                break
+            sealed += 1
+        return sealed, distrusted
+
     def _absorb(self, good: bytes) -> int:
         """Feed complete stored lines into the chain state (resume)."""
-        lines = good.split(b"\n")[:-1] if good else []
+        lines = split_lines(good)
         tree = self.tree
         for line in lines:
             tree.append(leaf_hash(line))
         if lines:
             self.last_hash = leaf_hash(lines[-1]).hex()
-            try:
-                seq = int(orjson.loads(lines[-1])["seq"])
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                seq = -1
+            header = parse_header(lines[-1], writer_tail(self.writer_id))
+            seq = header[0] if header is not None else -1
             if seq != tree.size - 1:
                 log.warning("audit chain %s: last entry has seq %s, expected %s", self.writer_id, seq, tree.size - 1)
         self.next_seq = tree.size
@@ -392,7 +425,7 @@ class Chain:
             sha = self._segment_sha.hexdigest()
             size = self._segment_bytes
         manifest = {
-            "format": "vllm-audit-segment-manifest/v1",
+            "format": MANIFEST_FORMAT,
             "writer_id": self.writer_id,
             "segment": path.name,
             "first_seq": first,
@@ -412,7 +445,7 @@ class Chain:
         tmp = mpath.with_name(mpath.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
         try:
-            _write_all(fd, orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+            _write_all(fd, encode_manifest(manifest))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -478,32 +511,8 @@ class Chain:
         if self._broken:
             self._recover_from_write_error()
             entries = [*self.pending_events(), *entries]
-        buf = bytearray()
-        leaves: list[bytes] = []
         seq = self.next_seq
-        prev = self.last_hash.encode()
-        wid = orjson.dumps(self.writer_id)
-        dumps = orjson.dumps
-        seed = _LEAF_SEED
-        hexlify = binascii.hexlify
-        for entry in entries:
-            body = memoryview(dumps(entry))[1:]  # without its "{"
-            head = b'{"seq":%d,"prev":"%b","writer_id":%b,' % (seq, prev, wid)
-            h = seed.copy()
-            if len(body) > 1:
-                h.update(head)
-                h.update(body)
-                buf += head
-                buf += body
-            else:  # an empty entry: the header alone
-                head = head[:-1] + b"}"
-                h.update(head)
-                buf += head
-            buf += b"\n"
-            leaf = h.digest()
-            leaves.append(leaf)
-            prev = hexlify(leaf)
-            seq += 1
+        buf, leaves = encode_entries(entries, self.writer_id, seq, self.last_hash.encode())
         if not leaves:
             return leaves
         try:
@@ -525,8 +534,8 @@ class Chain:
             n += 1
         tree.size = n
         self._segment_sha.update(buf)
-        self.next_seq = seq
-        self.last_hash = prev.decode()
+        self.next_seq = seq + len(leaves)
+        self.last_hash = leaves[-1].hex()
         self._segment_bytes += len(buf)
         return leaves
 
@@ -618,16 +627,34 @@ class Chain:
 
 
 def _read_manifest(segment: Path) -> dict[str, Any] | None:
+    return read_manifest(segment)
+
+
+def _manifest_holds(path: Path, m: dict[str, Any], first: int, base: CompactRange, base_last: str) -> bool:
+    """Does the manifest describe the segment's bytes, continuing the chain state ``base``?"""
     try:
-        m = orjson.loads(segment.with_name(manifest_name(segment.name)).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    if not isinstance(m, dict) or m.get("segment") != segment.name:
-        return None
-    try:
-        CompactRange(int(m["tree_size"]), [bytes.fromhex(h) for h in m["compact_range"]])
-        int(m["last_seq"])
-        bytes.fromhex(m["last_leaf"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return m
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if m.get("sha256") != _sha256(data).hexdigest() or m.get("bytes") != len(data):
+        return False
+    good, torn = split_torn(data)
+    lines = split_lines(good)
+    count = len(lines)
+    if m.get("torn_bytes", 0) != len(torn) or m.get("count") != count:
+        return False
+    if m.get("first_seq") != first or m.get("last_seq") != first + count - 1 or m.get("tree_size") != first + count:
+        return False
+    if not lines:
+        return False
+    header = parse_header(lines[0], writer_tail(path.parent.name))
+    if header is None or header[1].decode() != base_last:
+        return False
+    tree = CompactRange(base.size, list(base.hashes))
+    for line in lines:
+        tree.append(leaf_hash(line))
+    if [h.hex() for h in tree.hashes] != list(m.get("compact_range") or []):
+        return False
+    if m.get("merkle_root") != tree.root().hex() or m.get("last_leaf") != leaf_hash(lines[-1]).hex():
+        return False
+    return m.get("writer_id") in (None, path.parent.name)

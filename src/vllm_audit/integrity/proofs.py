@@ -26,9 +26,9 @@ from typing import Any
 import orjson
 
 from vllm_audit.errors import VerificationError
-from vllm_audit.integrity.chain import _read_manifest, leaf_hash, list_segments, split_torn
 from vllm_audit.integrity.checkpoint import CHECKPOINTS_FILE, Checkpoint, open_checkpoint, parse_body, split_note
 from vllm_audit.integrity.checkpoint import parse_note_line as _parse_note_line
+from vllm_audit.integrity.codec import leaf_hash, split_lines, split_torn
 from vllm_audit.integrity.keys import VerifierKey
 from vllm_audit.integrity.merkle import (
     CompactRange,
@@ -41,6 +41,8 @@ from vllm_audit.integrity.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from vllm_audit.integrity.reader import list_segments
+from vllm_audit.integrity.reader import read_manifest as _read_manifest
 
 INCLUSION_FORMAT = "vllm-audit-inclusion-proof/v1"
 CONSISTENCY_FORMAT = "vllm-audit-consistency-proof/v1"
@@ -58,7 +60,7 @@ def _leaves(d: Path, size: int) -> list[bytes]:
     out: list[bytes] = []
     for _, path in list_segments(d):
         good, _torn = split_torn(path.read_bytes())
-        for line in good.split(b"\n")[:-1]:
+        for line in split_lines(good):
             out.append(leaf_hash(line))
             if len(out) == size:
                 return out
@@ -143,7 +145,7 @@ def _fast_path(d: Path, segs: list[tuple[int, Path]], seg_no: int, index: int, s
     want = size - first
     for _, seg in segs[seg_no:]:
         good, _torn = split_torn(seg.read_bytes())
-        leaves += [leaf_hash(line) for line in good.split(b"\n")[:-1]]
+        leaves += [leaf_hash(line) for line in split_lines(good)]
         if len(leaves) >= want:
             break
     if len(leaves) < want:

@@ -26,6 +26,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -117,7 +118,7 @@ class LogReader:
         """``(first_seq, path)`` of a writer's segment files, in order."""
         return list_segments(self.writer_dir(writer_id))
 
-    def manifest(self, segment: Path) -> dict[str, object] | None:
+    def manifest(self, segment: Path) -> dict[str, Any] | None:
         return read_manifest(segment)
 
     # -- bounds ---------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def list_segments(d: Path) -> list[tuple[int, Path]]:
     return out
 
 
-def read_manifest(segment: Path) -> dict[str, object] | None:
+def read_manifest(segment: Path) -> dict[str, Any] | None:
     """A sealed segment's manifest when present and well formed (None otherwise)."""
     try:
         data = segment.with_name(codec.manifest_name(segment.name)).read_bytes()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import fcntl
+import functools
 import gc
 import hashlib
 import os
@@ -32,18 +33,16 @@ from typing import Any
 
 import orjson
 
-from vllm_audit.integrity.chain import (
-    MANIFEST_SUFFIX,
-    SEGMENT_PREFIX,
-    ZERO_HASH,
-    anchor_file,
-    list_segments,
-    manifest_name,
-    split_torn,
-)
+from vllm_audit.integrity import codec
+from vllm_audit.integrity.chain import anchor_file
 from vllm_audit.integrity.checkpoint import CHECKPOINTS_FILE, Checkpoint, NoteError, open_checkpoint, parse_note_line
+from vllm_audit.integrity.codec import EVENT as _EVENT
+from vllm_audit.integrity.codec import INFERENCE as _INFERENCE
+from vllm_audit.integrity.codec import ZERO as _ZERO
+from vllm_audit.integrity.codec import split_torn
 from vllm_audit.integrity.keys import VerifierKey, format_time_ms
 from vllm_audit.integrity.merkle import EMPTY_ROOT, decompose, decompose_starts
+from vllm_audit.integrity.reader import list_segments
 
 _sha256 = hashlib.sha256
 
@@ -56,9 +55,6 @@ def _node(pair: bytes) -> bytes:
 _PARALLEL_MIN_BYTES = 32 * 1024 * 1024
 _CHUNK_BYTES = 8 * 1024 * 1024
 _hexlify = binascii.hexlify
-_ZERO = ZERO_HASH.encode()
-_INFERENCE = b'"record_type":"inference"'
-_EVENT = b'"record_type":"event"'
 
 
 @dataclasses.dataclass(slots=True)
@@ -239,6 +235,7 @@ class _WriterVerifier:
         self.torn: list[dict[str, Any]] = []
         self.bad_cp_lines: list[tuple[int, str]] = []
         self.times: list[int] = []
+        self.file_sha: dict[str, str] = {}
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -341,8 +338,8 @@ class _WriterVerifier:
     def _check_segment_files(self) -> None:
         names = {p.name for p in self.d.iterdir()}
         for n in sorted(names):
-            if n.startswith(SEGMENT_PREFIX) and n.endswith(MANIFEST_SUFFIX):
-                seg = n[: -len(MANIFEST_SUFFIX)] + ".jsonl"
+            if codec.is_manifest_name(n):
+                seg = codec.segment_of_manifest(n)
                 if seg not in names:
                     self.problem("segment_missing", f"manifest {n} is present but its segment is gone", segment=seg)
 
@@ -350,10 +347,11 @@ class _WriterVerifier:
         res = self.res
         segments = list_segments(self.d)
         res.segments = len(segments)
-        self.wid_tail = b'","writer_id":' + orjson.dumps(self.wid) + b","
+        self.wid_tail = codec.writer_tail(self.wid)
         if 0 in self.targets:
             self._check_root(0)
         pending = self._fast_scans(segments)
+        shas = self._file_hashes(segments)
         prev_clean_end = True
         for idx, (first, path) in enumerate(segments):
             last_seg = idx == len(segments) - 1
@@ -369,7 +367,11 @@ class _WriterVerifier:
             manifest = _load_manifest(path)
             if manifest is not None:
                 res.sealed_segments += 1
-                self._check_manifest(path, manifest, nlines, self.e - nlines)
+                get_sha = shas[idx]
+                sha = get_sha() if get_sha is not None else ""
+                self.file_sha[path.name] = sha
+                torn_len = torn_info["bytes"] if torn_info is not None else 0
+                self._check_manifest(path, manifest, nlines, self.e - nlines, first, sha, torn_len)
                 if os.stat(path).st_mode & 0o222:
                     res.warnings.append(f"sealed segment {path.name} is writable (expected mode 0444)")
             elif not last_seg:
@@ -412,6 +414,19 @@ class _WriterVerifier:
                     for k, (a, b) in enumerate(ranges)
                 ]
             )
+        return out
+
+    def _file_hashes(self, segments: list[tuple[int, Path]]) -> list[Callable[[], str] | None]:
+        """SHA-256 of every sealed segment file (its manifest and ``segment_sealed`` event name it)."""
+        out: list[Callable[[], str] | None] = []
+        ex = self._executor
+        for _first, path in segments:
+            if not path.with_name(codec.manifest_name(path.name)).exists():
+                out.append(None)
+            elif ex is not None:
+                out.append(ex.submit(_file_sha256, str(path)).result)
+            else:
+                out.append(functools.partial(_file_sha256, str(path)))
         return out
 
     def _links(self, parts: list[dict[str, Any] | None], first: int, idx: int) -> bool:
@@ -459,7 +474,7 @@ class _WriterVerifier:
     def _scan_segment(self, path: Path, first: int, prev_clean_end: bool) -> tuple[int, dict[str, Any] | None]:
         """The careful path: classify every entry that is not the expected next one."""
         wid_tail = self.wid_tail
-        wt_len = len(wid_tail)
+        parse_header = codec.parse_header
         sha = _sha256
         hexlify = _hexlify
         targets = self.targets
@@ -471,22 +486,15 @@ class _WriterVerifier:
         next_target = min((s for s in targets if s > e), default=-1)
         data = path.read_bytes()
         good, torn = split_torn(data)
-        lines = good.split(b"\n")
-        lines.pop()
+        lines = codec.split_lines(good)
         nlines = len(lines)
         for i, line in enumerate(lines):
             # Slice the fixed-position header: {"seq":N,"prev":"<64 hex>","writer_id":"<id>",
-            seq = -1
-            body = 0
-            prev = b""
-            if line[:7] == b'{"seq":':
-                j = line.find(b',"prev":"', 7, 29)
-                if j > 7 and line.startswith(wid_tail, j + 73):
-                    sdig = line[7:j]
-                    if sdig.isdigit() and (len(sdig) == 1 or sdig[0] != 48):
-                        seq = int(sdig)
-                        prev = line[j + 9 : j + 73]
-                        body = j + 73 + wt_len
+            header = parse_header(line, wid_tail)
+            if header is None:
+                seq, prev, body = -1, b"", 0
+            else:
+                seq, prev, body = header
             leaf = sha(b"\x00" + line).digest()
             lh = hexlify(leaf)
             if seq != e or prev != last or i == 0:
@@ -663,23 +671,44 @@ class _WriterVerifier:
             ev["_seq"] = seq
             self.events.append(ev)
 
-    def _check_manifest(self, path: Path, m: dict[str, Any], nlines: int, start: int) -> None:
-        # Every stored line was hashed and every torn tail checked, so the manifest's whole-file
-        # sha256 (kept for external tools like sha256sum) would add nothing but another pass.
+    def _check_manifest(
+        self, path: Path, m: dict[str, Any], nlines: int, start: int, first: int, sha: str, torn: int
+    ) -> None:
+        """Every field of a sealed segment's manifest must describe the segment as verified.
+
+        Readers trust manifests (a resuming writer grows its tree from ``compact_range``; proofs
+        start from it), so an edited field is reported even where the entries themselves verify.
+        """
         seg = path.name
         diffs = []
+        if m.get("segment") != seg:
+            diffs.append("segment name")
+        if m.get("writer_id") is not None and m.get("writer_id") != self.wid:
+            diffs.append("writer_id")
         if m.get("bytes") != path.stat().st_size:
             diffs.append("size")
+        if m.get("sha256") != sha:
+            diffs.append("sha256")
         if m.get("count") != nlines:
             diffs.append("entry count")
-        if m.get("tree_size") == self.e and self._first_anomaly is None:
+        if m.get("first_seq") != first or (nlines and m.get("first_seq") != start):
+            diffs.append("first_seq")
+        if m.get("last_seq") != start + nlines - 1:
+            diffs.append("last_seq")
+        if m.get("torn_bytes", 0) != torn:
+            diffs.append("torn_bytes")
+        if m.get("tree_size") != self.e:
+            diffs.append("tree_size")
+        elif self._first_anomaly is None:
             if m.get("last_leaf") != self.last.decode() or m.get("merkle_root") != _root(self.stack).hex():
                 diffs.append("last leaf / Merkle root")
+            if m.get("compact_range") != [h.hex() for h in self.stack]:
+                diffs.append("compact_range")
         if diffs:
             inside = any(
                 p.segment == seg or (p.seq is not None and start <= p.seq <= self.e) for p in self.res.problems
             )
-            if not inside:
+            if not inside:  # a problem among its entries explains (and was reported before) the rest
                 self.problem(
                     "modified", f"sealed segment {seg} differs from its manifest ({', '.join(diffs)})", start, seg
                 )
@@ -727,6 +756,20 @@ class _WriterVerifier:
                 self.problem("bad_signature", msg)
         present = {p.name for _, p in list_segments(self.d)}
         for name, detail in sorted(sealed.items()):
+            first = detail.get("first_seq")
+            last = detail.get("last_seq")
+            covered = any(
+                p.segment == name
+                or (p.seq is not None and isinstance(first, int) and isinstance(last, int) and first <= p.seq <= last)
+                for p in res.problems
+            )
+            if name in self.file_sha and detail.get("sha256") != self.file_sha[name] and not covered:
+                self.problem(
+                    "modified",
+                    f"segment {name} does not match the sha256 its signed segment_sealed event recorded",
+                    first if isinstance(first, int) else None,
+                    name,
+                )
             if name not in present:
                 first = detail.get("first_seq")
                 if not any(p.kind == "segment_missing" for p in res.problems):
@@ -771,16 +814,13 @@ def _root(stack: list[bytes]) -> bytes:
 
 
 def _header(line: bytes, wid_tail: bytes) -> tuple[int, bytes] | None:
-    if line[:7] != b'{"seq":':
-        return None
-    j = line.find(b',"prev":"', 7, 29)
-    if j <= 7 or not line.startswith(wid_tail, j + 73) or not line[7:j].isdigit():
-        return None
-    return int(line[7:j]), line[j + 9 : j + 73]
+    h = codec.parse_header(line, wid_tail)
+    return None if h is None else (h[0], h[1])
 
 
 def _load_manifest(segment: Path) -> dict[str, Any] | None:
-    p = segment.with_name(manifest_name(segment.name))
+    """The manifest as stored (any object naming this segment; its fields are checked one by one)."""
+    p = segment.with_name(codec.manifest_name(segment.name))
     try:
         m = orjson.loads(p.read_bytes())
     except (OSError, orjson.JSONDecodeError):
@@ -862,25 +902,21 @@ def _scan_chunk(
     }  # fmt: skip
     if not data:
         return empty
-    if not data.startswith(b'{"seq":'):
+    nl = data.find(b"\n")
+    head = codec.parse_header(data[: nl if nl >= 0 else len(data)], wid_tail)
+    if head is None:
         return None
-    j = data.find(b',"prev":"', 7, 29)
-    sdig = data[7:j] if j > 0 else b""
-    if not sdig.isdigit():
-        return None
-    first = int(sdig)
-    first_prev = data[j + 9 : j + 73]
+    first, first_prev, _body = head
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        xlines = (b"\x00" + data.replace(b"\n", b"\n\x00")).split(b"\n")
-        xlines.pop()  # the lone 0x00 after the final newline
+        xlines = codec.leaf_inputs(data)
         sha = _sha256
         leaves = [sha(x).digest() for x in xlines]
         hexes = list(map(_hexlify, leaves))
         prevs = [first_prev]
         prevs += hexes[:-1]
-        fmt = b'\x00{"seq":%d,"prev":"%b' + wid_tail
+        fmt = b"\x00" + codec.header_format(wid_tail)
         expected = [fmt % t for t in zip(range(first, first + len(xlines)), prevs, strict=True)]
         if not all(map(bytes.startswith, xlines, expected)):
             return None
@@ -930,6 +966,14 @@ def _scan_chunk(
         "inference": n_inf,
         "torn": torn_info,
     }
+
+
+def _file_sha256(path: str) -> str:
+    h = _sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _chunks(path: Path, size: int, chunk: int) -> list[tuple[int, int]]:
