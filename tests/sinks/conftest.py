@@ -44,7 +44,7 @@ def inference(i: int, *, pad: int = 0) -> dict[str, Any]:
         "usage_source": "response",
         "latency_ms": 12.5 + i % 10,
         "ttft_ms": None,
-        "input_prompt": [{"role": "user", "content": f"Summarise ticket {i} for <EMAIL_ADDRESS> \"q\" ]\\ é中"}],
+        "input_prompt": [{"role": "user", "content": f'Summarise ticket {i} for <EMAIL_ADDRESS> "q" ]\\ é中'}],
         "output_response": "The customer asks about an invoice." + "x" * pad,
         "prompt_sha256": None,
         "request_bytes": 300,
