@@ -439,14 +439,17 @@ async def test_fingerprint_moved_to_the_usage_chunk_is_put_back_on_the_finish_ch
     assert "demo-rev-1" == rec["model_revision"]
 
 
-async def test_finish_chunk_is_not_held_for_multi_choice_streams(audited, tmp_path: Path) -> None:
-    """With n > 1 nothing is held back (events of other choices may follow a finish chunk)."""
+async def test_every_finish_chunk_waits_for_the_usage_chunk_and_gets_the_fingerprint() -> None:
+    """With n > 1 each choice's finish chunk is held (other events pass) and gets the fingerprint back."""
     from vllm_audit.middleware import _UsageStripper
 
-    s = _UsageStripper(hold_finish=False)
-    ev = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
-    assert ev == s.feed(ev)
-    held = _UsageStripper(hold_finish=True)
-    assert b"" == held.feed(ev)
+    s = _UsageStripper()
+    fin0 = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    tok1 = b'data: {"choices":[{"index":1,"delta":{"content":"x"}}]}\n\n'
+    fin1 = b'data: {"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}\n\n'
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":1},"system_fingerprint":"fp"}\n\n'
-    assert ev[:-3] + b',"system_fingerprint":"fp"}\n\n' == held.feed(usage)
+    assert b"" == s.feed(fin0)
+    assert tok1 == s.feed(tok1)
+    assert b"" == s.feed(fin1)
+    fp = b',"system_fingerprint":"fp"}\n\n'
+    assert fin0[:-3] + fp + fin1[:-3] + fp == s.feed(usage)

@@ -3,16 +3,24 @@
 The request path only fills an :class:`Exchange` (references to the raw bytes it saw, a few
 timestamps and flags). :func:`finalize` turns it into a schema-v1 record dict on the writer
 thread: JSON parsing of the request, SSE parsing of the response, usage and finish reason.
-Nothing here runs on the event loop.
+Nothing here runs on the event loop, except the small helpers the edge shares with the record
+so both read a request the same way the upstream does: :func:`parse_json` (vLLM's parser,
+``json.loads``: UTF-8/16/32 with BOM detection, ``NaN``, lone surrogates), :func:`lax_bool`
+and :func:`lax_int` (pydantic's lax coercion) and :func:`normalize_path`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
+from vllm_audit.ids import uuid7
 from vllm_audit.record import SCHEMA_VERSION
 
 # Outcomes (the "status" field).
@@ -23,13 +31,123 @@ TIMEOUT = "timeout"
 CANCELLED = "cancelled"
 REJECTED = "rejected"
 
-_TEXT_ROUTES_INPUT_KEYS = ("messages", "prompt", "input")
+# prompt_status values
+CAPTURED = "captured"
+ABSENT = "absent"
+TRUNCATED = "truncated"
+UNPARSED = "unparsed"
+LOSSY = "lossy"
+
+#: The request body fields each route acts on (what the model receives); the record stores these.
+PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("messages",),
+    "/v1/completions": ("prompt",),
+    "/v1/embeddings": ("input", "messages"),
+    "/v1/responses": ("instructions", "input"),
+    "/v1/messages": ("system", "messages"),
+    "/v1/messages/count_tokens": ("system", "messages"),
+    "/invocations": ("messages", "prompt", "input"),
+    "/tokenize": ("prompt", "messages"),
+    "/detokenize": ("tokens",),
+    "/pooling": ("input", "messages"),
+    "/classify": ("input", "messages"),
+    "/score": ("text_1", "text_2", "queries", "documents"),
+    "/v1/score": ("text_1", "text_2", "queries", "documents"),
+    "/rerank": ("query", "documents"),
+    "/v1/rerank": ("query", "documents"),
+    "/v2/rerank": ("query", "documents"),
+}
+_DEFAULT_PROMPT_FIELDS = ("messages", "prompt", "input")
+
+_TRUE_STR = frozenset({"1", "t", "true", "y", "yes", "on"})
+_FALSE_STR = frozenset({"0", "f", "false", "n", "no", "off"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(body: bytes) -> tuple[Any, str | None]:
+    """Parse a request body as the upstream does: ``(value, None)`` or ``(None, reason)``.
+
+    vLLM (FastAPI/starlette) calls ``json.loads`` on the raw bytes: the encoding is detected
+    (UTF-8, -16, -32, with or without BOM), ``NaN``/``Infinity`` and lone surrogate escapes are
+    accepted, duplicate keys keep the last value. orjson gives the same result for every body
+    it accepts (strict UTF-8 JSON) and is tried first; anything else goes to ``json.loads``.
+    """
+    try:
+        return orjson.loads(body), None
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body), None
+    except RecursionError:
+        return None, "the request body is nested too deeply to parse"
+    except UnicodeDecodeError:
+        return None, "the request body is not UTF-8, UTF-16 or UTF-32 text"
+    except ValueError as exc:
+        return None, f"the request body is not valid JSON ({str(exc).split(':')[0]})"
+
+
+def lax_bool(value: Any) -> bool:
+    """True where pydantic's lax ``bool`` gives True (``True``, 1, 1.0, "true", "1", "yes", "on", ...)."""
+    if value is True:
+        return True
+    if value is False or value is None:
+        return False
+    if type(value) is int or type(value) is float:
+        return bool(value == 1)
+    if isinstance(value, str):
+        return value.lower() in _TRUE_STR
+    return False
+
+
+def lax_int(value: Any) -> int | None:
+    """pydantic's lax ``int``: ints, integral floats, and strings of digits; else None."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def normalize_path(path: str) -> str:
+    """The route a server acts on: repeated slashes collapsed, ``.`` and ``..`` segments resolved.
+
+    ``path`` is the ASGI ``scope["path"]`` (already percent-decoded once by the server; it is
+    not decoded again). Only the cheap check runs for paths already in normal form.
+    """
+    if "//" not in path and "/." not in path:
+        return path
+    out: list[str] = []
+    for seg in path.split("/"):
+        if seg == "" or seg == ".":
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    norm = "/" + "/".join(out)
+    if path.endswith("/") and norm != "/":
+        norm += "/"
+    return norm
+
+
+def encode_path(path: str) -> bytes:
+    """The percent-encoded ``raw_path`` for a normalised ``path``."""
+    return quote(path, safe="/:@!$&'()*+,;=~").encode("ascii")
 
 
 class Exchange:
     """One request/response as the edge saw it (raw bytes, no parsing)."""
 
     __slots__ = (
+        "record_id",
         "request_id",
         "request_id_source",
         "request_id_note",
@@ -47,6 +165,8 @@ class Exchange:
         "request_bytes",
         "request_truncated",
         "request_json",
+        "request_parse_error",
+        "capture_limit",
         "stream",
         "usage_injected",
         "http_status",
@@ -64,6 +184,7 @@ class Exchange:
     )
 
     def __init__(self, request_id: str, method: str, route: str) -> None:
+        self.record_id = uuid7()
         self.request_id = request_id
         self.request_id_source = "generated"
         self.request_id_note: str | None = None
@@ -77,10 +198,12 @@ class Exchange:
         self.peer_ip = "unknown"
         self.forwarded_ignored = False
         self.identity: Any = None
-        self.request_body = b""
+        self.request_body = b""  # the whole raw body (hashed for the record; parsed on the writer thread)
         self.request_bytes = 0
         self.request_truncated = False
         self.request_json: Any = None  # parsed on the path only when needed (stream flags)
+        self.request_parse_error: str | None = None  # set with request_json when the path parsed
+        self.capture_limit = 8 * 1024 * 1024  # [log] max_capture_bytes
         self.stream = False
         self.usage_injected = False
         self.http_status = 0
@@ -143,6 +266,7 @@ def _base(ex: Exchange) -> dict[str, Any]:
         "record_type": "inference",
         "schema_version": SCHEMA_VERSION,
         "timestamp": _iso(ex.started_at),
+        "record_id": ex.record_id,
         "request_id": ex.request_id,
         "request_id_source": ex.request_id_source,
         "client_ip": ex.client_ip,
@@ -172,6 +296,9 @@ def _base(ex: Exchange) -> dict[str, Any]:
         "input_prompt": None,
         "output_response": None,
         "prompt_sha256": None,
+        "prompt_status": ABSENT,
+        "prompt_error": None,
+        "request_body_sha256": hashlib.sha256(ex.request_body).hexdigest(),
         "request_bytes": ex.request_bytes,
         "response_bytes": ex.response_bytes,
         "request_truncated": ex.request_truncated,
@@ -194,22 +321,7 @@ def _base(ex: Exchange) -> dict[str, Any]:
 
 def _finalize(ex: Exchange) -> dict[str, Any]:
     rec = _base(ex)
-    req = ex.request_json
-    if req is None and ex.request_body and not ex.request_truncated:
-        try:
-            req = orjson.loads(ex.request_body)
-        except orjson.JSONDecodeError:
-            req = None
-    if isinstance(req, dict):
-        model = req.get("model")
-        if isinstance(model, str):
-            rec["model_name"] = model
-        for key in _TEXT_ROUTES_INPUT_KEYS:
-            if key in req:
-                rec["input_prompt"] = req[key]
-                break
-        if "instructions" in req and isinstance(req.get("instructions"), str) and rec["input_prompt"] is not None:
-            rec["input_prompt"] = {"instructions": req["instructions"], "input": rec["input_prompt"]}
+    _apply_request(ex, rec)
 
     if ex.chunks:
         body = ex.chunks[0] if len(ex.chunks) == 1 else b"".join(ex.chunks)
@@ -220,6 +332,90 @@ def _finalize(ex: Exchange) -> dict[str, Any]:
     elif ex.usage_chunk:
         _parse_sse(b"", ex.usage_chunk, rec)
     return rec
+
+
+def _apply_request(ex: Exchange, rec: dict[str, Any]) -> None:
+    """The prompt the route acts on, with ``prompt_status`` saying how completely it was kept."""
+    if not ex.request_body:
+        return
+    req, error = ex.request_json, ex.request_parse_error
+    if req is None and error is None:
+        req, error = parse_json(ex.request_body)
+    if error is not None or not isinstance(req, dict):
+        rec["prompt_status"] = UNPARSED
+        rec["prompt_error"] = error or "the request body is not a JSON object"
+        return
+    lossy = False
+    model = req.get("model")
+    if isinstance(model, str):
+        rec["model_name"], lossy = _clean_str(model)
+    fields = PROMPT_FIELDS.get(rec["route"], _DEFAULT_PROMPT_FIELDS)
+    present = [f for f in fields if f in req]
+    if not present:
+        return
+    prompt: Any = req[present[0]] if len(present) == 1 else {f: req[f] for f in present}
+    try:
+        prompt, changed = _clean(prompt)
+    except RecursionError:
+        rec["prompt_status"] = UNPARSED
+        rec["prompt_error"] = "the prompt is nested too deeply to store"
+        return
+    lossy = lossy or changed
+    status = CAPTURED
+    limit = ex.capture_limit
+    if len(ex.request_body) > limit:
+        # A big body may be padding around a small prompt: measure the prompt itself.
+        size = len(prompt.encode("utf-8")) if isinstance(prompt, str) else len(orjson.dumps(prompt))
+        if size > limit:
+            text = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode("utf-8")
+            prompt = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+            status = TRUNCATED
+            rec["request_truncated"] = True
+            rec["prompt_error"] = f"the prompt ({size} bytes) was cut to [log] max_capture_bytes ({limit})"
+    if lossy and status == CAPTURED:
+        status = LOSSY
+        rec["prompt_error"] = "lone surrogate escapes in the request were stored as U+FFFD"
+    rec["input_prompt"] = prompt
+    rec["prompt_status"] = status
+
+
+def _clean_str(value: str) -> tuple[str, bool]:
+    if value.isascii():
+        return value, False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", value), True
+    return value, False
+
+
+def _clean(value: Any) -> tuple[Any, bool]:
+    """Replace lone surrogates (valid in ``json.loads`` output, not storable as UTF-8) with U+FFFD."""
+    if isinstance(value, str):
+        return _clean_str(value)
+    if isinstance(value, list):
+        changed = False
+        out = []
+        for item in value:
+            item, c = _clean(item)
+            changed = changed or c
+            out.append(item)
+        return (out, True) if changed else (value, False)
+    if isinstance(value, dict):
+        changed = False
+        d: dict[str, Any] = {}
+        for k, v in value.items():
+            k2, ck = _clean_str(k) if isinstance(k, str) else (k, False)
+            v2, cv = _clean(v)
+            changed = changed or ck or cv
+            d[k2] = v2
+        return (d, True) if changed else (value, False)
+    if isinstance(value, float) and (value != value or value in (_INF, -_INF)):
+        return None, True  # NaN / Infinity (json.loads accepts them): JSON has no value for them
+    return value, False
+
+
+_INF = float("inf")
 
 
 def _apply_usage(usage: Any, rec: dict[str, Any], source: str) -> None:

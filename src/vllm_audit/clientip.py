@@ -1,8 +1,12 @@
 """The real client address behind trusted reverse proxies.
 
-``X-Forwarded-For`` and ``Forwarded`` (RFC 7239) are read right to left and only while the hop
-that added the entry is a trusted proxy: the first address that is not trusted is the client.
-A header that reaches us from an untrusted peer is ignored entirely (it could say anything).
+Exactly one forwarding header is believed, the one the trusted proxies maintain (``[edge]
+client_ip_header``: ``X-Forwarded-For`` by default, or ``Forwarded``, RFC 7239). Proxies that
+maintain one header pass the other through from the client unchanged, so reading both would
+let a client pick its own address. The header is walked right to left while the hop that added
+the entry is a trusted proxy: the first address that is not trusted is the client. An entry
+that is not an address (``unknown``, an obfuscated ``_id``, garbage) stops the walk: nothing to
+its left can be attributed. A header that reaches us from an untrusted peer is ignored entirely.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ClientIPResolver:
-    def __init__(self, trusted_proxies: Iterable[str]) -> None:
+    def __init__(self, trusted_proxies: Iterable[str], header: str = "x-forwarded-for") -> None:
+        if header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigError(f"[edge] client_ip_header: {header!r} is not 'x-forwarded-for' or 'forwarded'.")
+        self.header = header.encode("ascii")
         nets: list[IPNetwork] = []
         for cidr in trusted_proxies:
             try:
@@ -43,20 +50,22 @@ class ClientIPResolver:
         (a spoofing attempt or a misconfigured proxy list) and were not believed.
         """
         peer_ip = peer or "unknown"
-        xff: list[bytes] = []
-        fwd: list[bytes] = []
+        values: list[bytes] = []
+        other = False
         for name, value in headers:
-            if name == b"x-forwarded-for":
-                xff.append(value)
-            elif name == b"forwarded":
-                fwd.append(value)
-        if not xff and not fwd:
-            return peer_ip, False
+            if name == self.header:
+                values.append(value)
+            elif name == b"x-forwarded-for" or name == b"forwarded":
+                other = True
+        if not values:
+            return peer_ip, other and not self.is_trusted(peer_ip)
         if not self.is_trusted(peer_ip):
             return peer_ip, True
-        hops = _forwarded_hops(fwd) if fwd else _xff_hops(xff)
+        hops = _forwarded_hops(values) if self.header == b"forwarded" else _xff_hops(values)
         client = peer_ip
         for hop in reversed(hops):
+            if not hop:
+                break  # not an address: the chain cannot be followed past it
             client = hop
             if not self.is_trusted(hop):
                 break
@@ -67,9 +76,7 @@ def _xff_hops(values: list[bytes]) -> list[str]:
     hops: list[str] = []
     for value in values:
         for part in value.decode("latin-1").split(","):
-            addr = _clean(part.strip())
-            if addr:
-                hops.append(addr)
+            hops.append(_clean(part.strip()))
     return hops
 
 
@@ -80,9 +87,7 @@ def _forwarded_hops(values: list[bytes]) -> list[str]:
             for pair in element.split(";"):
                 key, _, val = pair.strip().partition("=")
                 if key.strip().lower() == "for":
-                    addr = _clean(val.strip().strip('"'))
-                    if addr:
-                        hops.append(addr)
+                    hops.append(_clean(val.strip().strip('"')))
     return hops
 
 

@@ -3,7 +3,9 @@
 It makes ``vllm-audit serve`` work on a fresh machine with nothing else running, and gives the
 tests and the benchmark a fast, deterministic upstream. It behaves like vLLM where it matters to
 an audit: ``chatcmpl-<request id>`` ids from ``X-Request-Id``, usage counts, a usage-only final
-stream chunk when ``stream_options.include_usage`` is set, OpenAI-shaped errors.
+stream chunk when ``stream_options.include_usage`` is set (usage on every chunk with
+``continuous_usage_stats``), ``system_fingerprint`` on each finish chunk or on the usage chunk,
+``n`` choices, the same JSON parser and lax field coercion, OpenAI-shaped errors.
 
 The reply echoes the last user message ("You said: ..."), padded with filler words up to
 ``max_tokens``; long words are split into pieces of at most 4 characters, one per token, so a
@@ -22,6 +24,7 @@ from typing import Any
 import orjson
 
 from vllm_audit._asgi import lifespan, send_bytes, until_disconnect
+from vllm_audit.capture import lax_bool, lax_int, parse_json
 from vllm_audit.config import GatewayConfig
 from vllm_audit.types import Receive, Scope, Send
 
@@ -30,6 +33,10 @@ _FILLER = "the quick brown fox jumps over a lazy dog while auditors verify every
 _JSON_HDR = [(b"content-type", b"application/json")]
 _SSE_HDR = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 FINGERPRINT = "demo-rev-1"
+#: Longest generation (like vLLM's max_model_len): larger max_tokens get 400, so one request
+#: cannot make the engine build an unbounded answer.
+MAX_MODEL_LEN = 4096
+MAX_N = 8
 
 
 def tokens_of(text: str) -> list[str]:
@@ -75,10 +82,9 @@ class DemoEngine:
             body += msg.get("body", b"")
             if not msg.get("more_body", False):
                 break
-        try:
-            req = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            await _error(send, 400, f"Invalid JSON body: {exc.msg} at position {exc.pos}.", "invalid_json")
+        req, error = parse_json(body)
+        if error is not None:
+            await _error(send, 400, f"Invalid JSON body: {error}.", "invalid_json")
             return
         if not isinstance(req, dict):
             await _error(send, 400, "The request body must be a JSON object.", "invalid_request")
@@ -146,11 +152,19 @@ class DemoEngine:
         if "[[demo:error]]" in prompt:
             await _error(send, 500, "Simulated engine failure.", "internal_error", "server_error")
             return
-        max_tokens = req.get("max_tokens") or req.get("max_completion_tokens")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raw_max = req.get("max_tokens") or req.get("max_completion_tokens")
+        max_tokens = lax_int(raw_max) if raw_max is not None else None
+        if raw_max is not None and (max_tokens is None or max_tokens < 1):
             await _error(send, 400, "`max_tokens` must be a positive integer.", "invalid_request")
             return
-        toks = tokens_of("You said: " + prompt)
+        if max_tokens is not None and max_tokens > MAX_MODEL_LEN:
+            await _error(send, 400, f"`max_tokens` must be at most {MAX_MODEL_LEN}.", "invalid_request")
+            return
+        n = lax_int(req.get("n", 1)) if req.get("n") is not None else 1
+        if n is None or not 1 <= n <= MAX_N:
+            await _error(send, 400, f"`n` must be an integer from 1 to {MAX_N}.", "invalid_request")
+            return
+        toks = tokens_of("You said: " + prompt)[:MAX_MODEL_LEN]
         if max_tokens is not None:
             i = 0
             while len(toks) < max_tokens:
@@ -160,7 +174,7 @@ class DemoEngine:
             toks = toks[:max_tokens]
         else:
             finish = "stop"
-        completion_tokens = len(toks)
+        completion_tokens = len(toks) * n
         usage = {
             "prompt_tokens": prompt_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -169,32 +183,37 @@ class DemoEngine:
         created = int(time.time())
         kind = "chatcmpl" if chat else "cmpl"
         rid_full = f"{kind}-{rid}"
-        if req.get("stream") is True:
+        if lax_bool(req.get("stream")):
             opts = req.get("stream_options")
-            include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-            stream = self._stream(send, toks, chat, rid_full, created, finish, usage if include_usage else None, prompt)
+            include_usage = isinstance(opts, dict) and lax_bool(opts.get("include_usage"))
+            continuous = include_usage and isinstance(opts, dict) and lax_bool(opts.get("continuous_usage_stats"))
+            stream = self._stream(
+                send, toks, chat, rid_full, created, finish, usage if include_usage else None, prompt, n, continuous
+            )
             await until_disconnect(stream, receive)
             return
         text = "".join(toks)
         if self.delay:
             await asyncio.sleep(self.delay * len(toks))
-        if chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
+        choices: list[dict[str, Any]] = []
+        for i in range(n):
+            if chat:
+                choice: dict[str, Any] = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            else:
+                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            choices.append(choice)
+        obj = "chat.completion" if chat else "text_completion"
         payload = {
             "id": rid_full,
             "object": obj,
             "created": created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage,
             "system_fingerprint": FINGERPRINT,
         }
@@ -210,38 +229,52 @@ class DemoEngine:
         finish: str,
         usage: dict[str, int] | None,
         prompt: str,
+        n: int = 1,
+        continuous: bool = False,
     ) -> None:
+        """vLLM's chunk shapes: one choice per chunk; the fingerprint on each finish chunk, or only
+        on the final usage chunk when usage is on; with continuous usage, usage on every chunk."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": self.model}
         dumps = orjson.dumps
+        prompt_tokens = usage["prompt_tokens"] if usage else 0
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HDR})
 
-        async def event(payload: dict[str, Any]) -> None:
+        async def event(payload: dict[str, Any], done: int | None = None) -> None:
+            if continuous and done is not None:
+                payload["usage"] = {
+                    "prompt_tokens": prompt_tokens,
+                    "total_tokens": prompt_tokens + done,
+                    "completion_tokens": done,
+                }
             await send({"type": "http.response.body", "body": b"data: " + dumps(payload) + b"\n\n", "more_body": True})
 
         if chat:
-            await event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            for i in range(n):
+                await event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}}]}, 0)
         hang = "[[demo:hang]]" in prompt
-        for i, tok in enumerate(toks):
+        for t, tok in enumerate(toks[:-1] if toks else toks):
             if self.delay:
                 await asyncio.sleep(self.delay)
-            if hang and i == len(toks) // 2:
+            if hang and t == len(toks) // 2:
                 await asyncio.sleep(3600)
+            for i in range(n):
+                choice: dict[str, Any] = {"index": i, "delta": {"content": tok}} if chat else {"index": i, "text": tok}
+                await event({**head, "choices": [choice]}, t + 1)
+        last_tok = toks[-1] if toks else ""
+        for i in range(n):
+            # Like vLLM: the last token rides on the finish chunk.
+            last: dict[str, Any] = {"index": i}
             if chat:
-                choice: dict[str, Any] = {"index": 0, "delta": {"content": tok}}
+                last["delta"] = {"content": last_tok} if last_tok else {}
             else:
-                choice = {"index": 0, "text": tok}
-            await event({**head, "choices": [choice]})
-        last: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        if chat:
-            last["delta"] = {}
-        else:
-            last["text"] = ""
-        # Like vLLM: the fingerprint goes on the finish chunk, or on the usage chunk when asked for.
-        if usage is None:
-            await event({**head, "choices": [last], "system_fingerprint": FINGERPRINT})
-        else:
-            await event({**head, "choices": [last]})
+                last["text"] = last_tok
+            last["finish_reason"] = finish
+            chunk: dict[str, Any] = {**head, "choices": [last]}
+            if usage is None:
+                chunk["system_fingerprint"] = FINGERPRINT
+            await event(chunk, len(toks))
+        if usage is not None:
             await event({**head, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
@@ -295,7 +328,7 @@ class DemoEngine:
             ],
             "usage": usage,
         }
-        if req.get("stream") is True:
+        if lax_bool(req.get("stream")):
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HDR})
             events: list[dict[str, Any]] = [
                 {"type": "response.created", "response": {**resp, "status": "in_progress", "output": []}}

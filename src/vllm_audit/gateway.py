@@ -3,14 +3,26 @@
 One audit code path: the gateway is ``AuditMiddleware(Proxy(upstream))``; with no upstream it is
 ``AuditMiddleware(DemoEngine())``. Each uvicorn worker process builds its own app (and so owns
 its own writer and chain) through the ``create_app`` factory.
+
+Connections are guarded (issue: idle and slow clients must not exhaust the server): uvicorn
+closes idle keep-alive connections (``[gateway] keep_alive_timeout_s``) and answers 503 beyond
+``max_client_connections``; :class:`GuardedHttpTools` (uvicorn's httptools protocol) also closes
+a connection that does not deliver a request's headers within ``header_timeout_s`` (an idle new
+connection included) or whose request head grows past ``max_header_bytes``; the middleware
+bounds the body (``[edge] body_timeout_s``, ``max_request_bytes``). With ``ops_port`` set,
+/healthz, /readyz and /metrics are also served on a listener of their own, so probes still get
+through when the main port is at its connection limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, cast
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vllm_audit.config import ENV_CONFIG, ENV_OVERRIDES, Config, config_from_env
 from vllm_audit.demo import DemoEngine
@@ -23,9 +35,70 @@ def create_app(config: Config | None = None) -> AuditMiddleware:
     """Build the gateway app (also the uvicorn factory: config from the environment)."""
     cfg = config if config is not None else config_from_env()
     _ensure_logging()
-    upstream = cfg.gateway.upstream
-    inner: ASGIApp = Proxy(upstream, cfg.gateway) if upstream else DemoEngine(cfg.gateway)
-    return AuditMiddleware(inner, cfg, upstream=upstream or "demo", ops_at_root=True)
+    gw = cfg.gateway
+    GuardedHttpTools.header_timeout_s = gw.header_timeout_s
+    GuardedHttpTools.max_head_bytes = gw.max_header_bytes
+    upstream = gw.upstream
+    inner: ASGIApp = Proxy(upstream, gw) if upstream else DemoEngine(gw)
+    ops = (gw.ops_host, gw.ops_port) if gw.ops_port else None
+    return AuditMiddleware(inner, cfg, upstream=upstream or "demo", ops_at_root=True, ops_listener=ops)
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size limit on each request head.
+
+    uvicorn arms its keep-alive timer only after a response, so a connection that never sends a
+    complete request (an idle new socket, headers dribbled a byte at a time) would stay open
+    for ever; here the head of every request must arrive within ``header_timeout_s``.
+    """
+
+    header_timeout_s = 10.0
+    max_head_bytes = 1024 * 1024
+
+    def connection_made(self, transport: Any) -> None:
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._in_head = True
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._disarm()
+                self.send_400_response("Request head too large.")
+                return
+            self._arm()
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        super().on_response_complete()  # arms uvicorn's keep-alive timer for the idle wait
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 def _ensure_logging() -> None:
@@ -65,7 +138,7 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
         port=gw.port,
         workers=gw.workers if gw.workers > 1 else None,
         loop="uvloop",
-        http="httptools",
+        http="vllm_audit.gateway:GuardedHttpTools",
         access_log=False,
         log_level="warning",
         lifespan="on",
@@ -74,6 +147,7 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
         # default); the audit edge resolves it itself, from [edge] trusted_proxies only.
         proxy_headers=False,
         server_header=False,
-        timeout_keep_alive=30,
+        timeout_keep_alive=cast(int, gw.keep_alive_timeout_s),  # used with call_later: floats work
+        limit_concurrency=gw.max_client_connections or None,
         timeout_graceful_shutdown=10,
     )

@@ -13,18 +13,33 @@ With vLLM: ``vllm serve MODEL --middleware vllm_audit.AuditMiddleware`` (vLLM co
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import logging
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from vllm_audit import hooks
 from vllm_audit._asgi import JSON_HEADER, send_bytes
-from vllm_audit.capture import CANCELLED, CLIENT_ERROR, REJECTED, UPSTREAM_ERROR, Exchange, outcome
+from vllm_audit.capture import (
+    CANCELLED,
+    CLIENT_ERROR,
+    REJECTED,
+    UPSTREAM_ERROR,
+    Exchange,
+    encode_path,
+    lax_bool,
+    normalize_path,
+    outcome,
+    parse_json,
+)
 from vllm_audit.clientip import ClientIPResolver
 from vllm_audit.config import Config, config_from_env
-from vllm_audit.errors import LogWriteError
+from vllm_audit.errors import ConfigError, LogWriteError
 from vllm_audit.ids import accept_request_id
 from vllm_audit.metrics import Metrics
 from vllm_audit.types import ASGIApp, Message, Receive, Scope, Send
@@ -80,24 +95,26 @@ class AuditMiddleware:
         writer: AuditWriter | None = None,
         upstream: str | None = None,
         ops_at_root: bool = False,
+        ops_listener: tuple[str, int] | None = None,
     ) -> None:
         self.app = app
         self.config = config if config is not None else config_from_env()
         cfg = self.config
-        self.ips = ClientIPResolver(cfg.edge.trusted_proxies)
+        self.ips = ClientIPResolver(cfg.edge.trusted_proxies, cfg.edge.client_ip_header)
         self.auth = hooks.build_authenticator(cfg)
         self.quota = hooks.build_quota(cfg)
         self.anonymous = hooks.anonymous()
         self.metrics = writer.metrics if writer is not None else Metrics()
         if writer is None:
-            charger = hooks.token_charger(self.quota) if self.quota is not None else None
-            writer = AuditWriter(cfg, metrics=self.metrics, listeners=[charger] if charger else [])
+            writer = AuditWriter(cfg, metrics=self.metrics)  # quota charging is a projection of the log
             writer.start()
         self.writer = writer
         self.upstream = upstream
         self.audit_api = hooks.build_audit_api(cfg, writer.submit_event)
         self.ops_prefix = cfg.edge.ops_prefix.rstrip("/")
         self.ops_at_root = ops_at_root
+        self.ops_listener = ops_listener
+        self._ops_server: asyncio.AbstractServer | None = None
         self.rid_header = cfg.edge.request_id_header.lower().encode("latin-1")
         self.rid_max = cfg.edge.max_request_id_length
         self.max_body = cfg.edge.max_request_bytes
@@ -108,6 +125,8 @@ class AuditMiddleware:
         self.durable_timeout = cfg.log.durable_timeout_s
         self.inject_usage = cfg.edge.inject_stream_usage
         self.unaudited = frozenset(cfg.edge.unaudited_paths)
+        self.body_timeout = cfg.edge.body_timeout_s
+        self.ops_token = _read_token(cfg.edge.ops_token_file, cfg.source)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,17 +135,17 @@ class AuditMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        path: str = normalize_path(scope["path"])
         if path.startswith(self.ops_prefix) and (path == self.ops_prefix or path[len(self.ops_prefix)] == "/"):
             await self._ops(path[len(self.ops_prefix) :], scope, receive, send)
             return
-        if self.ops_at_root and path in ("/healthz", "/readyz", "/metrics"):
+        if path == "/healthz" or (self.ops_at_root and path in ("/readyz", "/metrics")):
             await self._ops(path, scope, receive, send)
             return
         if path in self.unaudited:
             await self.app(scope, receive, send)
             return
-        await self._audit(scope, receive, send)
+        await self._audit(scope, receive, send, path)
 
     def _lifespan_send(self, send: Send) -> Send:
         """Drain and close the writer before the server is told shutdown is complete.
@@ -136,15 +155,53 @@ class AuditMiddleware:
         """
 
         async def wrapped(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and self.ops_listener is not None:
+                await self._start_ops_listener()
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                if self._ops_server is not None:
+                    self._ops_server.close()
                 await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
             await send(message)
 
         return wrapped
 
+    async def ops_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The operations endpoints alone (/healthz, /readyz, /metrics): the separate listener's app."""
+        if scope["type"] != "http":
+            return
+        path = normalize_path(scope["path"])
+        if path in ("/healthz", "/readyz", "/metrics"):
+            await self._ops(path, scope, receive, send)
+        else:
+            await _send_error(send, 404, "not_found", "No operations endpoint at this path.", b"")
+
+    async def _start_ops_listener(self) -> None:
+        """Serve :meth:`ops_app` on ``[gateway] ops_host:ops_port`` (uvicorn's protocol, same loop).
+
+        Each worker binds the port with SO_REUSEPORT, so with several workers a scrape reaches
+        one of them (each reports its own writer's metrics, labelled with its writer id).
+        """
+        import uvicorn
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.server import ServerState
+
+        assert self.ops_listener is not None
+        host, port = self.ops_listener
+        config = uvicorn.Config(self.ops_app, lifespan="off", access_log=False, log_level="warning", http="httptools")
+        config.load()
+        state = ServerState()
+        loop = asyncio.get_running_loop()
+        self._ops_server = await loop.create_server(
+            lambda: HttpToolsProtocol(config=config, server_state=state, app_state={}),
+            host,
+            port,
+            reuse_port=True,
+        )
+        log.info("operations endpoints on http://%s:%d", host, port)
+
     # -- the audited exchange -----------------------------------------------------------------
 
-    async def _audit(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _audit(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         rid_raw: bytes | None = None
         hdr_size = 0
@@ -156,7 +213,8 @@ class AuditMiddleware:
             elif name == b"content-length" or name == b"transfer-encoding":
                 has_body = True
         request_id, note = accept_request_id(rid_raw, self.rid_max)
-        ex = Exchange(request_id, scope.get("method", "GET"), scope["path"])
+        ex = Exchange(request_id, scope.get("method", "GET"), path)
+        ex.capture_limit = self.max_capture
         if note is not None:
             ex.request_id_source = "replaced"
             ex.request_id_note = note
@@ -192,7 +250,7 @@ class AuditMiddleware:
                 if retry_after is not None:
                     ra = str(max(1, int(retry_after + 0.999))).encode()
                     raise _Reject(429, "rate_limit_exceeded", "Rate limit exceeded.", [(b"retry-after", ra)])
-            body = await self._read_body(receive, ex) if has_body else b""
+            body = await self._read_body_in_time(receive, ex) if has_body else b""
         except _Reject as rej:
             await self._reject(ex, send, rej)
             return
@@ -213,6 +271,11 @@ class AuditMiddleware:
             new_headers.append((b"content-length", str(len(body)).encode()))
         inner_scope = dict(scope)
         inner_scope["headers"] = new_headers
+        raw_path = scope.get("raw_path")
+        if path != scope["path"] or (raw_path and (b"%" in raw_path or b"/." in raw_path or b"//" in raw_path)):
+            # The upstream acts on the route the edge classified, not on another reading of the bytes.
+            inner_scope["path"] = path
+            inner_scope["raw_path"] = encode_path(path)
         inner_scope["vllm_audit.request_id"] = request_id
         inner_scope["vllm_audit.identity"] = ex.identity
         inner_scope["vllm_audit.exchange"] = ex
@@ -225,10 +288,12 @@ class AuditMiddleware:
         body_pending = True
         held_start: Message | None = None
         submitted = False
-        stripper = None
-        if ex.usage_injected:
-            n = ex.request_json.get("n") if isinstance(ex.request_json, dict) else None
-            stripper = _UsageStripper(hold_finish=n in (None, 1))
+        undelivered = False
+        stripper = _UsageStripper() if ex.usage_injected else None
+        # Strict durability: whatever completes the response for the client (the SSE terminator,
+        # the last bytes of a known content-length) is held with the final message until durable.
+        completes: Callable[[bytes], bool] | None = None
+        tail: list[bytes] = []
         max_capture = self.max_capture
 
         async def inner_receive() -> Message:
@@ -252,7 +317,7 @@ class AuditMiddleware:
 
         async def finish(message: Message) -> None:
             """The response's last message: hand the record over, then (strict) release it once durable."""
-            nonlocal held_start, submitted
+            nonlocal held_start, submitted, undelivered
             ex.completed = True
             ex.t_end = time.perf_counter()
             submitted = True
@@ -262,82 +327,113 @@ class AuditMiddleware:
                     await self._durable(fut)
                 except (LogWriteError, TimeoutError) as exc:
                     if not self.fail_open:
+                        reason = "durable_timeout" if isinstance(exc, TimeoutError) else "write_failed"
                         log.error("request %s: record not durable (%s); failing the response", ex.request_id, exc)
                         if held_start is not None:
                             held_start = None
+                            self._delivery_failed(ex, reason, "error_503", 503)
                             await _send_error(
                                 send, 503, "audit_log_unavailable", "The audit log cannot record requests.", rid_b
                             )
                             return
-                        raise
+                        self._delivery_failed(ex, reason, "aborted", ex.http_status)
+                        undelivered = True
+                        raise _DeliveryFailed(f"request {ex.request_id}: the record is not durable") from None
             if held_start is not None:
                 start, held_start = held_start, None
                 await send(start)
+            if tail:
+                message = {**message, "body": b"".join(tail) + message.get("body", b"")}
+                tail.clear()
             await send(message)
 
         async def inner_send(message: Message) -> None:
-            nonlocal held_start, stripper
+            nonlocal held_start, completes, stripper
             mtype = message["type"]
+            if mtype == "http.response.body":
+                chunk: bytes = message.get("body", b"")
+                more: bool = message.get("more_body", False)
+                if more and held_start is None and not tail:
+                    # Hot path: a stream chunk after the first one. Keep a reference, pass it on.
+                    if chunk:
+                        keep(chunk)
+                        if stripper is not None and stripper.needs(chunk):
+                            chunk = stripper.feed(chunk)
+                            if stripper.captured is not None and ex.usage_chunk is None:
+                                ex.usage_chunk = stripper.captured
+                            if not chunk:
+                                return
+                            message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                        if completes is not None and completes(chunk):
+                            tail.append(chunk)
+                            return
+                    await send(message)
+                    return
+                await slow_body(message, chunk, more)
+                return
             if mtype == "http.response.start":
                 ex.http_status = message["status"]
                 hdrs = list(message.get("headers", ()))
                 echo = True
+                length = -1
                 for name, value in hdrs:
                     if name == b"content-type":
                         ex.content_type = value
                     elif name == b"x-request-id":
                         echo = False
+                    elif name == b"content-length" and value.isdigit():
+                        length = int(value)
                 if echo:
                     hdrs.append((b"x-request-id", rid_b))
                 held_start = {**message, "headers": hdrs}
+                if b"text/event-stream" in ex.content_type:
+                    if self.strict:
+                        completes = _responses_end if ex.route == "/v1/responses" else _sse_end
+                elif self.strict and length >= 0:
+                    completes = _length_reached(ex, length)
                 if stripper is not None and (ex.http_status != 200 or b"text/event-stream" not in ex.content_type):
                     stripper = None
                 return
-            if mtype != "http.response.body":
-                if mtype == "http.response.pathsend" and not submitted:  # a file response: complete
-                    await finish(message)
-                else:
-                    await send(message)
-                return
-            chunk: bytes = message.get("body", b"")
-            more: bool = message.get("more_body", False)
-            if more and held_start is None:
-                # Hot path: a stream chunk after the first one. Keep a reference, pass it on.
-                if chunk:
-                    keep(chunk)
-                    if stripper is not None and stripper.needs(chunk):
-                        chunk = stripper.feed(chunk)
-                        if stripper.captured is not None and ex.usage_chunk is None:
-                            ex.usage_chunk = stripper.captured
-                        if not chunk:
-                            return
-                        message = {"type": "http.response.body", "body": chunk, "more_body": True}
+            if mtype == "http.response.pathsend" and not submitted:  # a file response: complete
+                await finish(message)
+            else:
                 await send(message)
-                return
+
+        async def slow_body(message: Message, chunk: bytes, more: bool) -> None:
+            """A body message other than a plain stream chunk: the first, the last, or one held back."""
+            nonlocal held_start
+            strip = stripper
             if chunk:
                 if ex.t_first is None:
                     ex.t_first = time.perf_counter()
                 keep(chunk)
-            if stripper is not None:
-                out = stripper.feed(chunk) if chunk else b""
+            out = chunk
+            if strip is not None:
+                out = strip.feed(chunk) if chunk else b""
                 if not more:
-                    out += stripper.flush()
-                if stripper.captured is not None and ex.usage_chunk is None:
-                    ex.usage_chunk = stripper.captured
-                if out is not chunk:
-                    message = {"type": "http.response.body", "body": out, "more_body": more}
+                    out += strip.flush()
+                if strip.captured is not None and ex.usage_chunk is None:
+                    ex.usage_chunk = strip.captured
             if not more:
-                await finish(message)
+                last = message if out is chunk else {"type": "http.response.body", "body": out, "more_body": False}
+                await finish(last)
                 return
+            if out and (tail or (completes is not None and completes(out))):
+                tail.append(out)
+                out = b""
             pending_start, held_start = held_start, None
             if pending_start is not None:
                 await send(pending_start)
-            if message.get("body"):
-                await send(message)
+            if out:
+                await send(message if out is chunk else {"type": "http.response.body", "body": out, "more_body": True})
 
         try:
             await self.app(scope, inner_receive, inner_send)
         except BaseException as exc:
+            if undelivered:
+                # Returning leaves the response incomplete: the server aborts the connection, so
+                # the client never sees a complete answer whose record is not on disk.
+                return
             if not submitted:
                 ex.t_end = time.perf_counter()
                 if ex.outcome is not None:
@@ -356,13 +452,26 @@ class AuditMiddleware:
             ex.t_end = time.perf_counter()
             if held_start is not None and not ex.disconnected:
                 # The app started a response and returned without a body: finish it.
-                await send(held_start)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                ex.completed = True
+                await finish({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             elif not ex.http_status and not ex.disconnected:
                 ex.outcome = UPSTREAM_ERROR
                 ex.error_message = "The served application returned without a response."
             self._submit(ex)
+
+    def _delivery_failed(self, ex: Exchange, reason: str, received: str, status: int) -> None:
+        """Amend a queued record whose response the client did not get (see docs/data-model.md)."""
+        self.metrics.count_rejected("delivery_failed")
+        self.writer.submit_event(
+            {
+                "event": "delivery_failed",
+                "record_id": ex.record_id,
+                "request_id": ex.request_id,
+                "reason": reason,
+                "client_received": received,
+                "http_status": status,
+            }
+        )
 
     async def _durable(self, fut: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()
@@ -383,6 +492,15 @@ class AuditMiddleware:
                 return None
         return self.writer.submit(ex, wait=wait)
 
+    async def _read_body_in_time(self, receive: Receive, ex: Exchange) -> bytes:
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._read_body(receive, ex)
+        except TimeoutError:
+            raise _Reject(
+                408, "request_timeout", f"The request body did not arrive within {self.body_timeout:g} s."
+            ) from None
+
     async def _read_body(self, receive: Receive, ex: Exchange) -> bytes:
         chunks: list[bytes] = []
         size = 0
@@ -402,36 +520,45 @@ class AuditMiddleware:
                 break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         ex.request_bytes = size
-        if size > self.max_capture:
-            ex.request_body = body[: self.max_capture]
-            ex.request_truncated = True
-        else:
-            ex.request_body = body
+        ex.request_body = body  # whole: hashed for the record; the stored prompt is capped at finalize
         return body
 
     def _inspect_body(self, ex: Exchange, body: bytes) -> bytes:
-        """Find ``stream`` (and inject ``include_usage``) — the only parsing on the request path."""
-        if b'"stream"' not in body:
+        """Find ``stream`` (and inject ``include_usage``) — the only parsing on the request path.
+
+        The body is read as the upstream reads it (:func:`parse_json`, pydantic's lax booleans),
+        so no spelling of ``"stream": true`` the upstream honours streams without usage. The
+        parse is skipped only when the bytes cannot hold a ``stream`` key: plain UTF-8 starting
+        with ``{``, no ``\\u`` escape, and no ``stream`` substring.
+        """
+        if b"stream" not in body and b"\\u" not in body and body[:1] == b"{" and b"\x00" not in body[:4]:
             return body
         try:
-            req = orjson.loads(body)
+            req, error, exact = orjson.loads(body), None, True
         except orjson.JSONDecodeError:
-            return body  # the upstream answers the malformed request; the record says so
+            (req, error), exact = parse_json(body), False
+        ex.request_json, ex.request_parse_error = req, error
         if not isinstance(req, dict):
-            return body
-        ex.request_json = req
-        ex.stream = req.get("stream") is True
+            return body  # the upstream answers the malformed request; the record says so
+        ex.stream = lax_bool(req.get("stream"))
         if not (ex.stream and self.inject_usage and ex.route in USAGE_ROUTES):
             return body
         opts = req.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage") is True:
-            return body
         if opts is not None and not isinstance(opts, dict):
             return body  # invalid; let the upstream say so
+        if isinstance(opts, dict) and lax_bool(opts.get("include_usage")):
+            return body  # the client asked for usage itself: pass everything through
         new = dict(req)
-        new["stream_options"] = {**(opts or {}), "include_usage": True}
+        # Only the final usage chunk is wanted: without include_usage the upstream ignores
+        # continuous_usage_stats, so it is dropped to keep every other chunk as the client expects.
+        new_opts = {k: v for k, v in (opts or {}).items() if k not in ("include_usage", "continuous_usage_stats")}
+        new_opts["include_usage"] = True
+        new["stream_options"] = new_opts
         ex.usage_injected = True
-        return orjson.dumps(new)
+        if exact:
+            return orjson.dumps(new)
+        # values only json.loads makes (NaN, big ints, lone surrogates) survive json.dumps exactly
+        return json.dumps(new, ensure_ascii=True, allow_nan=True).encode("ascii")
 
     async def _reject(self, ex: Exchange, send: Send, rej: _Reject) -> None:
         ex.http_status = rej.status
@@ -456,20 +583,30 @@ class AuditMiddleware:
     async def _ops(self, sub: str, scope: Scope, receive: Receive, send: Send) -> None:
         if sub == "/healthz":
             await _send_json(send, 200, {"status": "ok"})
-        elif sub == "/readyz":
-            ok = self.writer.accepting
-            payload: dict[str, Any] = {
-                "status": "ready" if ok else "not_ready",
-                "writer_id": self.writer.writer_id,
-                "queue_depth": self.writer.depth(),
-                "on_failure": self.config.log.on_failure,
-            }
-            if self.writer.failure:
-                payload["reason"] = self.writer.failure
-            await _send_json(send, 200 if ok else 503, payload)
-        elif sub == "/metrics":
-            body = self.metrics.render()
-            await send_bytes(send, 200, body, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        elif sub in ("/readyz", "/metrics"):
+            if self.ops_token is not None and not _bearer_ok(scope, self.ops_token):
+                await _send_error(
+                    send,
+                    401,
+                    "invalid_ops_token",
+                    f"{sub} needs the operations bearer token.",
+                    b"",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+            elif sub == "/readyz":
+                ok = self.writer.accepting
+                payload: dict[str, Any] = {
+                    "status": "ready" if ok else "not_ready",
+                    "writer_id": self.writer.writer_id,
+                    "queue_depth": self.writer.depth(),
+                    "on_failure": self.config.log.on_failure,
+                }
+                if self.writer.failure:
+                    payload["reason"] = _public_reason(self.writer.failure)
+                await _send_json(send, 200 if ok else 503, payload)
+            else:
+                body = self.metrics.render()
+                await send_bytes(send, 200, body, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
         elif (sub == "/v1" or sub.startswith("/v1/")) and self.audit_api is not None:
             ident = self.anonymous
             if self.auth is not None:
@@ -478,11 +615,72 @@ class AuditMiddleware:
             inner["vllm_audit.identity"] = ident
             await self.audit_api(inner, receive, send)
         else:
-            await _send_error(send, 404, "not_found", f"No audit endpoint at {scope['path']!r}.", b"")
+            await _send_error(send, 404, "not_found", "No audit endpoint at this path.", b"")
+
+
+_PATHISH = re.compile(r"'[^']*[/\\][^']*'|\"[^\"]*[/\\][^\"]*\"|[^\s'\"]*[/\\][^\s'\"]*")
+
+
+def _public_reason(reason: str) -> str:
+    """A failure reason without filesystem paths (they tell an outsider how the host is laid out)."""
+    return _PATHISH.sub("<path>", reason)[:300]
+
+
+def _bearer_ok(scope: Scope, token: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, given = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+    return False
+
+
+def _read_token(path: str, source: str | None) -> bytes | None:
+    """The operations bearer token from ``[edge] ops_token_file`` (None when not configured)."""
+    if not path:
+        return None
+    import os
+
+    full = path if os.path.isabs(path) or source is None else os.path.join(os.path.dirname(source), path)
+    try:
+        with open(full, "rb") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"[edge] ops_token_file: cannot read {path!r}: {exc.strerror or exc}.") from None
+    if len(token) < 16:
+        raise ConfigError("[edge] ops_token_file: the token must be at least 16 characters.")
+    return token
 
 
 class _ClientGone(Exception):
     pass
+
+
+class _DeliveryFailed(Exception):
+    """Raised into the served app's ``send`` when a strict record could not be made durable."""
+
+
+def _sse_end(chunk: bytes) -> bool:
+    """The chunk ends with the OpenAI stream terminator ``data: [DONE]``."""
+    return chunk.endswith((b"[DONE]\n\n", b"[DONE]\r\n\r\n"))
+
+
+def _responses_end(chunk: bytes) -> bool:
+    """A /v1/responses stream's terminal event (it sends no ``[DONE]``)."""
+    return (
+        b"response.completed" in chunk
+        or b"response.incomplete" in chunk
+        or b"response.failed" in chunk
+        or _sse_end(chunk)
+    )
+
+
+def _length_reached(ex: Exchange, length: int) -> Callable[[bytes], bool]:
+    """For a response with a content-length: the chunk that brings the body to its full length."""
+
+    def reached(chunk: bytes) -> bool:
+        return ex.response_bytes >= length
+
+    return reached
 
 
 class _UsageStripper:
@@ -492,28 +690,30 @@ class _UsageStripper:
     chunk), so an event split across messages is still recognised. Servers like vLLM send one
     event per message, so nothing is held back in practice.
 
-    vLLM moves ``system_fingerprint`` from the finish chunk to the usage chunk when usage is
-    requested. With ``hold_finish`` (single-choice streams), the finish chunk waits for the usage
-    chunk that follows it at once, and gets the fingerprint back exactly where vLLM puts it for a
-    request without usage, so the client receives what it would have without us.
+    vLLM stamps ``system_fingerprint`` on every finish chunk (one per choice) when usage is not
+    requested, and only on the usage chunk when it is. So finish chunks wait for the usage
+    chunk (other events pass on meanwhile, as does nothing after ``[DONE]``) and get the
+    fingerprint back exactly where vLLM puts it for a request without usage: the client
+    receives what it would have without us, for any ``n``. With ``n > 1`` a choice that
+    finishes early has its finish chunk delivered after other choices' later events (each
+    choice's own events keep their order).
     """
 
-    __slots__ = ("captured", "carry", "held", "hold_finish")
+    __slots__ = ("captured", "carry", "held")
 
-    def __init__(self, hold_finish: bool = True) -> None:
+    def __init__(self) -> None:
         self.carry = b""
         self.captured: bytes | None = None
         self.held: list[bytes] = []
-        self.hold_finish = hold_finish
 
     def needs(self, chunk: bytes) -> bool:
         """Whether ``chunk`` must go through :meth:`feed` (the hot path skips it otherwise)."""
         return bool(
             self.carry
-            or self.held
             or not chunk.endswith(b"\n\n")
             or b'"usage"' in chunk
-            or (self.hold_finish and self.captured is None and b'"finish_reason":"' in chunk)
+            or (self.captured is None and b'"finish_reason":"' in chunk)
+            or (self.held and b"[DONE]" in chunk)
         )
 
     def feed(self, chunk: bytes) -> bytes:
@@ -537,7 +737,9 @@ class _UsageStripper:
                 self.captured = event
                 out.append(self._release(_fingerprint(event)))
                 continue
-            if self.held or (self.captured is None and self.hold_finish and b'"finish_reason":"' in event):
+            if self.captured is None and (
+                b'"finish_reason":"' in event or (self.held and event.startswith(b"data: [DONE]"))
+            ):
                 self.held.append(event)
                 continue
             out.append(event)
