@@ -52,7 +52,10 @@ class LogConfig:
     queue_size: int = 65536
     #: Most records in one group commit (one write + one fdatasync).
     batch_max: int = 4096
-    #: Request and response bodies larger than this are captured only up to this size.
+    #: Most bytes of a prompt and of a response kept for the record (per request, decided at the
+    #: edge): a longer prompt is stored cut to this size, a longer response is kept only up to it
+    #: (the rest is counted in response_bytes), each with its truncation flag. It bounds both the
+    #: per-record work of the writer and the memory a stream holds while it runs.
     max_capture_bytes: int = 8 * MiB
     #: Seconds a strictly durable response may wait for its record before it fails.
     durable_timeout_s: float = 10.0
@@ -65,8 +68,12 @@ class LogConfig:
 class EdgeConfig:
     """The audited edge, common to the middleware and the gateway (``[edge]``)."""
 
-    #: CIDRs of reverse proxies whose X-Forwarded-For / Forwarded headers are believed.
+    #: CIDRs of reverse proxies whose forwarding header (``client_ip_header``) is believed.
     trusted_proxies: tuple[str, ...] = ()
+    #: The one forwarding header the trusted proxies maintain: "x-forwarded-for" (nginx, AWS ALB,
+    #: HAProxy, Envoy) or "forwarded" (RFC 7239). The other header is never read: proxies pass it
+    #: through from the client unchanged, so believing it would let a client choose its own IP.
+    client_ip_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     #: Header that carries the request id in and out (honoured when safe, else replaced).
     request_id_header: str = "x-request-id"
     #: Longest inbound request id honoured (bytes).
@@ -78,7 +85,13 @@ class EdgeConfig:
     #: Ask the upstream for usage on streams and strip the extra chunk from what the client gets.
     inject_stream_usage: bool = True
     #: Prefix under which the audit endpoints (healthz, readyz, metrics, audit API) are served.
+    #: ``/healthz`` (liveness, no details) is also served at the root in every mode.
     ops_prefix: str = "/audit"
+    #: File holding a bearer token (16+ characters) that readyz and metrics then require
+    #: (``Authorization: Bearer ...``); relative to the config file. Empty: they are open.
+    ops_token_file: str = ""
+    #: Seconds a client may take to send the whole request body (408 and a record after).
+    body_timeout_s: float = 30.0
     #: Paths that are passed through without a record (exact match). Empty by default.
     unaudited_paths: tuple[str, ...] = ()
 
@@ -101,6 +114,20 @@ class GatewayConfig:
     read_timeout_s: float = 600.0
     #: Most concurrent connections to the upstream per worker.
     max_connections: int = 1000
+    #: Most client connections (and requests in flight) per worker; beyond it uvicorn answers
+    #: 503 at once. 0 = no limit.
+    max_client_connections: int = 2048
+    #: Seconds an idle keep-alive client connection stays open between requests.
+    keep_alive_timeout_s: float = 5.0
+    #: Seconds a client connection may take to send a request's headers (counted from the
+    #: connection's start or the request's first byte); an idle new connection is closed after it.
+    header_timeout_s: float = 10.0
+    #: Largest request head (request line and headers) accepted before the connection is refused.
+    max_header_bytes: int = 1 * MiB
+    #: Address of a separate listener for /healthz, /readyz and /metrics (with ``ops_port``).
+    ops_host: str = "127.0.0.1"
+    #: Port of the separate operations listener; 0 serves them on the main port only.
+    ops_port: int = 0
     #: Model name served by the demo engine.
     demo_model: str = "demo-model"
     #: Simulated per-token delay of the demo engine.
