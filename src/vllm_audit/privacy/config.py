@@ -14,7 +14,8 @@ Shape (see docs/privacy.md for a full example)::
 
 Unset keys inherit: tenant field > tenant policy > default field > default policy > built-in
 (every entity is replaced by its typed tag; prompts, outputs and errors are redacted;
-``client_ip`` and ``user_id`` are kept).
+``client_ip``, ``peer_ip`` and ``user_id`` are kept; identifiers such as the request id, model
+name and route are scanned; see ``classes.py``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ FieldMode = Literal["redact", "encrypt", "hash_only", "pseudonym", "mask", "keep
 #: Key granularity for encryption (erasure granularity follows it).
 KeyScope = Literal["tenant", "user"]
 
-#: The record fields a policy can name.
-FIELDS: tuple[str, ...] = ("input_prompt", "output_response", "error_message", "client_ip", "user_id")
+#: The record fields a policy can name (``peer_ip`` follows ``client_ip`` unless named itself);
+#: every other field has a fixed privacy class (``vllm_audit.privacy.classes``).
+FIELDS: tuple[str, ...] = ("input_prompt", "output_response", "error_message", "client_ip", "peer_ip", "user_id")
 
 #: The entity types the recognizers report (and a policy can name).
 ENTITY_TYPES: tuple[str, ...] = (

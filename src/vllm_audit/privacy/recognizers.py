@@ -168,6 +168,16 @@ def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
     return found
 
 
+def scannable(text: str) -> bool:
+    """Whether any recognizer could match in ``text`` (its detection copy included): one gate pass."""
+    bits = _hits(text)
+    if bits & gate.NORM:
+        t, _ = normalize(text, checked=True)
+        if t is not text:
+            bits = _hits(t)
+    return bool(bits & ~gate.NORM)
+
+
 def _context_ok(t: str, f: Finding) -> bool:
     """Rules that need the text before a number: legacy IDs need a keyword, invoice codes are not phones."""
     if f[2] == "CN_ID" and len(f[3]) == 15:

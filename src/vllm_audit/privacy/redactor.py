@@ -1,10 +1,19 @@
 """The redactor: the writer thread calls it on every finalized record before sealing.
 
 ``build_redactor(config)`` resolves the policies once and returns ``Redactor.__call__``. For each
-record it picks the tenant's policy by ``org_id`` and transforms ``input_prompt``,
-``output_response``, ``error_message``, ``client_ip`` and ``user_id``; it adds ``redaction`` =
-``{"policy": name, "entities": {type: count}}`` (counts only) and, for encrypted fields, a sibling
-``<field>_enc`` envelope. It never raises: a field it cannot process becomes ``<UNREDACTABLE>``.
+record it picks the tenant's policy by ``org_id`` and treats every field by its privacy class
+(``classes.py``): ``input_prompt``, ``output_response``, ``error_message``, ``client_ip``,
+``peer_ip`` and ``user_id`` by their policy mode; identifier fields (request id, model name,
+route, ...) and any field the table does not name are scanned; operational fields are kept. It
+adds ``redaction`` = ``{"policy": name, "entities": {type: count}}`` (counts only) and, for
+encrypted fields, a sibling ``<field>_enc`` envelope. It never raises: a field it cannot process
+becomes ``<UNREDACTABLE>``.
+
+Inside a structured field (chat messages, content parts, lists of prompts) the string values are
+scanned one by one *and* across each boundary between consecutive ones (the two sides joined
+directly), so a phone number whose halves are two content parts, or two messages, is found; each
+part's covered characters are replaced (the operator's output in the first part, nothing in the
+others). One compiled gate pass over the joined text decides whether anything needs scanning.
 """
 
 from __future__ import annotations
@@ -17,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from vllm_audit.privacy import operators as op
+from vllm_audit.privacy.classes import field_class
 from vllm_audit.privacy.config import ENTITY_TYPES, FIELDS, PrivacyConfig
 from vllm_audit.privacy.keystore import DataKey, FileKeyStore, KeyProvider
 from vllm_audit.privacy.policy import FieldRule, Policy, resolve_all
-from vllm_audit.privacy.recognizers import find
+from vllm_audit.privacy.recognizers import find, scannable
 
 if TYPE_CHECKING:  # vllm_audit.config imports privacy.config: no runtime import back
     from vllm_audit.config import Config
@@ -30,8 +40,11 @@ MAX_DEPTH = 64
 #: Keys of chat messages / content parts whose string values are structure, not content.
 _STRUCTURAL_KEYS = frozenset({"role", "type"})
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_STRING_FIELDS = frozenset({"client_ip", "user_id"})
-_FIELD_ENTITY = {"client_ip": "IP_ADDRESS", "user_id": "USER_ID"}
+_STRING_FIELDS = frozenset({"client_ip", "peer_ip", "user_id"})
+_FIELD_ENTITY = {"client_ip": "IP_ADDRESS", "peer_ip": "IP_ADDRESS", "user_id": "USER_ID"}
+_POLICY_FIELDS = frozenset(FIELDS)
+#: How far on each side of a boundary between two strings a split value is looked for.
+SPLIT_WINDOW = 256
 _TAG_RULE = FieldRule("redact", True, dict.fromkeys(ENTITY_TYPES, "tag"))
 
 
@@ -85,25 +98,112 @@ def redact_string(text: str, rule: FieldRule, ctx: _Context, max_chars: int) -> 
     found = find(text)
     if not found:
         return _SURROGATE.sub("\ufffd", text) if _has_surrogate(text) else text  # the same object: no copy
+    return _apply_cuts(text, [(a, b, [e, c], text[a:b], True) for a, b, e, c in found], rule, ctx)
+
+
+#: A replacement inside one string: span, (entity, canonical), the whole raw value (it may span
+#: several strings), and whether the operator's output goes here (False: a later part of a split
+#: value, removed).
+_Cut = tuple[int, int, list[str], str, bool]
+
+
+def _apply_cuts(text: str, cuts: list[_Cut], rule: FieldRule, ctx: _Context) -> str:
     parts: list[str] = []
     pos = 0
     counts = ctx.counts
-    for a, b, entity, canonical in found:
-        counts[entity] = counts.get(entity, 0) + 1
+    for a, b, (entity, canonical), raw, emit in cuts:
+        if a < pos:  # overlaps the previous cut (a split value over a found one): extend that one
+            a = pos
+            if b <= a:
+                continue
         parts.append(text[pos:a])
+        pos = b
+        if not emit:
+            continue
+        counts[entity] = counts.get(entity, 0) + 1
         how = rule.ops[entity]
         if how == "tag":
             parts.append(f"<{entity}>")
         elif how == "pseudonym":
             parts.append(op.pseudonym(entity, canonical, ctx.psk()))
         elif how == "mask":
-            parts.append(op.mask(text[a:b], entity, ctx.policy.mask_keep))
+            parts.append(op.mask(raw, entity, ctx.policy.mask_keep))
         elif how == "keep":
             parts.append(text[a:b])
-        pos = b
     parts.append(text[pos:])
     out = "".join(parts)
     return _SURROGATE.sub("\ufffd", out) if _has_surrogate(out) else out
+
+
+def redact_texts(texts: list[str], rule: FieldRule, ctx: _Context, max_chars: int) -> list[str]:
+    """Each string redacted, values split across consecutive strings included (see the module doc)."""
+    if len(texts) == 1:
+        return [redact_string(texts[0], rule, ctx, max_chars)]
+    joined = "".join(texts)
+    if not scannable(joined):  # no recognizer can match anywhere, across boundaries included
+        return [_SURROGATE.sub("\ufffd", t) if _has_surrogate(t) else t for t in texts]
+    starts = [0]
+    for t in texts:
+        starts.append(starts[-1] + len(t))
+    # Findings as spans of the joined text: each string's own, then values crossing a boundary.
+    spans: list[tuple[int, int, str, str]] = []
+    too_long = [len(t) > max_chars for t in texts]
+    for i, t in enumerate(texts):
+        if not too_long[i]:
+            spans.extend((starts[i] + a, starts[i] + b, e, c) for a, b, e, c in find(t))
+    own = list(spans)
+    seen = {(a, b) for a, b, _, _ in spans}
+    for i in range(1, len(texts)):
+        p = starts[i]
+        if p == 0 or p == len(joined) or too_long[i - 1] or too_long[i]:
+            continue
+        lo = max(0, p - SPLIT_WINDOW)
+        window = joined[lo : p + SPLIT_WINDOW]
+        for a, b, e, c in find(window):
+            a, b = a + lo, b + lo
+            # A crossing match that holds a string's own finding is that finding glued to its
+            # neighbour ("admin" + "carol@x.io"), not a split value.
+            if a < p < b and (a, b) not in seen and not any(a <= oa and ob <= b for oa, ob, _, _ in own):
+                seen.add((a, b))
+                spans.append((_extend_left(joined, a, lo), _extend_right(joined, b, lo + len(window)), e, c))
+    out = list(texts)
+    cuts: list[list[_Cut]] = [[] for _ in texts]
+    for a, b, e, c in sorted(spans, key=lambda s: (s[0], -s[1])):
+        raw = joined[a:b]
+        first = True
+        for i in range(len(texts)):
+            s0, s1 = starts[i], starts[i + 1]
+            if s1 <= a or s0 >= b or s0 == s1:
+                continue
+            cuts[i].append((max(a, s0) - s0, min(b, s1) - s0, [e, c], raw, first))
+            first = False
+    for i, t in enumerate(texts):
+        if too_long[i]:
+            ctx.counts["UNREDACTABLE"] = ctx.counts.get("UNREDACTABLE", 0) + 1
+            out[i] = UNREDACTABLE
+        elif cuts[i]:
+            out[i] = _apply_cuts(t, sorted(cuts[i], key=lambda c: (c[0], -c[1])), rule, ctx)
+        elif _has_surrogate(t):
+            out[i] = _SURROGATE.sub("\ufffd", t)
+    return out
+
+
+def _extend_left(t: str, a: int, lo: int) -> int:
+    """A value that starts at the window's edge may start earlier: extend to the token's start."""
+    if a > lo or a == 0:
+        return a
+    while a > 0 and not t[a - 1].isspace():
+        a -= 1
+    return a
+
+
+def _extend_right(t: str, b: int, hi: int) -> int:
+    """A value that ends at the window's edge may go on: extend to the token's end."""
+    if b < hi or b == len(t):
+        return b
+    while b < len(t) and not t[b].isspace():
+        b += 1
+    return b
 
 
 def _has_surrogate(text: str) -> bool:
@@ -117,23 +217,38 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
-def _walk(value: Any, fn: Callable[[str], str], depth: int = 0) -> Any:
-    if isinstance(value, str):
-        return fn(value)
+_Slot = tuple[Any, Any]  # (container, key or index) holding one string value
+
+
+def _collect(value: Any, texts: list[str], slots: list[_Slot], key_fn: Callable[[str], str], depth: int) -> Any:
+    """A copy of ``value`` whose string values are listed in ``texts`` (in order) with their slots."""
     if value is None or isinstance(value, bool | int | float):
         return value
     if depth >= MAX_DEPTH:
         raise _TooDeepError
     if isinstance(value, list | tuple):
-        return [_walk(v, fn, depth + 1) for v in value]
+        items: list[Any] = []
+        for v in value:
+            if isinstance(v, str):
+                slots.append((items, len(items)))
+                texts.append(v)
+                items.append(v)
+            else:
+                items.append(_collect(v, texts, slots, key_fn, depth + 1))
+        return items
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            key = fn(k) if isinstance(k, str) else fn(str(k))
-            if k in _STRUCTURAL_KEYS and isinstance(v, str) and len(v) <= 64 and (v in _CLEAN_SHORT or not find(v)):
-                out[key] = v
+            key = key_fn(k if isinstance(k, str) else str(k))
+            if isinstance(v, str):
+                if k in _STRUCTURAL_KEYS and len(v) <= 64 and (v in _CLEAN_SHORT or not find(v)):
+                    out[key] = v
+                else:
+                    slots.append((out, key))
+                    texts.append(v)
+                    out[key] = v
             else:
-                out[key] = _walk(v, fn, depth + 1)
+                out[key] = _collect(v, texts, slots, key_fn, depth + 1)
         return out
     return UNREDACTABLE  # bytes, objects: never let an unknown type through
 
@@ -151,7 +266,7 @@ class Redactor:
         return self.tenants.get(org_id, self.default)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The record with its private fields transformed per policy; never raises."""
+        """The record with every field treated by its privacy class and policy; never raises."""
         if not isinstance(record, dict):
             return record
         org = record.get("org_id")
@@ -161,12 +276,18 @@ class Redactor:
         user = record.get("user_id")
         errors: list[str] = []
         fields = policy.fields
-        for field in FIELDS:
-            if record.get(field) is None:
-                continue  # absent or None: _apply leaves both alone under every mode
-            rule = fields[field]
+        generated_id = record.get("request_id_source") == "generated"
+        for field, value in list(record.items()):
+            if value is None or isinstance(value, bool | int | float):
+                continue  # None and numbers: every mode leaves them alone; they carry no text
+            cls = field_class(field)
+            if cls == "operational" or cls == "tenant" or (field == "request_id" and generated_id):
+                continue
             try:
-                self._apply(record, field, rule, ctx, user)
+                if field in _POLICY_FIELDS:
+                    self._apply(record, field, fields[field], ctx, user)
+                else:  # identifiers, and any field the class table does not name
+                    record[field] = self._redact(value, policy.identifiers, ctx)
             except Exception as exc:  # never let raw text through, never fail the writer
                 record[field] = UNREDACTABLE
                 record.pop(f"{field}_enc", None)
@@ -211,17 +332,28 @@ class Redactor:
 
     def _redact(self, value: Any, rule: FieldRule, ctx: _Context) -> Any:
         max_chars = self.max_chars
+        if isinstance(value, str):
+            if len(value) <= _CLEAN_SHORT_LEN and _clean_short(value):
+                return value
+            return redact_string(value, rule, ctx, max_chars)
 
-        def fn(s: str) -> str:
+        def key_fn(s: str) -> str:
             if len(s) <= _CLEAN_SHORT_LEN and len(s) <= max_chars and _clean_short(s):
                 return s
             return redact_string(s, rule, ctx, max_chars)
 
+        texts: list[str] = []
+        slots: list[_Slot] = []
         try:
-            return _walk(value, fn)
+            copy = _collect(value, texts, slots, key_fn, 0)
         except _TooDeepError:
             ctx.counts["UNREDACTABLE"] = ctx.counts.get("UNREDACTABLE", 0) + 1
             return UNREDACTABLE
+        if texts:
+            for (container, key), old, new in zip(slots, texts, redact_texts(texts, rule, ctx, max_chars), strict=True):
+                if new is not old:
+                    container[key] = new
+        return copy
 
     def _enc_key(self, ctx: _Context, user: Any) -> DataKey:
         if self.keys is None:
