@@ -15,7 +15,12 @@ from typing import Any
 from vllm_audit import __version__
 from vllm_audit.errors import AuditError
 
-_AREA_COMMANDS = ("vllm_audit.integrity.cli", "vllm_audit.privacy.cli", "vllm_audit.access.cli")
+_AREA_COMMANDS = (
+    "vllm_audit.integrity.cli",
+    "vllm_audit.privacy.cli",
+    "vllm_audit.access.cli",
+    "vllm_audit.ship.cli",
+)
 
 
 def _serve(args: argparse.Namespace) -> int:

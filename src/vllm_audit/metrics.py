@@ -54,6 +54,9 @@ class Metrics:
         self.dropped_total = 0
         self.write_seconds = Histogram()
         self.batch_size_last = 0
+        self.heavy_records_total = 0
+        #: More Prometheus lines (the projection runner registers its per-sink figures here).
+        self.extra: list[Callable[[], list[str]]] = []
         # filled in by the writer
         self.writer_id = ""
         self.queue_depth: Callable[[], int] = lambda: 0
@@ -109,6 +112,16 @@ class Metrics:
         ]
         for reason, n in sorted(self.rejected_total.items()):
             lines.append(f'vllm_audit_rejected_total{{{w},reason="{reason}"}} {n}')
+        lines += [
+            "# HELP vllm_audit_heavy_records_total Records finalized and redacted in the heavy-record process.",
+            "# TYPE vllm_audit_heavy_records_total counter",
+            f"vllm_audit_heavy_records_total{{{w}}} {self.heavy_records_total}",
+        ]
+        for extra in self.extra:
+            try:
+                lines += extra()
+            except Exception:  # pragma: no cover - a metrics source must never break /metrics
+                continue
         return ("\n".join(lines) + "\n").encode()
 
 

@@ -6,6 +6,14 @@ thread does everything else: it drains a batch from the queue, turns each exchan
 record (:func:`vllm_audit.capture.finalize`), redacts it, appends the batch to this process's
 chain, fsyncs once, and then resolves the whole batch's futures with one call into the event
 loop. Throughput grows with load (bigger batches) while each fsync is paid once per batch.
+
+Heavy exchanges (captured bodies over ``[log] heavy_record_bytes``) are finalized and redacted
+in a separate process (``[log] heavy_workers``), so one client's multi-megabyte prompts never
+hold up everyone else's group commit: their records are committed when ready, in a later batch.
+
+Nothing downstream runs here. After each commit the writer publishes how far its chain is durable
+(:attr:`AuditWriter.durable_seq`) and wakes the projection runner (an event set, nothing more);
+the runner's own threads feed the query store, quota charging and the sinks.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,8 +39,61 @@ log = logging.getLogger("vllm_audit.writer")
 access_log = logging.getLogger("vllm_audit.access")
 
 Redactor = Callable[[dict[str, Any]], dict[str, Any]]
-Listener = Callable[[list[dict[str, Any]]], None]
-Item = tuple[Exchange | dict[str, Any], "asyncio.Future[None] | None", "asyncio.AbstractEventLoop | None"]
+Item = tuple[
+    "Exchange | dict[str, Any] | _Prepared | _Inline", "asyncio.Future[None] | None", "asyncio.AbstractEventLoop | None"
+]
+
+
+class _Prepared:
+    """A record finalized and redacted elsewhere (the heavy lane), ready to be sealed."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+
+class _Inline:
+    """A heavy exchange the heavy lane could not take: finalize and redact it in the writer."""
+
+    __slots__ = ("exchange",)
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+
+_worker_redactor: Redactor | None = None
+
+
+def _heavy_init(config: Config) -> None:
+    global _worker_redactor
+    _worker_redactor = load_redactor(config)
+
+
+def _heavy_prepare(ex: Exchange) -> dict[str, Any]:
+    assert _worker_redactor is not None
+    return _prepare_exchange(ex, _worker_redactor)
+
+
+def _prepare_exchange(ex: Exchange, redactor: Redactor) -> dict[str, Any]:
+    rec = finalize(ex)
+    try:
+        rec = redactor(rec)
+    except Exception as exc:  # fail safe: never let unredacted text through
+        log.error("redaction failed for request %s: %s", rec.get("request_id"), type(exc).__name__)
+        for field in ("input_prompt", "output_response", "error_message"):
+            if rec.get(field) is not None:
+                rec[field] = "<UNREDACTABLE>"
+        rec["redaction"] = {"error": type(exc).__name__}
+    if rec.get("prompt_sha256") is None:
+        rec["prompt_sha256"] = prompt_sha256(rec.get("input_prompt"))
+    return rec
+
+
+def _captured_bytes(ex: Exchange) -> int:
+    body = getattr(ex, "request_body", None)
+    n = len(body) if isinstance(body, bytes | bytearray | memoryview) else 0
+    return n + int(getattr(ex, "response_bytes", 0) or 0)
 
 _STOP = object()
 
@@ -56,13 +117,20 @@ class AuditWriter:
         config: Config,
         *,
         redactor: Redactor | None = None,
-        listeners: Iterable[Listener] = (),
         metrics: Metrics | None = None,
+        run_projections: bool | None = None,
     ) -> None:
         self.config = config
         self.redactor = redactor if redactor is not None else load_redactor(config)
-        self.listeners = list(listeners)
         self.metrics = metrics or Metrics()
+        #: Entries of this writer's chain known durable (read by projection threads).
+        self.durable_seq = 0
+        self._run_projections = config.ship.in_process if run_projections is None else run_projections
+        self.runner: Any = None
+        self._heavy: Any = None
+        self._heavy_failed = False
+        self._heavy_bytes = config.log.heavy_record_bytes
+        self._heavy_pending = 0
         self.metrics.queue_depth = self.depth
         self.metrics.log_ok = lambda: self.failure is None
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -82,13 +150,35 @@ class AuditWriter:
         self._thread.start()
         atexit.register(self.stop)
         self._ready.wait(wait)
+        if self._run_projections:
+            self._start_runner()
+
+    def _start_runner(self) -> None:
+        """Start the projections (query store, quota charging, sinks) on their own threads."""
+        from vllm_audit.ship.build import build_runner
+
+        try:
+            runner = build_runner(self.config, durable=(self.writer_id, lambda: self.durable_seq))
+        except Exception as exc:  # a projection that cannot be built must not stop the gateway
+            log.error("projections not started: %s", exc)
+            return
+        if runner is None:
+            return
+        self.runner = runner
+        self.metrics.extra.append(runner.render_metrics)
+        runner.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Drain the queue, write everything, close the chain. Idempotent."""
-        if not self._thread.is_alive() or self._stopped.is_set():
-            return
-        self._q.put(_STOP)
-        self._thread.join(timeout)
+        """Drain the queue, write everything, close the chain, stop the projections. Idempotent."""
+        if self._thread.is_alive() and not self._stopped.is_set():
+            self._q.put(_STOP)
+            self._thread.join(timeout)
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
+        if self._heavy is not None:
+            self._heavy.shutdown(wait=False, cancel_futures=True)
+            self._heavy = None
 
     # -- request path -------------------------------------------------------------------------
 
@@ -112,11 +202,19 @@ class AuditWriter:
         self._q.put((item, fut, loop))
         return fut
 
-    def submit_event(self, entry: dict[str, Any]) -> None:
-        """Enqueue an event entry (``record_type`` other than inference) without waiting."""
-        self._submitted += 1
-        self.metrics.submitted_total += 1
-        self._q.put((entry, None, None))
+    def submit_event(self, entry: dict[str, Any], wait: bool = False) -> asyncio.Future[None] | None:
+        """Enqueue an event entry (``record_type`` other than inference).
+
+        With ``wait`` (from the event loop), return a future resolved once the event is durable and
+        failed (``LogWriteError``) when it cannot be written: a caller that must not act unaudited
+        (an audit read) awaits it. Without, fire and forget.
+        """
+        if wait and not self.accepting:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            fut.set_exception(LogWriteError(self.failure or "audit log is not accepting entries"))
+            return fut
+        return self.submit(entry, wait=wait)
 
     # -- writer thread ------------------------------------------------------------------------
 
@@ -142,15 +240,18 @@ class AuditWriter:
         stopping = False
         while not stopping:
             try:
-                first = q.get(timeout=self._heartbeat_s)
+                first = q.get(timeout=self._heartbeat_s if self.failure is None else min(1.0, self._heartbeat_s))
             except queue.Empty:
-                if chain is not None:
+                if chain is None:
+                    chain = self._chain = self._open_chain()
+                elif self.failure is not None:
+                    self._probe(chain)
+                else:
                     try:
                         chain.heartbeat()
+                        self.durable_seq = chain.next_seq
                     except Exception:
                         log.exception("checkpoint heartbeat failed")
-                elif chain is None:
-                    chain = self._chain = self._open_chain()
                 continue
             items: list[Item] = []
             if first is _STOP:
@@ -169,6 +270,15 @@ class AuditWriter:
             if chain is None:
                 chain = self._chain = self._open_chain()
             self._handle(chain, items)
+        # Records still in the heavy lane are part of what was accepted: wait for them.
+        deadline = time.monotonic() + 60.0
+        while self._heavy_pending > 0 and time.monotonic() < deadline:
+            try:
+                item = q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                self._handle(chain, [item])
         if chain is not None:
             try:
                 chain.close()
@@ -176,29 +286,92 @@ class AuditWriter:
                 log.exception("closing the chain failed")
         self._stopped.set()
 
+    def _probe(self, chain: Chain) -> None:
+        """While failing and idle: try to write again (recovery events), so an idle, drained
+        replica becomes ready as soon as the disk is back instead of waiting for traffic."""
+        try:
+            chain.recover()
+        except LogWriteError as exc:
+            self.failure = str(exc)
+            return
+        log.warning("audit log writable again")
+        self.failure = None
+        self.durable_seq = chain.next_seq
+
     def _handle(self, chain: Chain | None, items: list[Item]) -> None:
         entries: list[dict[str, Any]] = []
-        for item, _fut, _loop in items:
-            entries.append(self._prepare(item))
+        ready: list[Item] = []
+        for item in items:
+            if isinstance(item[0], Exchange) and self._offload(item):
+                continue
+            entries.append(self._prepare(item[0]))
+            ready.append(item)
+        items = ready
+        if not items:
+            return
         if chain is None:
             self._fail(items, LogWriteError(self.failure or "audit log unavailable"))
             return
         self._commit(chain, entries, items)
 
-    def _prepare(self, item: Exchange | dict[str, Any]) -> dict[str, Any]:
-        if isinstance(item, Exchange):
-            rec = finalize(item)
+    def _offload(self, item: Item) -> bool:
+        """Hand a heavy exchange to the heavy lane; True when it went there."""
+        ex = item[0]
+        assert isinstance(ex, Exchange)
+        if self._heavy_bytes <= 0 or self._heavy_failed or _captured_bytes(ex) < self._heavy_bytes:
+            return False
+        pool = self._heavy_pool()
+        if pool is None:
+            return False
+        try:
+            fut = pool.submit(_heavy_prepare, ex)
+        except Exception as exc:  # a pool that broke: do it here from now on
+            log.warning("heavy-record lane unavailable (%s); redacting in the writer thread", exc)
+            self._heavy_failed = True
+            return False
+        self._heavy_pending += 1
+        self.metrics.heavy_records_total += 1
+        _unused, wfut, loop = item
+
+        def done(f: Any) -> None:
             try:
-                rec = self.redactor(rec)
-            except Exception as exc:  # fail safe: never let unredacted text through
-                log.error("redaction failed for request %s: %s", rec.get("request_id"), type(exc).__name__)
-                for field in ("input_prompt", "output_response", "error_message"):
-                    if rec.get(field) is not None:
-                        rec[field] = "<UNREDACTABLE>"
-                rec["redaction"] = {"error": type(exc).__name__}
-            if rec.get("prompt_sha256") is None:
-                rec["prompt_sha256"] = prompt_sha256(rec.get("input_prompt"))
-            return rec
+                rec = f.result()
+            except Exception as exc:  # the worker died or could not pickle: redact here instead
+                log.warning("heavy-record lane failed for one record (%s); redacting in the writer", exc)
+                self._q.put((_Inline(ex), wfut, loop))
+                return
+            self._q.put((_Prepared(rec), wfut, loop))
+
+        fut.add_done_callback(done)
+        return True
+
+    def _heavy_pool(self) -> Any:
+        if self._heavy is None:
+            import concurrent.futures
+            import multiprocessing
+
+            try:
+                self._heavy = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=max(1, self.config.log.heavy_workers),
+                    mp_context=multiprocessing.get_context("forkserver"),
+                    initializer=_heavy_init,
+                    initargs=(self.config,),
+                )
+            except Exception as exc:
+                log.warning("heavy-record lane unavailable (%s); redacting in the writer thread", exc)
+                self._heavy_failed = True
+                return None
+        return self._heavy
+
+    def _prepare(self, item: Exchange | dict[str, Any] | _Prepared | _Inline) -> dict[str, Any]:
+        if isinstance(item, _Prepared):
+            self._heavy_pending -= 1
+            return item.record
+        if isinstance(item, _Inline):
+            self._heavy_pending -= 1
+            return _prepare_exchange(item.exchange, self.redactor)
+        if isinstance(item, Exchange):
+            return _prepare_exchange(item, self.redactor)
         entry = dict(item)
         entry.setdefault("record_type", "event")
         entry.setdefault("timestamp", _now_iso())
@@ -221,6 +394,7 @@ class AuditWriter:
             self._fail(items, exc)
             return
         self.failure = None
+        self.durable_seq = chain.next_seq
         self._processed += len(items)
         m = self.metrics
         m.records_written_total += len(entries)
@@ -246,13 +420,12 @@ class AuditWriter:
                     )
         try:
             chain.after_commit()
+            self.durable_seq = chain.next_seq
         except Exception:
             log.exception("after-commit step (checkpoint/rotation) failed")
-        for listener in self.listeners:
-            try:
-                listener(entries)
-            except Exception:
-                log.exception("post-commit listener failed")
+        runner = self.runner
+        if runner is not None:
+            runner.notify()
 
     def _fail(self, items: list[Item], exc: Exception) -> None:
         self._processed += len(items)

@@ -564,6 +564,17 @@ class Chain:
         if self.tree.size != self._cp_size or self.clock() - self._cp_time >= 0.5 * self.config.heartbeat_seconds:
             self.checkpoint()
 
+    def recover(self) -> None:
+        """After a failed write: seal what is on disk, write the recovery events, fsync.
+
+        Raises ``LogWriteError`` while the log still cannot be written (the writer probes with
+        this when idle, so it becomes ready again without waiting for traffic).
+        """
+        if self._broken:
+            self._recover_from_write_error()
+        self._flush_pending()
+        self.sync()
+
     def _flush_pending(self) -> None:
         events = self.pending_events()
         if events:

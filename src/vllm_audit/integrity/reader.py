@@ -188,9 +188,16 @@ class LogReader:
             offset = pos.offset if path == pos.path else 0
             for line in codec.split_lines(good):
                 offset += len(line) + 1
-                entry = self._check(line, tail, wid, expect, last)
+                try:
+                    entry = self._check(line, tail, wid, expect, last)
+                except ChainBreak:
+                    if out:  # hand over what chains; the next call raises at the break
+                        return out
+                    raise
                 if entry.seq < cursor.next_seq:  # before the cursor: skip (link kept for the next)
                     expect, last = entry.seq + 1, entry.leaf_hex
+                    if expect == cursor.next_seq and cursor.last_leaf and last != cursor.last_leaf:
+                        raise ChainBreak(wid, expect - 1, "the entry differs from the one the cursor was taken at")
                     self._pos[wid] = _Pos(path, offset, expect, last)
                     continue
                 out.append(entry)

@@ -269,5 +269,6 @@ def render_status_metrics(statuses: Iterable[Status]) -> list[str]:
         "# TYPE vllm_audit_sink_up gauge",
     ]
     for s in rows:
-        out.append(f'vllm_audit_sink_up{{sink="{s.name}",kind="{s.kind}",state="{s.state}"}} {int(s.state == "running")}')
+        up = int(s.state == "running")
+        out.append(f'vllm_audit_sink_up{{sink="{s.name}",kind="{s.kind}",state="{s.state}"}} {up}')
     return out
