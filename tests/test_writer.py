@@ -1,0 +1,155 @@
+"""The background writer: heavy records off the group-commit path, recovery when idle, audited events."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+
+from vllm_audit.capture import Exchange
+from vllm_audit.config import Config, LogConfig
+from vllm_audit.errors import LogWriteError
+from vllm_audit.integrity.reader import LogReader
+from vllm_audit.ship.config import ShipConfig
+from vllm_audit.writer import AuditWriter
+
+
+def _exchange(rid: str, prompt: str) -> Exchange:
+    ex = Exchange(rid, "POST", "/v1/chat/completions")
+    ex.request_body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]})
+    ex.request_bytes = len(ex.request_body)
+    ex.chunks = [orjson.dumps({"choices": [{"message": {"role": "assistant", "content": "ok"}}]})]
+    ex.content_type = b"application/json"
+    ex.http_status = 200
+    ex.completed = True
+    return ex
+
+
+def _config(tmp_path: Path, heavy: int) -> Config:
+    return Config(
+        log=LogConfig(dir=str(tmp_path / "log"), heavy_record_bytes=heavy),
+        ship=ShipConfig(in_process=False),
+    )
+
+
+def _order(tmp_path: Path, heavy: int) -> list[str]:
+    """Submit one multi-megabyte, PII-dense prompt, then 50 small ones; the order they were sealed in."""
+    writer = AuditWriter(_config(tmp_path, heavy))
+    writer.start()
+
+    async def go() -> None:
+        big = " ".join(f"call 138{i:08d} or mail u{i}@example.com" for i in range(60_000))
+        futs = [writer.submit(_exchange("big", big), wait=True)]
+        await asyncio.sleep(0)  # the big one is queued first
+        futs += [writer.submit(_exchange(f"small-{i}", "hello"), wait=True) for i in range(50)]
+        await asyncio.gather(*[f for f in futs if f is not None])
+
+    asyncio.run(go())
+    writer.stop()
+    reader = LogReader(tmp_path / "log", limit="all")
+    (wid,) = reader.writer_ids()
+    out = []
+    for e in reader.entries(wid):
+        if e.record_type == "inference":
+            out.append(str(e.record()["request_id"]))
+    return out
+
+
+def test_a_heavy_record_does_not_hold_up_other_clients_records(tmp_path: Path) -> None:
+    """With the heavy lane the small records are sealed before the multi-megabyte one is redacted;
+    without it (heavy_record_bytes = 0) they wait behind it in the same writer thread."""
+    with_lane = _order(tmp_path / "lane", 256 * 1024)
+    assert with_lane[-1] == "big" and len(with_lane) == 51
+    without = _order(tmp_path / "inline", 0)
+    assert without[0] == "big"
+
+
+def test_heavy_record_is_redacted_like_any_other(tmp_path: Path) -> None:
+    writer = AuditWriter(_config(tmp_path, 1024))
+    writer.start()
+
+    async def go() -> None:
+        fut = writer.submit(_exchange("pii", "mail ann@example.com " + "x" * 4000), wait=True)
+        assert fut is not None
+        await fut
+
+    asyncio.run(go())
+    writer.stop()
+    assert writer.metrics.heavy_records_total == 1
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "log").glob("writers/*/seg-*.jsonl"))
+    assert b"ann@example.com" not in raw and b'"request_id":"pii"' in raw
+
+
+def test_event_with_wait_fails_when_the_log_is_not_accepting(tmp_path: Path) -> None:
+    writer = AuditWriter(_config(tmp_path, 0))
+    writer.start()
+    writer.failure = "disk full (test)"
+
+    async def go() -> None:
+        fut = writer.submit_event({"event": "audit_read"}, wait=True)
+        assert fut is not None
+        with pytest.raises(LogWriteError):
+            await fut
+
+    asyncio.run(go())
+    writer.failure = None
+    writer.stop()
+
+
+RECOVER = textwrap.dedent(
+    """
+    import asyncio, resource, signal, sys, time
+    from vllm_audit.config import Config, LogConfig
+    from vllm_audit.integrity.config import IntegrityConfig
+    from vllm_audit.ship.config import ShipConfig
+    from vllm_audit.writer import AuditWriter
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    cfg = Config(log=LogConfig(dir=sys.argv[1]), integrity=IntegrityConfig(heartbeat_seconds=0.2),
+                 ship=ShipConfig(in_process=False))
+    w = AuditWriter(cfg)
+    w.start()
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (w._chain._segment_bytes + 2000, hard))
+
+    async def fill():
+        for i in range(200):
+            fut = w.submit_event({"event": "probe", "detail": {"pad": "x" * 300, "i": i}}, wait=True)
+            try:
+                await fut
+            except Exception:
+                return True
+        return False
+
+    assert asyncio.run(fill()), "the write limit was never hit"
+    assert w.failure is not None
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # the disk is freed; no more traffic
+    deadline = time.monotonic() + 20
+    while w.failure is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("recovered" if w.failure is None else "still failing: " + w.failure)
+    w.stop()
+    """
+)
+
+
+def test_an_idle_writer_recovers_by_itself_when_the_disk_is_back(tmp_path: Path) -> None:
+    """After a write failure, /readyz (writer.failure) clears without any new traffic (item 12)."""
+    out = subprocess.run(
+        [sys.executable, "-c", RECOVER, str(tmp_path / "log")], capture_output=True, text=True, timeout=90
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "recovered", out.stdout + out.stderr[-2000:]
+    verify = subprocess.run(
+        [sys.executable, "-m", "vllm_audit.cli", "verify", str(tmp_path / "log"),
+         "--public-key", str(tmp_path / "log" / "keys" / "signing.pub")],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
