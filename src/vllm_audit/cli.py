@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,23 @@ _AREA_COMMANDS = (
     "vllm_audit.access.cli",
     "vllm_audit.ship.cli",
 )
+#: Which area module defines each sub-command, so one command imports only its own area (a
+#: ``verify`` does not load the HTTP, JWT and redaction stacks). A test keeps it complete.
+COMMAND_AREAS = {
+    "keygen": "vllm_audit.integrity.cli",
+    "verify": "vllm_audit.integrity.cli",
+    "prove": "vllm_audit.integrity.cli",
+    "verify-proof": "vllm_audit.integrity.cli",
+    "prove-consistency": "vllm_audit.integrity.cli",
+    "verify-consistency": "vllm_audit.integrity.cli",
+    "privacy-keygen": "vllm_audit.privacy.cli",
+    "erase": "vllm_audit.privacy.cli",
+    "decrypt": "vllm_audit.privacy.cli",
+    "redact": "vllm_audit.privacy.cli",
+    "keys": "vllm_audit.access.cli",
+    "index": "vllm_audit.access.cli",
+    "ship": "vllm_audit.ship.cli",
+}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,7 +69,8 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``command`` given) one with only that command's area loaded."""
     parser = argparse.ArgumentParser(prog="vllm-audit", description="Tamper-evident audit records for LLM servers.")
     parser.add_argument("--version", action="version", version=f"vllm-audit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -69,21 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the published JSON Schema of an audit record")
     schema.set_defaults(func=_schema)
 
-    for name in _AREA_COMMANDS:
+    area = COMMAND_AREAS.get(command or "")
+    for name in (area,) if area else _AREA_COMMANDS:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+        if arg in ("-h", "--help", "--version"):
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(args_list))
+    args = parser.parse_args(args_list)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
     except AuditError as exc:
         print(f"vllm-audit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``vllm-audit verify ... | head``): stop quietly, like other tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return code
 
 
