@@ -114,3 +114,54 @@ def test_incomplete_success_is_an_upstream_error() -> None:
     ex = exchange("/v1/completions", {"model": "m", "prompt": "p"}, [], b"application/json")
     ex.completed = False
     assert "upstream_error" == finalize(ex)["status"]
+
+
+def test_parse_json_agrees_with_json_loads() -> None:
+    """The edge's parser accepts what vLLM's json.loads accepts, and says why when nothing can."""
+    from vllm_audit.capture import parse_json
+
+    assert ({"a": 2}, None) == parse_json(b'{"a": 1, "a": 2}')  # duplicate keys: the last wins, as in json.loads
+    assert ({"a": 1}, None) == parse_json(b'\xef\xbb\xbf{"a": 1}')
+    assert ({"a": float("nan")}.keys(), None) == (parse_json(b'{"a": NaN}')[0].keys(), None)
+    value, err = parse_json(b"[" * 3000 + b"]" * 3000)
+    assert value is None and err is not None and "nested" in err
+    value, err = parse_json(b"{")
+    assert value is None and err is not None and "not valid JSON" in err
+
+
+def test_lax_bool_matches_pydantic() -> None:
+    """The values pydantic's lax bool turns into True, and only those."""
+    from vllm_audit.capture import lax_bool
+
+    for yes in (True, 1, 1.0, "1", "true", "TRUE", "t", "y", "yes", "on", "On"):
+        assert lax_bool(yes), yes
+    nos: tuple[object, ...] = (False, 0, None, "0", "false", "no", "off", "", "maybe", 2, [], {})
+    for no in nos:
+        assert not lax_bool(no), no
+
+
+def test_normalize_path() -> None:
+    """Repeated slashes and dot segments are resolved; normal paths come back as they are."""
+    from vllm_audit.capture import normalize_path
+
+    assert "/v1/chat/completions" == normalize_path("/v1/chat/completions")
+    assert "/v1/chat/completions" == normalize_path("//v1//chat/./completions")
+    assert "/v1/chat/completions" == normalize_path("/v1/models/../chat/completions")
+    assert "/" == normalize_path("/../..")
+
+
+def test_route_fields_decide_the_prompt() -> None:
+    """Each route records the fields it acts on; several present are kept side by side."""
+    rec = finalize(exchange("/v1/responses", {"model": "m", "instructions": "be brief", "input": "hi"}, [], b""))
+    assert {"instructions": "be brief", "input": "hi"} == rec["input_prompt"]
+    rec = finalize(exchange("/v1/embeddings", {"model": "m", "input": ["a"]}, [], b""))
+    assert ["a"] == rec["input_prompt"] and "captured" == rec["prompt_status"]
+    rec = finalize(exchange("/v1/models", {}, [], b""))
+    assert (None, "absent") == (rec["input_prompt"], rec["prompt_status"])
+
+
+def test_record_id_is_unique_per_exchange() -> None:
+    """Every exchange gets its own UUIDv7 record_id, whatever its request id."""
+    a = finalize(exchange("/v1/completions", {"prompt": "p"}, [], b""))
+    b = finalize(exchange("/v1/completions", {"prompt": "p"}, [], b""))
+    assert a["request_id"] == b["request_id"] and a["record_id"] != b["record_id"]

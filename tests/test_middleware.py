@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,11 @@ async def call(app: Any, path: str, payload: Any = None, headers: list[tuple[byt
     return client
 
 
+Audited = Callable[..., AuditMiddleware]
+
+
 @pytest.fixture
-def audited(tmp_path: Path):  # type: ignore[no-untyped-def]
+def audited(tmp_path: Path) -> Iterator[Audited]:
     mws: list[AuditMiddleware] = []
 
     def make(inner: Any = None, **sections: dict[str, Any]) -> AuditMiddleware:
@@ -99,7 +103,7 @@ def audited(tmp_path: Path):  # type: ignore[no-untyped-def]
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hello audit"}], "max_tokens": 5}
 
 
-async def test_each_sse_event_reaches_the_client_before_the_next_is_produced(audited, tmp_path: Path) -> None:
+async def test_each_sse_event_reaches_the_client_before_the_next_is_produced(audited: Audited, tmp_path: Path) -> None:
     """A stream is passed on event by event: the client holds event 1 while the app is still blocked."""
     gate = asyncio.Event()
     seen_before_gate: list[bytes] = []
@@ -136,7 +140,7 @@ async def test_each_sse_event_reaches_the_client_before_the_next_is_produced(aud
     assert "ok" == rec["status"]
 
 
-async def test_injected_usage_is_recorded_and_stripped_byte_for_byte(audited, tmp_path: Path) -> None:
+async def test_injected_usage_is_recorded_and_stripped_byte_for_byte(audited: Audited, tmp_path: Path) -> None:
     """The client gets exactly what the bare server sends without include_usage; the record has usage."""
     req = {**CHAT, "stream": True}
     hdr = [(b"x-request-id", b"same-id")]
@@ -154,7 +158,7 @@ async def test_injected_usage_is_recorded_and_stripped_byte_for_byte(audited, tm
     assert rec["ttft_ms"] is not None and rec["ttft_ms"] <= rec["latency_ms"]
 
 
-async def test_client_requested_usage_is_passed_through(audited, tmp_path: Path) -> None:
+async def test_client_requested_usage_is_passed_through(audited: Audited, tmp_path: Path) -> None:
     """When the client asked for usage it keeps its usage chunk."""
     mw = audited()
     got = await call(mw, "/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
@@ -164,7 +168,7 @@ async def test_client_requested_usage_is_passed_through(audited, tmp_path: Path)
     assert "stream" == rec["usage_source"]
 
 
-async def test_usage_chunk_split_across_messages_is_still_stripped(audited, tmp_path: Path) -> None:
+async def test_usage_chunk_split_across_messages_is_still_stripped(audited: Audited, tmp_path: Path) -> None:
     """An SSE event cut in two ASGI messages is reassembled before the usage check."""
     usage = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
     parts = [
@@ -187,7 +191,7 @@ async def test_usage_chunk_split_across_messages_is_still_stripped(audited, tmp_
     assert (3, 2, 5) == (rec["prompt_tokens"], rec["completion_tokens"], rec["total_tokens"])
 
 
-async def test_usage_that_never_came_is_recorded_as_absent(audited, tmp_path: Path) -> None:
+async def test_usage_that_never_came_is_recorded_as_absent(audited: Audited, tmp_path: Path) -> None:
     """A server that ignores include_usage leaves the counts null, never invented."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,7 +213,7 @@ async def test_usage_that_never_came_is_recorded_as_absent(audited, tmp_path: Pa
     assert (None, None, None) == (rec["prompt_tokens"], rec["completion_tokens"], rec["total_tokens"])
 
 
-async def test_disconnect_mid_stream_records_cancelled_with_partial_output(audited, tmp_path: Path) -> None:
+async def test_disconnect_mid_stream_records_cancelled_with_partial_output(audited: Audited, tmp_path: Path) -> None:
     """A client that goes away mid-stream leaves a 'cancelled' record with what it had received."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -237,7 +241,7 @@ async def test_disconnect_mid_stream_records_cancelled_with_partial_output(audit
     assert "partial" == rec["output_response"]
 
 
-async def test_app_exception_is_recorded_and_reraised(audited, tmp_path: Path) -> None:
+async def test_app_exception_is_recorded_and_reraised(audited: Audited, tmp_path: Path) -> None:
     """An exception in the served app leaves an upstream_error record, without its message."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -253,7 +257,7 @@ async def test_app_exception_is_recorded_and_reraised(audited, tmp_path: Path) -
     assert "sk-abcdef" not in orjson.dumps(rec).decode()
 
 
-async def test_every_route_gets_a_record(audited, tmp_path: Path) -> None:
+async def test_every_route_gets_a_record(audited: Audited, tmp_path: Path) -> None:
     """Chat, completions, embeddings, responses, models and unknown routes are all recorded."""
     mw = audited()
     await call(mw, "/v1/chat/completions", CHAT)
@@ -284,7 +288,7 @@ async def test_every_route_gets_a_record(audited, tmp_path: Path) -> None:
         jsonschema.validate(rec, schema)
 
 
-async def test_request_id_is_honoured_echoed_and_passed_upstream(audited, tmp_path: Path) -> None:
+async def test_request_id_is_honoured_echoed_and_passed_upstream(audited: Audited, tmp_path: Path) -> None:
     """A safe inbound id is kept, echoed, and the upstream's own id is built from it."""
     mw = audited()
     got = await call(mw, "/v1/chat/completions", CHAT, [(b"x-request-id", b"req-42")])
@@ -295,7 +299,7 @@ async def test_request_id_is_honoured_echoed_and_passed_upstream(audited, tmp_pa
     assert ("req-42", "client", "chatcmpl-req-42") == (rec["request_id"], rec["request_id_source"], rec["response_id"])
 
 
-async def test_invalid_request_id_is_replaced_and_the_fact_recorded(audited, tmp_path: Path) -> None:
+async def test_invalid_request_id_is_replaced_and_the_fact_recorded(audited: Audited, tmp_path: Path) -> None:
     """An unsafe inbound id is replaced by a UUIDv7 and the record says why."""
     mw = audited()
     got = await call(mw, "/v1/chat/completions", CHAT, [(b"x-request-id", b"bad id\x01<script>")])
@@ -307,7 +311,7 @@ async def test_invalid_request_id_is_replaced_and_the_fact_recorded(audited, tmp
     assert any("characters" in n for n in rec["notes"])
 
 
-async def test_no_client_controlled_switch_turns_logging_off(audited, tmp_path: Path) -> None:
+async def test_no_client_controlled_switch_turns_logging_off(audited: Audited, tmp_path: Path) -> None:
     """Headers and body fields that other tools honour as 'do not log' change nothing here."""
     mw = audited()
     no_log_headers = [(b"x-no-log", b"1"), (b"x-audit-disable", b"true"), (b"helicone-omit-request", b"true")]
@@ -318,7 +322,7 @@ async def test_no_client_controlled_switch_turns_logging_off(audited, tmp_path: 
     assert rec["input_prompt"] is not None and rec["output_response"] is not None
 
 
-async def test_oversized_headers_get_431_and_a_record(audited, tmp_path: Path) -> None:
+async def test_oversized_headers_get_431_and_a_record(audited: Audited, tmp_path: Path) -> None:
     """A 1 MB header is refused with an OpenAI-shaped 431, and recorded."""
     mw = audited()
     got = await call(mw, "/v1/chat/completions", CHAT, [(b"x-big", b"a" * 1_000_000)])
@@ -329,7 +333,7 @@ async def test_oversized_headers_get_431_and_a_record(audited, tmp_path: Path) -
     assert (431, "client_error") == (rec["http_status"], rec["status"])
 
 
-async def test_oversized_body_gets_413_and_a_record(audited, tmp_path: Path) -> None:
+async def test_oversized_body_gets_413_and_a_record(audited: Audited, tmp_path: Path) -> None:
     """A body over [edge] max_request_bytes is refused with 413, and recorded."""
     mw = audited(edge={"max_request_bytes": 1000})
     got = await call(mw, "/v1/completions", {"model": "demo-model", "prompt": "x" * 5000})
@@ -339,7 +343,7 @@ async def test_oversized_body_gets_413_and_a_record(audited, tmp_path: Path) -> 
     assert (413, "request_too_large") == (rec["http_status"], rec["error_type"])
 
 
-async def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored(audited, tmp_path: Path) -> None:
+async def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored(audited: Audited, tmp_path: Path) -> None:
     """X-Forwarded-For from a peer outside trusted_proxies does not change client_ip."""
     mw = audited()
     await call(mw, "/v1/chat/completions", CHAT, [(b"x-forwarded-for", b"1.2.3.4")])
@@ -348,7 +352,7 @@ async def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored(audited, tmp
     assert ("203.0.113.7", True) == (rec["client_ip"], rec["forwarded_ignored"])
 
 
-async def test_forwarded_for_through_trusted_proxy_is_believed(audited, tmp_path: Path) -> None:
+async def test_forwarded_for_through_trusted_proxy_is_believed(audited: Audited, tmp_path: Path) -> None:
     """Through a trusted proxy, the right-most untrusted X-Forwarded-For hop is the client."""
     mw = audited(edge={"trusted_proxies": ["203.0.113.0/24", "10.0.0.0/8"]})
     await call(mw, "/v1/chat/completions", CHAT, [(b"x-forwarded-for", b"6.6.6.6, 198.51.100.9, 10.1.2.3")])
@@ -389,7 +393,7 @@ async def test_fail_open_serves_and_counts_dropped_records(tmp_path: Path) -> No
         mw.writer.stop()
 
 
-async def test_strict_durability_releases_the_last_byte_after_fsync(audited, tmp_path: Path) -> None:
+async def test_strict_durability_releases_the_last_byte_after_fsync(audited: Audited, tmp_path: Path) -> None:
     """When the client has the full response, its record is already in the segment file."""
     mw = audited()
     got = await call(mw, "/v1/chat/completions", CHAT, [(b"x-request-id", b"durable-1")])
@@ -398,7 +402,7 @@ async def test_strict_durability_releases_the_last_byte_after_fsync(audited, tmp
     assert ["durable-1"] == [r["request_id"] for r in read_records(tmp_path / "log")]
 
 
-async def test_writer_records_its_start_as_an_event(audited, tmp_path: Path) -> None:
+async def test_writer_records_its_start_as_an_event(audited: Audited, tmp_path: Path) -> None:
     """The first entry of a new chain is a writer_started event."""
     mw = audited()
     await call(mw, "/v1/models")
@@ -408,7 +412,7 @@ async def test_writer_records_its_start_as_an_event(audited, tmp_path: Path) -> 
     assert 0 == entries[0]["seq"]
 
 
-async def test_pathsend_file_response_is_a_completed_exchange(audited, tmp_path: Path) -> None:
+async def test_pathsend_file_response_is_a_completed_exchange(audited: Audited, tmp_path: Path) -> None:
     """A response sent with the http.response.pathsend extension is recorded as complete."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -423,7 +427,9 @@ async def test_pathsend_file_response_is_a_completed_exchange(audited, tmp_path:
     assert ("ok", 200) == (rec["status"], rec["http_status"])
 
 
-async def test_fingerprint_moved_to_the_usage_chunk_is_put_back_on_the_finish_chunk(audited, tmp_path: Path) -> None:
+async def test_fingerprint_moved_to_the_usage_chunk_is_put_back_on_the_finish_chunk(
+    audited: Audited, tmp_path: Path
+) -> None:
     """vLLM moves system_fingerprint to the usage chunk when usage is on; the client still gets it
     on the finish chunk, byte for byte as without usage, and the record has it as model_revision."""
     req = {**CHAT, "stream": True}
@@ -453,3 +459,345 @@ async def test_every_finish_chunk_waits_for_the_usage_chunk_and_gets_the_fingerp
     assert b"" == s.feed(fin1)
     fp = b',"system_fingerprint":"fp"}\n\n'
     assert fin0[:-3] + fp + fin1[:-3] + fp == s.feed(usage)
+
+
+# -- issue 15 -------------------------------------------------------------------------------------
+
+
+class Gate:
+    """A redactor that holds the writer thread until released: a real backlog, on demand."""
+
+    def __init__(self, cfg: Config) -> None:
+        import threading
+
+        from vllm_audit.writer import load_redactor
+
+        self.inner = load_redactor(cfg)
+        self.open = threading.Event()
+
+    def __call__(self, rec: dict[str, Any]) -> dict[str, Any]:
+        self.open.wait(30)
+        return self.inner(rec)
+
+
+def gated(tmp_path: Path, inner: Any = None, **sections: dict[str, Any]) -> tuple[AuditMiddleware, Gate]:
+    from vllm_audit.writer import AuditWriter
+
+    cfg = make_config(tmp_path, log={"durable_timeout_s": 0.3, "heavy_record_bytes": 0}, **sections)
+    gate = Gate(cfg)
+    writer = AuditWriter(cfg, redactor=gate)
+    writer.start()
+    return AuditMiddleware(inner or DemoEngine(cfg.gateway), cfg, writer=writer), gate
+
+
+def delivery_events(log_dir: Path) -> list[dict[str, Any]]:
+    return [e for e in read_entries(log_dir) if e.get("event") == "delivery_failed"]
+
+
+def streaming_response_like(inner: Any) -> Any:
+    """Send every body as starlette's StreamingResponse (vLLM, the proxy) does: the last bytes
+    (``data: [DONE]``) as an ordinary chunk, then an empty final message."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def split(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body") and message.get("body"):
+                await send({**message, "more_body": True})
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await inner(scope, receive, split)
+
+    return app
+
+
+async def test_strict_stream_gets_no_done_when_its_record_is_not_durable(tmp_path: Path) -> None:
+    """[DONE] is held with the final message: a record that misses its deadline leaves the client
+    with an aborted stream (no terminator), and a delivery_failed event amends the record."""
+    mw, gate = gated(tmp_path, streaming_response_like(DemoEngine()))
+    try:
+        got = await call(mw, "/v1/chat/completions", {**CHAT, "stream": True}, [(b"x-request-id", b"late")])
+        assert 200 == got.status
+        assert b"[DONE]" not in got.content
+        assert b'"content":"You"' in got.content  # the tokens before the terminator did stream
+        assert got.sent[-1].get("more_body") is True  # never completed
+    finally:
+        gate.open.set()
+        mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    (ev,) = delivery_events(tmp_path / "log")
+    assert (rec["record_id"], "late", "aborted", "durable_timeout") == (
+        ev["record_id"],
+        ev["request_id"],
+        ev["client_received"],
+        ev["reason"],
+    )
+
+
+async def test_strict_body_with_content_length_holds_its_last_bytes(tmp_path: Path) -> None:
+    """A response with a content-length sent in pieces: the piece that completes it waits too."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", b"10")]
+        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+        await send({"type": "http.response.body", "body": b'{"a":', "more_body": True})
+        await send({"type": "http.response.body", "body": b'"1234"}', "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    mw, gate = gated(tmp_path, app)
+    try:
+        got = await call(mw, "/v1/other", {"x": 1})
+        assert b'{"a":' == got.content
+    finally:
+        gate.open.set()
+        mw.writer.stop()
+    assert 1 == len(delivery_events(tmp_path / "log"))
+
+
+async def test_strict_non_stream_timeout_is_a_503_and_the_record_is_amended(tmp_path: Path) -> None:
+    """A 503 instead of the upstream's 200: the record is followed by delivery_failed saying so."""
+    mw, gate = gated(tmp_path)
+    try:
+        got = await call(mw, "/v1/chat/completions", CHAT)
+        assert 503 == got.status
+    finally:
+        gate.open.set()
+        mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert (200, "ok") == (rec["http_status"], rec["status"])  # what the upstream answered
+    (ev,) = delivery_events(tmp_path / "log")
+    assert (rec["record_id"], "error_503", 503) == (ev["record_id"], ev["client_received"], ev["http_status"])
+
+
+async def test_durable_stream_is_delivered_complete(audited: Audited, tmp_path: Path) -> None:
+    """When the record is durable in time the client gets everything, [DONE] last, and no amendment."""
+    mw = audited(streaming_response_like(DemoEngine()))
+    got = await call(mw, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert got.content.endswith(b"data: [DONE]\n\n")
+    assert 1 == len(read_records(tmp_path / "log"))  # already on disk when [DONE] left
+    mw.writer.stop()
+    assert [] == delivery_events(tmp_path / "log")
+
+
+@pytest.mark.parametrize(
+    ("body", "prompt"),
+    [
+        (b'{"model":"demo-model","prompt":"nan body","max_tokens":NaN}', "nan body"),
+        (b'{"model":"demo-model","prompt":"lone \\ud800 surrogate"}', "lone \ufffd surrogate"),
+        (b'\xef\xbb\xbf{"model":"demo-model","prompt":"bom"}', "bom"),
+        ('{"model":"demo-model","prompt":"utf16"}'.encode("utf-16"), "utf16"),
+        ('{"model":"demo-model","prompt":"utf32"}'.encode("utf-32"), "utf32"),
+    ],
+)
+async def test_bodies_vllm_accepts_have_their_prompt_recorded(
+    audited: Audited, tmp_path: Path, body: bytes, prompt: str
+) -> None:
+    """NaN, lone surrogates, a BOM, UTF-16/32: parsed as json.loads (vLLM) does, prompt and hash kept."""
+    import hashlib
+
+    mw = audited()
+    await call(mw, "/v1/completions", body)
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert prompt == rec["input_prompt"]
+    assert rec["prompt_sha256"] is not None
+    assert hashlib.sha256(body).hexdigest() == rec["request_body_sha256"]
+    assert len(body) == rec["request_bytes"]
+    assert rec["prompt_status"] == ("lossy" if "\ufffd" in prompt else "captured")
+
+
+async def test_completions_record_the_prompt_not_a_decoy_messages_field(audited: Audited, tmp_path: Path) -> None:
+    """/v1/completions acts on `prompt`; a `messages` field next to it is not what is recorded."""
+    mw = audited()
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": "decoy"}], "prompt": "the real one"}
+    await call(mw, "/v1/completions", body)
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert "the real one" == rec["input_prompt"]
+
+
+async def test_padding_does_not_push_the_prompt_out_of_the_record(audited: Audited, tmp_path: Path) -> None:
+    """A body over max_capture_bytes made of padding still records its small prompt in full; a
+    prompt over the cap is stored cut, flagged truncated with the reason."""
+    mw = audited(log={"max_capture_bytes": 1000})
+    pad = {"model": "demo-model", "prompt": "short secret", "pad": "x" * 5000, "max_tokens": 2}
+    await call(mw, "/v1/completions", pad)
+    await call(mw, "/v1/completions", {"model": "demo-model", "prompt": "y" * 5000, "max_tokens": 2})
+    mw.writer.stop()
+    small, big = read_records(tmp_path / "log")
+    assert ("short secret", "captured", False) == (
+        small["input_prompt"],
+        small["prompt_status"],
+        small["request_truncated"],
+    )
+    assert ("truncated", True, 1000) == (big["prompt_status"], big["request_truncated"], len(big["input_prompt"]))
+    assert "max_capture_bytes" in big["prompt_error"]
+
+
+async def test_a_body_nobody_can_parse_is_flagged_with_the_reason(audited: Audited, tmp_path: Path) -> None:
+    """Deep nesting and broken JSON: no prompt, but status unparsed, a reason, and the body hash."""
+    mw = audited()
+    await call(mw, "/v1/completions", b'{"prompt": "p", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    await call(mw, "/v1/completions", b'{"prompt": "p",')
+    mw.writer.stop()
+    deep, broken = read_records(tmp_path / "log")
+    assert ("unparsed", "unparsed") == (deep["prompt_status"], broken["prompt_status"])
+    assert "nested too deeply" in deep["prompt_error"] and "not valid JSON" in broken["prompt_error"]
+    assert deep["request_body_sha256"] and broken["request_body_sha256"]
+
+
+@pytest.mark.parametrize("stream", ["true", "True", "1", "yes", "on", 1])
+async def test_stream_spelled_as_pydantic_accepts_it_still_gets_usage(
+    audited: Audited, tmp_path: Path, stream: Any
+) -> None:
+    """`"stream": "true"` streams in vLLM (lax bool): usage is injected and charged all the same."""
+    mw = audited()
+    got = await call(mw, "/v1/chat/completions", {**CHAT, "stream": stream})
+    assert got.content.endswith(b"data: [DONE]\n\n") and b'"usage"' not in got.content
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert (True, "injected") == (rec["stream"], rec["usage_source"])
+    assert rec["total_tokens"]
+
+
+async def test_escaped_stream_key_is_still_seen(audited: Audited, tmp_path: Path) -> None:
+    """`"\\u0073tream": true` is the key `stream` to a JSON parser: usage is injected."""
+    mw = audited()
+    body = orjson.dumps(CHAT)[:-1] + b',"\\u0073tream":true}'
+    got = await call(mw, "/v1/chat/completions", body)
+    assert b'"usage"' not in got.content
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert "injected" == rec["usage_source"]
+
+
+@pytest.mark.parametrize("path", ["/v1/./chat/completions", "//v1/chat/completions", "/v1/x/../chat/completions"])
+async def test_non_normalised_paths_are_classified_and_forwarded_as_one_route(
+    audited: Audited, tmp_path: Path, path: str
+) -> None:
+    """The edge normalises the route, injects usage for it, and the upstream gets the same route."""
+    seen: list[tuple[str, bytes]] = []
+    engine = DemoEngine()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((scope["path"], scope["raw_path"]))
+        await engine(scope, receive, send)
+
+    mw = audited(app)
+    got = await call(mw, path, {**CHAT, "stream": True})
+    assert b'"usage"' not in got.content and got.content.endswith(b"[DONE]\n\n")
+    assert [("/v1/chat/completions", b"/v1/chat/completions")] == seen
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert ("/v1/chat/completions", "injected") == (rec["route"], rec["usage_source"])
+
+
+async def test_a_reused_request_id_gets_distinct_record_ids(audited: Audited, tmp_path: Path) -> None:
+    """Two callers sending the same X-Request-Id keep it as request_id; record_id tells them apart."""
+    mw = audited()
+    for _ in range(2):
+        got = await call(mw, "/v1/chat/completions", CHAT, [(b"x-request-id", b"same")])
+        assert b"same" == got.headers[b"x-request-id"]
+    mw.writer.stop()
+    a, b = read_records(tmp_path / "log")
+    assert ("same", "same") == (a["request_id"], b["request_id"])
+    assert a["record_id"] != b["record_id"]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a["record_id"])
+    jsonschema.validate(a, json_schema())
+
+
+def _norm(body: bytes) -> bytes:
+    return re.sub(rb'"created":\d+', b"", body)
+
+
+STREAM_OPTIONS = [
+    None,
+    {},
+    {"include_usage": False},
+    {"continuous_usage_stats": True},
+    {"include_usage": False, "continuous_usage_stats": True},
+    {"include_usage": True},
+    {"include_usage": "true"},
+    {"include_usage": True, "continuous_usage_stats": True},
+]
+
+
+@pytest.mark.parametrize("opts", STREAM_OPTIONS)
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+async def test_the_client_gets_what_the_engine_sends_for_any_stream_options(
+    audited: Audited, tmp_path: Path, opts: Any, n: int, route: str
+) -> None:
+    """Byte for byte the same stream as the vLLM-shaped engine sends directly, for every
+    combination of stream options and n (fingerprints on every finish chunk included)."""
+    req: dict[str, Any] = {"model": "demo-model", "stream": True, "n": n, "max_tokens": 4}
+    req.update({"messages": CHAT["messages"]} if route.endswith("chat/completions") else {"prompt": "hello"})
+    if opts is not None:
+        req["stream_options"] = opts
+    hdr = [(b"x-request-id", b"same")]
+    bare = await call(DemoEngine(), route, req, hdr)
+    mw = audited()
+    got = await call(mw, route, req, hdr)
+    assert _norm(bare.content) == _norm(got.content)
+    assert bare.content.count(b'"system_fingerprint"') >= 1
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert rec["total_tokens"] and rec["model_revision"] == "demo-rev-1"
+
+
+async def test_a_body_that_never_arrives_gets_408_and_a_record(audited: Audited, tmp_path: Path) -> None:
+    """A client that announces a body and stalls is answered 408 after [edge] body_timeout_s."""
+    mw = audited(edge={"body_timeout_s": 0.2})
+    stalled = asyncio.Event()
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        await stalled.wait()  # never set: the body never comes
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await mw(http_scope("/v1/completions", b"x" * 100), receive, send)
+    assert 408 == sent[0]["status"]
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert (408, "request_timeout", "client_error") == (rec["http_status"], rec["error_type"], rec["status"])
+
+
+async def test_stream_output_kept_for_the_record_is_bounded(audited: Audited, tmp_path: Path) -> None:
+    """A stream longer than max_capture_bytes keeps at most that much, counts all, and says so."""
+    mw = audited(log={"max_capture_bytes": 2000})
+    got = await call(mw, "/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 400})
+    mw.writer.stop()
+    (rec,) = read_records(tmp_path / "log")
+    assert rec["response_truncated"] and rec["response_bytes"] >= len(got.content) > 2000
+    assert len(rec["output_response"] or "") < 2000
+
+
+async def test_ops_token_protects_readyz_and_metrics_but_not_healthz(audited: Audited, tmp_path: Path) -> None:
+    """With [edge] ops_token_file, readyz and metrics need the bearer token; healthz stays open."""
+    token = "t0ken-" + "x" * 20
+    (tmp_path / "ops.token").write_text(token + "\n")
+    mw = audited(edge={"ops_token_file": str(tmp_path / "ops.token")})
+    for path in ("/audit/readyz", "/audit/metrics"):
+        assert 401 == (await call(mw, path)).status
+        assert 401 == (await call(mw, path, headers=[(b"authorization", b"Bearer wrong")])).status
+        assert 200 == (await call(mw, path, headers=[(b"authorization", f"Bearer {token}".encode())])).status
+    assert 200 == (await call(mw, "/audit/healthz")).status
+    assert 200 == (await call(mw, "/healthz")).status  # also at the root, in middleware mode
+
+
+async def test_readyz_reason_has_no_filesystem_path(tmp_path: Path) -> None:
+    """A failing log's reason is public in /readyz without the log directory's path."""
+    blocker = tmp_path / "log"
+    blocker.write_text("a file where the log directory should be")
+    cfg = config_from_mapping({"log": {"dir": str(blocker)}})
+    mw = AuditMiddleware(DemoEngine(), cfg)
+    try:
+        ready = await call(mw, "/audit/readyz")
+        assert 503 == ready.status
+        payload = orjson.loads(ready.content)
+        assert payload["reason"] and str(tmp_path) not in ready.content.decode()
+    finally:
+        mw.writer.stop()

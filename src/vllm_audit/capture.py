@@ -71,6 +71,8 @@ def parse_json(body: bytes) -> tuple[Any, str | None]:
     (UTF-8, -16, -32, with or without BOM), ``NaN``/``Infinity`` and lone surrogate escapes are
     accepted, duplicate keys keep the last value. orjson gives the same result for every body
     it accepts (strict UTF-8 JSON) and is tried first; anything else goes to ``json.loads``.
+    (One difference remains: orjson reads integers beyond 64 bits as floats; vLLM rejects such
+    numbers in every field it acts on.)
     """
     try:
         return orjson.loads(body), None

@@ -149,6 +149,7 @@ class DemoEngine:
             await _error(send, 400, got, "invalid_request")
             return
         prompt, prompt_tokens = got
+        prompt = prompt.encode("utf-8", "replace").decode("utf-8")  # lone surrogates (json.loads keeps them)
         if "[[demo:error]]" in prompt:
             await _error(send, 500, "Simulated engine failure.", "internal_error", "server_error")
             return
