@@ -68,21 +68,32 @@ def prompts(seed: int = 7, n: int = 200) -> list[str]:
     return [prompt(rng) for _ in range(n)]
 
 
-def records(seed: int = 7, n: int = 200, pii: int = 0) -> list[dict[str, Any]]:
-    """Chat records (~1 KB of text) with ``pii`` PII values inserted into the user message."""
+def records(seed: int = 7, n: int = 200, pii: int = 0, size: int = 1000) -> list[dict[str, Any]]:
+    """Chat records (~``size`` bytes of text, full v1 fields) with ``pii`` PII values in the user message."""
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     for i in range(n):
-        text = prompt(rng, 700)
+        text = prompt(rng, size * 7 // 10)
         for _ in range(pii):
             cut = text.find(" ", rng.randrange(len(text)))
             cut = len(text) if cut < 0 else cut
             text = f"{text[:cut]} {rng.choice(PII)} {text[cut:]}"
+        rid = f"{rng.getrandbits(128):032x}"
+        rid = f"{rid[:8]}-{rid[8:12]}-{rid[12:16]}-{rid[16:20]}-{rid[20:]}"
         out.append({
-            "record_type": "inference", "request_id": f"req-{i}", "timestamp": "2026-01-01T00:00:00.000Z",
-            "org_id": "acme", "user_id": "alice", "client_ip": "203.0.113.7",
+            "seq": i, "writer_id": "w1", "record_type": "inference", "schema_version": 1,
+            "timestamp": "2026-01-01T00:00:00.000Z", "request_id": rid, "request_id_source": "client",
+            "client_ip": "203.0.113.7", "peer_ip": "10.0.0.2", "forwarded_ignored": False,
+            "org_id": "acme", "user_id": "alice", "auth_status": "authenticated", "auth_method": "api_key",
+            "key_id": "key-1", "roles": ["user"], "method": "POST", "route": "/v1/chat/completions",
+            "model_name": "qwen2.5-7b-instruct", "model_revision": None, "response_id": f"chatcmpl-{rid}",
+            "stream": True, "http_status": 200, "status": "ok", "finish_reason": "stop",
+            "prompt_tokens": 250, "completion_tokens": 80, "total_tokens": 330, "usage_source": "injected",
+            "latency_ms": 812.5, "ttft_ms": 41.0,
             "input_prompt": [{"role": "system", "content": "You are a helpful assistant."},
                              {"role": "user", "content": text}],
-            "output_response": prompt(rng, 300), "error_message": None,
+            "output_response": prompt(rng, size * 3 // 10), "prompt_sha256": None, "request_bytes": size + 200,
+            "response_bytes": 4000, "request_truncated": False, "response_truncated": False,
+            "upstream": "http://127.0.0.1:8000", "error_type": None, "error_message": None,
         })  # fmt: skip
     return out

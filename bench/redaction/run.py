@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from adversarial import variants
 from corpus import SEED, generate
 from realistic import prompts, records
 
@@ -114,10 +115,10 @@ def throughput(texts: list[str], *predictors: Callable[[str], Any], rounds: int 
     return [statistics.median(s) for s in speeds]
 
 
-def records_per_second(pii: int, rounds: int = 7, n: int = 400) -> float:
+def records_per_second(pii: int, rounds: int = 7, n: int = 400, size: int = 1000) -> float:
     """Median records/s of ``build_redactor`` (default config) on realistic chat records."""
     redact = build_redactor(Config())
-    base = records(seed=11 + pii, n=n, pii=pii)
+    base = records(seed=11 + pii, n=n, pii=pii, size=size)
     speeds: list[float] = []
     for _ in range(rounds):
         batch = copy.deepcopy(base)  # the redactor works in place
@@ -126,6 +127,39 @@ def records_per_second(pii: int, rounds: int = 7, n: int = 400) -> float:
             redact(r)
         speeds.append(n / max(time.process_time() - t0, 1e-9))
     return statistics.median(speeds)
+
+
+def score_split(items: list[dict[str, Any]]) -> dict[str, Counter[str]]:
+    """Values cut into two message parts: a record per item, scored by the redactor's entity counts."""
+    redact = build_redactor(Config())
+    stats: dict[str, Counter[str]] = {}
+    for item in items:
+        [(_, _, gold)] = item["entities"]
+        rec = redact({"org_id": "x", "input_prompt": [{"role": "user", "content": p} for p in item["parts"]]})
+        counts = dict(rec["redaction"]["entities"])
+        hit = counts.get(gold, 0) >= 1
+        stats.setdefault(gold, Counter())["tp" if hit else "fn"] += 1
+        counts[gold] = counts.get(gold, 0) - (1 if hit else 0)
+        for t, n in counts.items():
+            if n > 0:
+                stats.setdefault(t, Counter())["fp"] += n
+    return stats
+
+
+def adversarial(seed: int, per_type: int, negatives: int) -> bool:
+    """Precision/recall per type on adversarial variants of a held-out corpus; True when recall >= 99 %."""
+    held = generate(seed, per_type, negatives)
+    print(f"\nadversarial variants of a held-out corpus (seed {seed}; the recognizers were written against "
+          f"seed {SEED})")
+    ok = True
+    for name, items in variants(held, seed).items():
+        stats = score_split(items) if name == "split" else score(items, ours)
+        types = sorted({t for i in items for _, _, t in i["entities"]} | set(stats))
+        table(f"variant: {name} ({len(items)} texts)", stats, types)
+        tp = sum(c["tp"] for c in stats.values())
+        fn = sum(c["fn"] for c in stats.values())
+        ok &= tp / max(tp + fn, 1) >= 0.99
+    return ok
 
 
 def table(name: str, stats: dict[str, Counter[str]], types: list[str]) -> None:
@@ -143,6 +177,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--per-type", type=int, default=40)
     parser.add_argument("--negatives", type=int, default=300)
+    parser.add_argument("--holdout-seed", type=int, default=777, help="seed of the held-out corpus")
     args = parser.parse_args()
     items = generate(args.seed, args.per_type, args.negatives)
     texts = [str(i["text"]) for i in items]
@@ -179,12 +214,19 @@ def main() -> int:
         print(f"{'ratio (ii) 5 types / Presidio':34}{one[1] / one[2]:>14.1f}x{fifty[1] / fifty[2]:>14.1f}x"
               f"{prose[1] / prose[2]:>15.1f}x")
         ok &= min(one[0] / one[2], fifty[0] / fifty[2]) >= 20
+    held = generate(args.holdout_seed, args.per_type, args.negatives)
+    table(f"vllm-audit recognizers, held-out corpus (seed {args.holdout_seed})", score(held, ours), types)
+    if pres is not None:
+        table("Presidio, held-out corpus", score(held, pres), types)
+    ok &= adversarial(args.holdout_seed, args.per_type, 0)
     rps = [records_per_second(pii) for pii in (0, 1, 2)]
-    print(f"\nbuild_redactor (default config), ~1 KB chat records: {rps[0]:,.0f} records/s without PII, "
-          f"{rps[1]:,.0f} with 1 PII value, {rps[2]:,.0f} with 2 (CPU time, one core)")
-    ok &= rps[0] >= 50_000
+    print(f"\nbuild_redactor (default config), ~1 KB chat records (every v1 field): {rps[0]:,.0f} records/s "
+          f"without PII, {rps[1]:,.0f} with 1 PII value, {rps[2]:,.0f} with 2 (CPU time, one core)")
+    us2k = 1e6 / records_per_second(0, size=2000)
+    print(f"clean ~2 KB record: {us2k:.1f} us per record (target <= 25 us)")
+    ok &= rps[0] >= 50_000 and us2k <= 25
     print(f"\ntargets (checksummed types P>=98% R>=99%, >=20x Presidio on the PII corpus, >=50k records/s "
-          f"without PII): {'met' if ok else 'NOT met'}")
+          f"without PII, clean 2 KB record <= 25 us, adversarial recall >= 99%): {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
 
 

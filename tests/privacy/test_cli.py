@@ -4,6 +4,7 @@ import io
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -26,7 +27,7 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
-def log_entries(tmp_path: Path) -> list[dict[str, object]]:
+def log_entries(tmp_path: Path) -> list[dict[str, Any]]:
     out = []
     for seg in sorted((tmp_path / "log").glob("writers/*/seg-*.jsonl")):
         out += [orjson.loads(line) for line in seg.read_bytes().splitlines() if line.strip()]

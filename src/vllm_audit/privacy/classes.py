@@ -36,13 +36,15 @@ _OPERATIONAL = (
     "seq", "prev", "writer_id", "record_type", "schema_version", "timestamp", "record_id",
     "request_id_source", "forwarded_ignored", "auth_status", "stream", "http_status", "status",
     "prompt_tokens", "completion_tokens", "total_tokens", "usage_source", "latency_ms", "ttft_ms",
-    "prompt_sha256", "request_body_sha256", "request_bytes", "response_bytes", "request_truncated",
+    "prompt_sha256", "prompt_status", "request_body_sha256", "request_bytes", "response_bytes", "request_truncated",
     "response_truncated", "redaction", "input_prompt_enc", "output_response_enc", "error_message_enc",
     "client_ip_enc", "peer_ip_enc", "user_id_enc",
+    "upstream",  # the configured upstream URL: server configuration, not request data
 )  # fmt: skip
 _IDENTIFIER = (
     "request_id", "response_id", "key_id", "roles", "auth_method", "method", "route", "model_name",
-    "served_model", "model_revision", "finish_reason", "upstream", "error_type", "notes", "capture_error",
+    "served_model", "model_revision", "finish_reason", "error_type", "notes", "capture_error",
+    "prompt_error",
 )  # fmt: skip
 
 FIELD_CLASSES: Mapping[str, PrivacyClass] = {

@@ -10,10 +10,12 @@ encrypted fields, a sibling ``<field>_enc`` envelope. It never raises: a field i
 becomes ``<UNREDACTABLE>``.
 
 Inside a structured field (chat messages, content parts, lists of prompts) the string values are
-scanned one by one *and* across each boundary between consecutive ones (the two sides joined
-directly), so a phone number whose halves are two content parts, or two messages, is found; each
-part's covered characters are replaced (the operator's output in the first part, nothing in the
-others). One compiled gate pass over the joined text decides whether anything needs scanning.
+scanned one by one *and* across each boundary between consecutive ones (256 characters on each
+side, joined directly), so a phone number whose halves are two content parts, or two messages, is
+found; each part's covered characters are replaced (the operator's output in the first part,
+nothing in the others). A value glued to its neighbour's last word is over-redacted ("admin" +
+"bob@x.io" both go); never under-redacted. One compiled gate pass over the joined text decides
+whether anything needs scanning.
 """
 
 from __future__ import annotations
@@ -151,21 +153,24 @@ def redact_texts(texts: list[str], rule: FieldRule, ctx: _Context, max_chars: in
     for i, t in enumerate(texts):
         if not too_long[i]:
             spans.extend((starts[i] + a, starts[i] + b, e, c) for a, b, e, c in find(t))
-    own = list(spans)
     seen = {(a, b) for a, b, _, _ in spans}
+    joined_spans: list[tuple[int, int, str, str]] = []
     for i in range(1, len(texts)):
         p = starts[i]
         if p == 0 or p == len(joined) or too_long[i - 1] or too_long[i]:
             continue
         lo = max(0, p - SPLIT_WINDOW)
         window = joined[lo : p + SPLIT_WINDOW]
+        # What the joined window finds beyond each string's own findings comes from the join: a
+        # value cut in two, or a value whose prefix ("sk-") is in the other string.
         for a, b, e, c in find(window):
             a, b = a + lo, b + lo
-            # A crossing match that holds a string's own finding is that finding glued to its
-            # neighbour ("admin" + "carol@x.io"), not a split value.
-            if a < p < b and (a, b) not in seen and not any(a <= oa and ob <= b for oa, ob, _, _ in own):
+            if (a, b) not in seen:
                 seen.add((a, b))
-                spans.append((_extend_left(joined, a, lo), _extend_right(joined, b, lo + len(window)), e, c))
+                joined_spans.append((_extend_left(joined, a, lo), _extend_right(joined, b, lo + len(window)), e, c))
+    if joined_spans:  # a string's own finding inside a joined one is a fragment of it: count it once
+        spans = [s for s in spans if not any(ja <= s[0] and s[1] <= jb for ja, jb, _, _ in joined_spans)]
+        spans.extend(joined_spans)
     out = list(texts)
     cuts: list[list[_Cut]] = [[] for _ in texts]
     for a, b, e, c in sorted(spans, key=lambda s: (s[0], -s[1])):
@@ -321,7 +326,7 @@ class Redactor:
             canonical = value if isinstance(value, str) else op.json_bytes(value).decode()
             record[field] = "ps_" + op.pseudonym_hex(entity, canonical, ctx.psk())
         elif mode == "mask":
-            if field == "client_ip" and isinstance(value, str):
+            if field in ("client_ip", "peer_ip") and isinstance(value, str):
                 record[field] = op.mask_ip(value)
             elif isinstance(value, str):
                 record[field] = op.mask(value, "FIELD", ctx.policy.mask_keep)
