@@ -75,10 +75,10 @@ def _default(f: dataclasses.Field[Any]) -> str:
     return f"`{value}`"
 
 
-def _render_section(name: str, cls: type, out: list[str], seen: set[type]) -> None:
+def _render_section(name: str, cls: type, out: list[str], seen: set[type], title: str = "") -> None:
     seen.add(cls)
     doc = (inspect.getdoc(cls) or "").split("\n\n")[0]
-    out.append(f"## `[{name}]`\n")
+    out.append(f"## {title or f'`[{name}]`'}\n")
     if doc:
         out.append(doc.replace("\n", " ") + "\n")
     hints = typing.get_type_hints(cls)
@@ -91,7 +91,8 @@ def _render_section(name: str, cls: type, out: list[str], seen: set[type]) -> No
         out.append(f"| `{f.name}` | {_type_name(tp)} | {_default(f)} | {docs.get(f.name, '')} |")
         for candidate in (tp, *typing.get_args(tp)):
             if dataclasses.is_dataclass(candidate) and isinstance(candidate, type) and candidate not in seen:
-                label = f"{name}.{f.name}" if candidate is tp else f"{name}.{f.name}.<name>"
+                keyed = typing.get_origin(tp) is dict
+                label = f"{name}.{f.name}.<name>" if keyed else f"{name}.{f.name}"
                 nested.append((label, candidate))
     out.append("")
     for label, sub in nested:
@@ -112,7 +113,8 @@ def _render_sinks(out: list[str], seen: set[type]) -> None:
             mod = sink_module(type_)
         except ImportError:  # pragma: no cover - a sink module not written yet
             continue
-        _render_section(f'sinks.NAME] type = "{type_}" [', mod.Options, out, seen)
+        title = f'`[sinks.NAME]` with `type = "{type_}"`'
+        _render_section("sinks.NAME", mod.Options, out, seen, title)
 
 
 def render() -> str:
