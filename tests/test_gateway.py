@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +349,169 @@ def test_client_leaving_a_proxied_stream_is_cancelled_upstream_and_recorded(tmp_
     assert "cancelled" == rec["status"] and rec["output_response"].startswith("You")
     (up_rec,) = [r for r in read_records(up_log) if r["request_id"] == "p-gone"]
     assert "cancelled" == up_rec["status"]
+
+
+# -- issue 15 -------------------------------------------------------------------------------------
+
+
+def test_no_stream_gets_its_done_without_a_durable_record(tmp_path: Path) -> None:
+    """Through the proxy, when segment writes fail (EFBIG), a stream whose record is not durable
+    ends without `data: [DONE]` (aborted): every stream a client saw complete has its record."""
+    cfg = "[integrity]\nsegment_max_bytes = 1048576\n"
+    done: list[str] = []
+    failed: list[str] = []
+
+    async def load(base: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            for i in range(120):
+                rid = f"st-{i}"
+                got = b""
+                try:
+                    async with s.post(
+                        base + "/v1/chat/completions",
+                        data=orjson.dumps({**CHAT, "stream": True}),
+                        headers={"x-request-id": rid},
+                    ) as r:
+                        async for chunk in r.content.iter_any():
+                            got += chunk
+                except aiohttp.ClientError:
+                    pass
+                (done if got.endswith(b"data: [DONE]\n\n") else failed).append(rid)
+
+    with gateway(tmp_path, log_dir=tmp_path / "uplog") as (up, _, _):
+        with gateway(tmp_path, "--upstream", up, config=cfg, preexec_fn=_small_files) as (base, log_dir, _):
+            asyncio.run(load(base))
+    assert failed, "the write limit was never hit"
+    assert done, "nothing was delivered"
+    recorded = {r["request_id"] for r in read_records(log_dir)}
+    assert [] == [rid for rid in done if rid not in recorded]
+
+
+def _closed_within(sock: Any, deadline: float) -> bool:
+    """Whether the server closes ``sock`` before ``deadline`` (monotonic), reading what it sends."""
+    import select
+
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], 0.1)
+        if ready:
+            try:
+                if sock.recv(65536) == b"":
+                    return True
+            except ConnectionError:
+                return True
+    return False
+
+
+def test_idle_and_slow_header_connections_are_reaped(tmp_path: Path) -> None:
+    """A connection that sends nothing, or dribbles its headers, is closed after header_timeout_s."""
+    import socket
+
+    cfg = "[gateway]\nheader_timeout_s = 0.5\n"
+    with gateway(tmp_path, config=cfg) as (base, _, _):
+        port = int(base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        deadline = time.monotonic() + 15
+        try:
+            drip_until = time.monotonic() + 3
+            while time.monotonic() < drip_until:  # a header byte every 0.1 s keeps arriving...
+                try:
+                    slow.sendall(b"X")
+                except OSError:
+                    break
+                if _closed_within(slow, time.monotonic() + 0.1):
+                    break
+            assert _closed_within(slow, deadline), "a slow-header connection was never closed"
+            assert all(_closed_within(s, deadline) for s in idle), "idle connections were never closed"
+            # and the server still serves
+            with urllib_get(base + "/healthz") as status:
+                assert 200 == status
+        finally:
+            for s in [*idle, slow]:
+                s.close()
+
+
+@contextlib.contextmanager
+def urllib_get(url: str) -> Iterator[int]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        yield resp.status
+
+
+def test_connection_cap_answers_503_and_the_ops_port_still_answers(tmp_path: Path) -> None:
+    """Beyond max_client_connections new requests get 503 at once; /healthz and /readyz on the
+    separate ops listener keep answering, and the metrics there need no main-port connection."""
+    ops = free_port()
+    cfg = f"[gateway]\nmax_client_connections = 4\nops_port = {ops}\n"
+    hang = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "a b c d [[demo:hang]]"}]}
+
+    async def scenario(base: str) -> tuple[int, int, int]:
+        conns = [aiohttp.ClientSession() for _ in range(4)]
+        streams = []
+        try:
+            for s in conns:
+                r = await s.post(base + "/v1/chat/completions", data=orjson.dumps(hang))
+                await r.content.readuntil(b"\n\n")
+                streams.append(r)
+            async with aiohttp.ClientSession() as s:
+                async with s.get(base + "/v1/models") as r:
+                    over = r.status
+                async with s.get(f"http://127.0.0.1:{ops}/healthz") as r:
+                    health = r.status
+                async with s.get(f"http://127.0.0.1:{ops}/readyz") as r:
+                    ready = r.status
+            return over, health, ready
+        finally:
+            for r in streams:
+                r.close()
+            for s in conns:
+                await s.close()
+
+    with gateway(tmp_path, config=cfg) as (base, _, _):
+        assert (503, 200, 200) == asyncio.run(scenario(base))
+
+
+def test_a_stalled_body_gets_408_over_a_real_socket(tmp_path: Path) -> None:
+    """A client that announces 100 bytes and sends 10 is answered 408 after body_timeout_s."""
+    import socket
+
+    with gateway(tmp_path, config="[edge]\nbody_timeout_s = 0.5\n") as (base, log_dir, _):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nx-request-id: slow-body\r\n"
+                b"content-type: application/json\r\ncontent-length: 100\r\n\r\n" + b'{"prompt":'
+            )
+            head = s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 408"), head[:100]
+    (rec,) = [r for r in read_records(log_dir) if r["request_id"] == "slow-body"]
+    assert (408, "client_error") == (rec["http_status"], rec["status"])
+
+
+def test_proxied_streams_match_the_upstream_for_n2_and_continuous_usage(tmp_path: Path) -> None:
+    """Through the gateway, streams with n=2 and continuous_usage_stats reach the client exactly as
+    the upstream sends them to a direct client (fingerprints on every finish chunk, no usage)."""
+    reqs = [
+        {**CHAT, "stream": True, "n": 2},
+        {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+        {**CHAT, "stream": "true", "n": 2, "stream_options": {"include_usage": False, "continuous_usage_stats": True}},
+    ]
+
+    async def fetch(base: str) -> list[bytes]:
+        out = []
+        async with aiohttp.ClientSession() as s:
+            for i, req in enumerate(reqs):
+                _, _, body = await post(s, base + "/v1/chat/completions", req, headers={"x-request-id": f"same-{i}"})
+                out.append(re.sub(rb'"created":\d+', b"", body))
+        return out
+
+    with gateway(tmp_path, log_dir=tmp_path / "uplog") as (up, _, _):
+        direct = asyncio.run(fetch(up))
+        with gateway(tmp_path, "--upstream", up, log_dir=tmp_path / "gwlog") as (base, gw_log, _):
+            proxied = asyncio.run(fetch(base))
+    assert direct == proxied
+    assert all(b'"usage"' not in body and b'"system_fingerprint"' in body for body in proxied)
+    recs = read_records(gw_log)
+    assert 3 == len(recs) and all(r["usage_source"] == "injected" and r["total_tokens"] for r in recs)

@@ -187,7 +187,9 @@ class AuditMiddleware:
 
         assert self.ops_listener is not None
         host, port = self.ops_listener
-        config = uvicorn.Config(self.ops_app, lifespan="off", access_log=False, log_level="warning", http="httptools")
+        config = uvicorn.Config(
+            self.ops_app, lifespan="off", access_log=False, log_level="warning", interface="asgi3", proxy_headers=False
+        )
         config.load()
         state = ServerState()
         loop = asyncio.get_running_loop()
