@@ -99,6 +99,7 @@ class _Usage(Exception):
 def cmd_keygen(args: argparse.Namespace) -> int:
     name = args.name or f"vllm-audit/{os.path.basename(str(args.out)) or 'key'}"
     try:
+        Path(str(args.out)).parent.mkdir(parents=True, exist_ok=True)  # --out DIR/prefix with a new DIR
         key = write_keypair(args.out, name, force=args.force)
     except KeyFileError as exc:
         return _err(str(exc), EXIT_USAGE)
