@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from vllm_audit.config import Config, config_from_env, load_config
 from vllm_audit.errors import AuditError
 from vllm_audit.privacy.keystore import FileKeyStore, KeyErasedError, KeyNotFoundError, generate_master_key
@@ -123,17 +121,17 @@ def _erase(args: argparse.Namespace) -> int:
 
 
 def _records(log_dir: Path) -> Iterator[dict[str, Any]]:
-    for seg in sorted(log_dir.glob("writers/*/seg-*.jsonl")):
-        with open(seg, "rb") as fh:
-            for line in fh:
-                if b'"request_id"' not in line:
-                    continue
-                try:
-                    entry = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict):
-                    yield entry
+    """Every inference record of every writer, read (and link-checked) through the one reader."""
+    from vllm_audit.integrity.reader import ChainBreak, LogReader
+
+    reader = LogReader(log_dir, limit="all")
+    for wid in reader.writer_ids():
+        try:
+            for entry in reader.entries_all(wid):
+                if entry.record_type == "inference":
+                    yield entry.record()
+        except ChainBreak:
+            continue  # the records before the break were searched; `vllm-audit verify` says why
 
 
 def find_record(log_dir: str | os.PathLike[str], request_id: str) -> dict[str, Any] | None:
