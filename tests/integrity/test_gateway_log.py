@@ -155,7 +155,9 @@ def test_gateway_kill_9_and_restart_still_verifies(tmp_path: Path) -> None:
 
     async def load_then_kill(url: str, proc: object) -> None:
         async def killer() -> None:
-            await asyncio.sleep(1.0)
+            # Mid-load: once a few hundred KB of records are on disk, whatever the machine's speed.
+            while sum(p.stat().st_size for p in log_dir.glob("writers/*/seg-*.jsonl")) < 300_000:
+                await asyncio.sleep(0.01)
             os.kill(proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
 
         await asyncio.gather(killer(), load(url, 3000, "k"))

@@ -338,7 +338,10 @@ def test_kill_9_then_recovery_verifies(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while len(list(log.glob("writers/*/seg-*.jsonl"))) < 3:  # mid-write: several segments in
+        assert time.monotonic() < deadline and proc.poll() is None, "the writer made no progress"
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # Make sure there is a torn tail to recover from, whatever instant the kill hit.
