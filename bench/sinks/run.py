@@ -1,0 +1,143 @@
+"""Records/s shipped per sink, one process each: ``python bench/sinks/run.py [sink ...]``.
+
+Each function writes a log through the real Chain, starts the sink's server (or stand-in) and
+times ``Runner.run_until_caught_up`` from an empty cursor to the end of the log. One function per
+sink; each engineer adds theirs to ``BENCHES``.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.sinks.conftest import LiveLog, build_sinks  # noqa: E402
+
+from vllm_audit.ship.config import ShipConfig  # noqa: E402
+from vllm_audit.ship.runner import Runner  # noqa: E402
+
+N = 20_000
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited at start")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError("server did not listen")
+
+
+def _ship(work: Path, table: dict[str, object]) -> float:
+    log = LiveLog(work / "log")
+    log.write(N, batch=500)
+    log.close()
+    sinks = build_sinks(work / "log", work / "state", {"bench": table})
+    runner = Runner(work / "log", work / "state", sinks, ShipConfig(batch_max=1000))
+    t = time.perf_counter()
+    assert runner.run_until_caught_up(600)
+    dt = time.perf_counter() - t
+    assert runner.statuses["bench"].delivered == log.next_seq
+    return log.next_seq / dt
+
+
+def bench_elasticsearch(work: Path) -> float:
+    """noida-db's Elasticsearch API (scripts/services.d/elastic.sh), 1000-document _bulk requests."""
+    found = glob.glob(str(Path.home() / ".cache/vllm-audit/elastic-venv/lib/python3*/site-packages/noida_db/noida-db"))
+    if not found:
+        raise RuntimeError("run scripts/services.d/elastic.sh first")
+    port = _port()
+    (work / "es").mkdir()
+    cmd = [found[0], "start", "--only", "elasticsearch", "--elasticsearch-port", str(port)]
+    cmd += ["--data-dir", str(work / "es")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        return _ship(work, {"type": "elasticsearch", "url": f"http://127.0.0.1:{port}", "batch_max": 1000})
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bench_otlp(work: Path) -> float:
+    """oteltap (a Rust OTLP/HTTP receiver) with its NDJSON printing to /dev/null, 1000 records a request."""
+    port = _port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oteltap", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_port(port, proc)
+        return _ship(work, {"type": "otlp", "endpoint": f"http://127.0.0.1:{port}/v1/logs", "batch_max": 1000})
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _encode_only(work: Path, table: dict[str, object], encode: Callable[[object, object], object]) -> float:
+    """Records/s of a sink's own encoding (no server): separates the client's cost from the stand-in's."""
+    from vllm_audit.integrity.reader import Cursor, LogReader
+
+    log = LiveLog(work / "log")
+    log.write(N, batch=500)
+    log.close()
+    (sink,) = build_sinks(work / "log", work / "state", {"bench": table})
+    reader = LogReader(work / "log")
+    entries = reader.read(Cursor(log.writer_id), N + 10)
+    t = time.perf_counter()
+    for e in entries:
+        encode(sink, e)
+    return len(entries) / (time.perf_counter() - t)
+
+
+def bench_elasticsearch_encode(work: Path) -> float:
+    """The elasticsearch sink's NDJSON/ECS encoding alone."""
+    return _encode_only(work, {"type": "elasticsearch"}, lambda s, e: s.encode(e))  # type: ignore[attr-defined]
+
+
+def bench_otlp_encode(work: Path) -> float:
+    """The otlp sink's protobuf encoding alone."""
+    return _encode_only(work, {"type": "otlp"}, lambda s, e: s.encode_record(e, 1))  # type: ignore[attr-defined]
+
+
+BENCHES: dict[str, Callable[[Path], float]] = {
+    "elasticsearch": bench_elasticsearch,
+    "elasticsearch-encode": bench_elasticsearch_encode,
+    "otlp": bench_otlp,
+    "otlp-encode": bench_otlp_encode,
+}
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(BENCHES)
+    for name in names:
+        work = Path(tempfile.mkdtemp(prefix=f"bench-sink-{name}-"))
+        try:
+            rate = BENCHES[name](work)
+            print(f"{name:15s} {rate:10,.0f} records/s  ({N:,} records)", flush=True)
+        except Exception as exc:
+            print(f"{name:15s} failed: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
