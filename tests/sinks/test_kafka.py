@@ -398,3 +398,38 @@ def test_config_errors_name_the_key_and_secrets_come_from_the_environment(
     assert conf["ssl.ca.location"] == str(tmp_path / "ca.pem")
     assert conf["enable.idempotence"] is True and conf["acks"] == "all"
     assert conf["socket.keepalive.enable"] == "true"
+
+
+def test_a_batch_failing_part_way_commits_the_acknowledged_prefix(tmp_path: Path) -> None:
+    """Only the unacknowledged tail is produced again (fewer duplicates after a failed batch)."""
+    from confluent_kafka import KafkaError
+
+    from vllm_audit.ship.base import Context, Quarantine, Status
+    from vllm_audit.sinks.kafka import _Partial
+
+    log = LiveLog(tmp_path / "log")
+    log.write(10)
+    entries = LogReader(tmp_path / "log").read(Cursor(log.writer_id), 100)
+    sink = build_sinks(tmp_path / "log", tmp_path / "state", {"k": {"type": "kafka"}})[0]
+    assert isinstance(sink, KafkaSink)
+    timed_out, too_big = KafkaError(KafkaError._MSG_TIMED_OUT), KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+    # acknowledged, rejected for good, acknowledged, timed out, acknowledged: the prefix is 3 long
+    reports: dict[int, Any] = {0: None, 1: too_big, 2: None, 3: timed_out, 4: None}
+    with pytest.raises(_Partial) as caught:
+        sink._fail(entries[:6], reports, {}, 6, TimeoutError("late"))
+    assert caught.value.settled == 3 and [e.seq for e, _ in caught.value.rejected] == [1]
+    # a report still missing ends the prefix too; a local refusal is settled
+    with pytest.raises(_Partial) as caught:
+        sink._fail(entries[:6], {0: None}, {1: "refused"}, 6, TimeoutError("late"))
+    assert caught.value.settled == 2
+
+    class Failing(KafkaSink):
+        def deliver(self, writer_id: str, batch: Any) -> Any:
+            self._fail(batch, reports, {}, len(batch), TimeoutError("broker went away"))
+
+    failing = Failing("k", sink.options, SinkEnv(tmp_path / "log", tmp_path / "state", tmp_path))
+    status = Status("k", "kafka")
+    with pytest.raises(TimeoutError, match="broker went away"):
+        failing.apply(log.writer_id, entries, Context(Quarantine(tmp_path / "q.jsonl"), status))
+    assert failing.load_cursors()[log.writer_id] == Cursor(log.writer_id, 3, entries[2].leaf_hex)
+    assert status.quarantined == 1

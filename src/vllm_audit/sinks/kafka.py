@@ -36,7 +36,18 @@ from vllm_audit.sinks.registry import SinkEnv, SinkOptions
 if TYPE_CHECKING:
     from confluent_kafka import Producer
 
-_rdkafka_log = logging.getLogger("vllm_audit.ship.kafka")
+
+
+class _LibrdkafkaLog(logging.LoggerAdapter[logging.Logger]):
+    """librdkafka's own log lines, at debug level: during an outage it logs every reconnect
+    attempt as an error, while the runner already reports the failure (status, last_error, a
+    warning on the first and every 20th retry)."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(level if level >= logging.CRITICAL else logging.DEBUG, msg, *args, **kwargs)
+
+
+_rdkafka_log = _LibrdkafkaLog(logging.getLogger("vllm_audit.ship.kafka"))
 
 #: librdkafka error names that mean "this message can never be accepted" (quarantine it).
 PERMANENT_ERRORS = frozenset(
