@@ -103,10 +103,11 @@ def count_lines(log_dir: str) -> dict[str, int]:
     return {"inference": inference, "other": events}
 
 
-def run(n: int, batch_max: int) -> dict[str, Any]:
+def run(n: int, batch_max: int, procs: int = 0) -> dict[str, Any]:
     exchanges = make_exchanges(n)
     with tempfile.TemporaryDirectory(prefix="vllm-audit-bench-writer-") as tmp:
-        cfg = load_config(None, {"log": {"dir": tmp, "batch_max": batch_max, "queue_size": n + 10}})
+        log_cfg = {"dir": tmp, "batch_max": batch_max, "queue_size": n + 10, "prepare_processes": procs}
+        cfg = load_config(None, {"log": log_cfg, "ship": {"in_process": False}})
         w = AuditWriter(cfg)
         w.start()
         c0 = time.process_time()
@@ -121,6 +122,7 @@ def run(n: int, batch_max: int) -> dict[str, Any]:
         return {
             "n": n,
             "batch_max": batch_max,
+            "prepare_processes": procs,
             "seconds": round(t1 - t0, 3),
             "records_per_s": round(n / (t1 - t0)),
             "cpu_us_per_record": round((c1 - c0) / n * 1e6, 1),
@@ -165,4 +167,5 @@ if __name__ == "__main__":
     else:
         n = int(sys.argv[1]) if len(sys.argv) > 1 else 50000
         bm = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
-        print(json.dumps(run(n, bm)))
+        procs = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+        print(json.dumps(run(n, bm, procs)))

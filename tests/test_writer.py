@@ -153,3 +153,32 @@ def test_an_idle_writer_recovers_by_itself_when_the_disk_is_back(tmp_path: Path)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+
+
+def test_prepare_processes_write_the_same_records_as_the_writer_thread(tmp_path: Path) -> None:
+    """Records finalized and redacted in the prepare processes equal those made in-thread."""
+
+    def run(procs: int) -> list[dict[str, object]]:
+        cfg = Config(
+            log=LogConfig(dir=str(tmp_path / f"log{procs}"), prepare_processes=procs, prepare_min_batch=2),
+            ship=ShipConfig(in_process=False),
+        )
+        writer = AuditWriter(cfg)
+        writer.start()
+
+        async def go() -> None:
+            futs = [writer.submit(_exchange(f"r{i}", f"mail ann{i}@example.com please"), wait=True) for i in range(40)]
+            await asyncio.gather(*[f for f in futs if f is not None])
+
+        asyncio.run(go())
+        writer.stop()
+        assert (writer.metrics.prepared_in_processes_total > 0) == (procs > 0)
+        reader = LogReader(tmp_path / f"log{procs}", limit="all")
+        (wid,) = reader.writer_ids()
+        recs = [e.record() for e in reader.entries(wid) if e.record_type == "inference"]
+        volatile = ("seq", "prev", "writer_id", "record_id", "timestamp", "latency_ms", "ttft_ms")
+        return sorted(({k: v for k, v in r.items() if k not in volatile} for r in recs), key=lambda r: str(r))
+
+    inline, parallel = run(0), run(2)
+    assert len(parallel) == 40 and parallel == inline
+    assert all("example.com" not in str(r.get("input_prompt")) for r in parallel)

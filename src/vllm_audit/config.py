@@ -57,6 +57,17 @@ class LogConfig:
     #: (the rest is counted in response_bytes), each with its truncation flag. It bounds both the
     #: per-record work of the writer and the memory a stream holds while it runs.
     max_capture_bytes: int = 8 * MiB
+    #: Exchanges whose captured bodies exceed this many bytes are finalized and redacted in a
+    #: separate process, so they never hold up other clients' group commits (0: never).
+    heavy_record_bytes: int = 256 * 1024
+    #: Processes of that heavy-record lane (started on first use).
+    heavy_workers: int = 1
+    #: Processes that finalize and redact every batch's records (0: the writer thread does it).
+    #: With 1 or more, the gateway's own process (its event loop) keeps its CPU for proxying.
+    prepare_processes: int = 0
+    #: Batches with fewer exchanges than this are prepared in the writer thread (a round trip to
+    #: the processes costs more than it saves for a handful).
+    prepare_min_batch: int = 8
     #: Seconds a strictly durable response may wait for its record before it fails.
     durable_timeout_s: float = 10.0
     #: Log one operational line per record (logger ``vllm_audit.access``, INFO), written by the

@@ -55,6 +55,7 @@ class Metrics:
         self.write_seconds = Histogram()
         self.batch_size_last = 0
         self.heavy_records_total = 0
+        self.prepared_in_processes_total = 0
         #: More Prometheus lines (the projection runner registers its per-sink figures here).
         self.extra: list[Callable[[], list[str]]] = []
         # filled in by the writer
@@ -116,6 +117,9 @@ class Metrics:
             "# HELP vllm_audit_heavy_records_total Records finalized and redacted in the heavy-record process.",
             "# TYPE vllm_audit_heavy_records_total counter",
             f"vllm_audit_heavy_records_total{{{w}}} {self.heavy_records_total}",
+            "# HELP vllm_audit_prepared_in_processes_total Records finalized and redacted in prepare processes.",
+            "# TYPE vllm_audit_prepared_in_processes_total counter",
+            f"vllm_audit_prepared_in_processes_total{{{w}}} {self.prepared_in_processes_total}",
         ]
         for extra in self.extra:
             try:

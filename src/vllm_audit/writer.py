@@ -28,6 +28,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from vllm_audit.capture import Exchange, finalize
 from vllm_audit.config import Config
 from vllm_audit.errors import LogWriteError
@@ -73,6 +75,13 @@ def _heavy_init(config: Config) -> None:
 def _heavy_prepare(ex: Exchange) -> dict[str, Any]:
     assert _worker_redactor is not None
     return _prepare_exchange(ex, _worker_redactor)
+
+
+def _prepare_many(exchanges: list[Exchange]) -> list[bytes]:
+    """In a prepare process: finalize, redact and encode a slice of a batch (JSON bytes each)."""
+    assert _worker_redactor is not None
+    dumps = orjson.dumps
+    return [dumps(_prepare_exchange(ex, _worker_redactor)) for ex in exchanges]
 
 
 def _prepare_exchange(ex: Exchange, redactor: Redactor) -> dict[str, Any]:
@@ -131,6 +140,8 @@ class AuditWriter:
         self._heavy_failed = False
         self._heavy_bytes = config.log.heavy_record_bytes
         self._heavy_pending = 0
+        self._prepare_procs: Any = None
+        self._prepare_failed = False
         self.metrics.queue_depth = self.depth
         self.metrics.log_ok = lambda: self.failure is None
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -176,9 +187,11 @@ class AuditWriter:
         if self.runner is not None:
             self.runner.stop()
             self.runner = None
-        if self._heavy is not None:
-            self._heavy.shutdown(wait=False, cancel_futures=True)
-            self._heavy = None
+        for attr in ("_heavy", "_prepare_procs"):
+            pool = getattr(self, attr)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+                setattr(self, attr, None)
 
     # -- request path -------------------------------------------------------------------------
 
@@ -299,14 +312,17 @@ class AuditWriter:
         self.durable_seq = chain.next_seq
 
     def _handle(self, chain: Chain | None, items: list[Item]) -> None:
-        entries: list[dict[str, Any]] = []
+        entries: list[dict[str, Any] | bytes] = []
         ready: list[Item] = []
         for item in items:
             if isinstance(item[0], Exchange) and self._offload(item):
                 continue
-            entries.append(self._prepare(item[0]))
             ready.append(item)
         items = ready
+        prepared = self._prepare_parallel(items)
+        for i, item in enumerate(items):
+            got = prepared.get(i)
+            entries.append(got if got is not None else self._prepare(item[0]))
         if not items:
             return
         if chain is None:
@@ -345,22 +361,65 @@ class AuditWriter:
         fut.add_done_callback(done)
         return True
 
+    def _prepare_parallel(self, items: list[Item]) -> dict[int, bytes]:
+        """Finalize and redact a batch's exchanges in the prepare processes (``[log]
+        prepare_processes``), so this process's GIL — shared with the event loop — only seals and
+        writes. Returns ``{index: encoded record}``; what is missing is prepared here."""
+        n = self.config.log.prepare_processes
+        idx = [i for i, it in enumerate(items) if isinstance(it[0], Exchange)]
+        if n <= 0 or len(idx) < self.config.log.prepare_min_batch or self._prepare_failed:
+            return {}
+        pool = self._prepare_pool()
+        if pool is None:
+            return {}
+        step = -(-len(idx) // n)
+        parts = [idx[k : k + step] for k in range(0, len(idx), step)]
+        futs = []
+        try:
+            for part in parts:
+                futs.append(pool.submit(_prepare_many, [items[i][0] for i in part]))
+        except Exception as exc:
+            log.warning("prepare processes unavailable (%s); preparing records in the writer thread", exc)
+            self._prepare_failed = True
+            return {}
+        out: dict[int, bytes] = {}
+        for part, fut in zip(parts, futs, strict=False):
+            try:
+                encoded = fut.result()
+            except Exception as exc:  # a worker died: this part is prepared here instead
+                log.warning("a prepare process failed (%s); preparing its records in the writer thread", exc)
+                continue
+            out.update(zip(part, encoded, strict=True))
+        self.metrics.prepared_in_processes_total += len(out)
+        return out
+
+    def _prepare_pool(self) -> Any:
+        if self._prepare_procs is None:
+            self._prepare_procs = self._new_pool(self.config.log.prepare_processes)
+            if self._prepare_procs is None:
+                self._prepare_failed = True
+        return self._prepare_procs
+
+    def _new_pool(self, workers: int) -> Any:
+        import concurrent.futures
+        import multiprocessing
+
+        try:
+            return concurrent.futures.ProcessPoolExecutor(
+                max_workers=max(1, workers),
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_heavy_init,
+                initargs=(self.config,),
+            )
+        except Exception as exc:
+            log.warning("record-preparing processes unavailable (%s); preparing in the writer thread", exc)
+            return None
+
     def _heavy_pool(self) -> Any:
         if self._heavy is None:
-            import concurrent.futures
-            import multiprocessing
-
-            try:
-                self._heavy = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=max(1, self.config.log.heavy_workers),
-                    mp_context=multiprocessing.get_context("forkserver"),
-                    initializer=_heavy_init,
-                    initargs=(self.config,),
-                )
-            except Exception as exc:
-                log.warning("heavy-record lane unavailable (%s); redacting in the writer thread", exc)
+            self._heavy = self._new_pool(self.config.log.heavy_workers)
+            if self._heavy is None:
                 self._heavy_failed = True
-                return None
         return self._heavy
 
     def _prepare(self, item: Exchange | dict[str, Any] | _Prepared | _Inline) -> dict[str, Any]:
@@ -377,14 +436,14 @@ class AuditWriter:
         entry.setdefault("timestamp", _now_iso())
         return entry
 
-    def _commit(self, chain: Chain, entries: list[dict[str, Any]], items: list[Item]) -> None:
+    def _commit(self, chain: Chain, entries: list[dict[str, Any] | bytes], items: list[Item]) -> None:
         t0 = time.perf_counter()
         pending = chain.pending_events()
         for ev in pending:
             ev.setdefault("timestamp", _now_iso())
         try:
             if pending or entries:
-                chain.append(pending + entries)
+                chain.append([*pending, *entries])
                 chain.sync()
         except LogWriteError as exc:
             self.metrics.write_errors_total += 1
@@ -403,7 +462,8 @@ class AuditWriter:
         m.write_seconds.observe(time.perf_counter() - t0)
         _resolve(items, None)
         if self.config.log.access_log:
-            for rec in entries:
+            for raw in entries:
+                rec = orjson.loads(raw) if isinstance(raw, bytes) else raw
                 if rec.get("record_type") == "inference":
                     access_log.info(
                         "%s %s %s %s status=%s req_bytes=%s resp_bytes=%s tokens=%s latency_ms=%s ttft_ms=%s",

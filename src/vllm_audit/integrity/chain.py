@@ -153,6 +153,8 @@ class Chain:
         self._anchor_failed: set[str] = set()
         #: The last signed checkpoint note written (empty before the first one).
         self.last_checkpoint = ""
+        # Tree size right after the last ``checkpoint`` event (see ``checkpoint``); -1: none yet.
+        self._embedded_size = -1
         self._recovered: list[dict[str, Any]] = []
         self._claim()
 
@@ -506,7 +508,7 @@ class Chain:
         self._broken = False
         self._event("recovery", {"torn_segments": [info], "cause": "write_error"})
 
-    def append(self, entries: Iterable[Mapping[str, Any]]) -> list[bytes]:
+    def append(self, entries: Iterable[Mapping[str, Any] | bytes]) -> list[bytes]:
         """Seal and write entries (not yet durable: call ``sync``). Returns their leaf hashes."""
         if self._broken:
             self._recover_from_write_error()
@@ -597,7 +599,23 @@ class Chain:
         self._cp_size = cp.size
         self._cp_time = now
         self.last_checkpoint = note
+        if self.config.embed_checkpoints and cp.size > self._embedded_size:
+            self._embed_checkpoint(note, now)
         return note
+
+    def _embed_checkpoint(self, note: str, now: float) -> None:
+        """Append the signed note as a ``checkpoint`` event right after the entries it covers.
+
+        So the chain itself carries its signed checkpoints to everything that reads or ships it
+        (the collector checks the note's signature and root against its own compact range when the
+        event arrives: the note's tree size is the event's seq). Only when entries other than such
+        events were added since the last one, so idle heartbeats do not grow the log; the event is
+        fsynced here, so the next checkpoint again covers only durable entries.
+        """
+        ev = {"record_type": "event", "event": "checkpoint", "timestamp": now_iso(now), "detail": {"note": note}}
+        self.append([ev])
+        self.sync()
+        self._embedded_size = self.tree.size
 
     def _anchor(self, anchor: str, line: bytes) -> None:
         path = anchor_file(anchor, self.writer_id)
@@ -627,6 +645,8 @@ class Chain:
                 self._event("writer_stopped")
                 self._flush_pending()
                 self.checkpoint()
+                if self.tree.size != self._cp_size:  # sign over the embedded checkpoint event too
+                    self.checkpoint()
         finally:
             for attr in ("_fd", "_cp_fd", "_lock_fd"):
                 fd = getattr(self, attr)

@@ -151,11 +151,13 @@ def record_type_at(line: bytes, body: int) -> bytes:
 
 
 def encode_entries(
-    entries: Iterable[Mapping[str, Any]], writer_id: str, seq: int, prev: bytes
+    entries: Iterable[Mapping[str, Any] | bytes], writer_id: str, seq: int, prev: bytes
 ) -> tuple[bytearray, list[bytes]]:
     """Encode entries ``seq, seq+1, ...`` chained after leaf ``prev`` (hex bytes).
 
-    Returns the bytes to append (lines with newlines) and the leaf hash of each entry.
+    An entry is a mapping, or ``bytes`` already holding its JSON object (``orjson.dumps`` of a
+    mapping without the header keys, e.g. made in another process). Returns the bytes to append
+    (lines with newlines) and the leaf hash of each entry.
     """
     buf = bytearray()
     leaves: list[bytes] = []
@@ -164,7 +166,12 @@ def encode_entries(
     seed = _LEAF_SEED
     hexlify = _hexlify
     for entry in entries:
-        body = memoryview(dumps(entry))[1:]  # without its "{"
+        if isinstance(entry, bytes):
+            if entry[:1] != b"{":
+                raise EntryError("a pre-encoded entry must be a JSON object")
+            body = memoryview(entry)[1:]
+        else:
+            body = memoryview(dumps(entry))[1:]  # without its "{"
         head = b'{"seq":%d,"prev":"%b","writer_id":%b,' % (seq, prev, wid)
         h = seed.copy()
         if len(body) > 1:
