@@ -1,11 +1,14 @@
-"""Where the edge meets the access area: identity, quotas, the audit API.
+"""Where the edge meets the access area: identity, quotas, the audit API, the access projections.
 
-The middleware calls these and nothing else of ``vllm_audit.access``, so the seam is one file.
+The middleware and the runner wiring call these and nothing else of ``vllm_audit.access``, so the
+seam is one file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vllm_audit.config import Config
@@ -32,22 +35,45 @@ def build_quota(config: Config) -> Any:
     return access.build_quota(config)
 
 
-def build_audit_api(config: Config, submit_event: Callable[[dict[str, Any]], None]) -> ASGIApp | None:
+def build_audit_api(config: Config, submit_event: Callable[..., Any]) -> ASGIApp | None:
+    """The audit API, given the writer's ``submit_event``; every API request's event is awaited
+    until durable (``submit_event(entry, wait=True)`` returns a future failing when it is not)."""
     from vllm_audit import access
 
-    app: ASGIApp | None = access.build_audit_api(config, submit_event)
+    app: ASGIApp | None = access.build_audit_api(config, durable_submitter(submit_event))
     return app
 
 
+def durable_submitter(submit_event: Callable[..., Any]) -> Callable[[dict[str, Any]], Awaitable[None] | None]:
+    """Adapt ``AuditWriter.submit_event`` so each call waits for durability.
+
+    A ``submit_event`` without a ``wait`` parameter (a writer predating it) cannot report
+    durability: its calls are passed through, and the API serves once the event is queued.
+    """
+    try:
+        waits = "wait" in inspect.signature(submit_event).parameters
+    except (TypeError, ValueError):
+        waits = False
+    if not waits:
+        return submit_event
+
+    def submit(entry: dict[str, Any]) -> Awaitable[None] | None:
+        fut = submit_event(entry, wait=True)
+        return fut if fut is None or inspect.isawaitable(fut) else asyncio.sleep(0)
+
+    return submit
+
+
+def build_projections(config: Config) -> list[Any]:
+    """The access area's projections (query store, quota charging) for the lead's runner."""
+    from vllm_audit import access
+
+    return access.build_projections(config)
+
+
 def token_charger(quota: Any) -> Listener | None:
-    """A post-commit listener charging each record's tokens to the caller's token quotas."""
-    charge = getattr(quota, "charge_tokens", None)
-    if charge is None:
-        return None
+    """Always None: tokens are charged by the quota projection, never from the writer thread.
 
-    def listener(entries: list[dict[str, Any]]) -> None:
-        for rec in entries:
-            if rec.get("record_type") == "inference" and rec.get("total_tokens"):
-                charge(rec, int(rec["total_tokens"]))
-
-    return listener
+    Kept only until the middleware stops asking for a writer listener.
+    """
+    return None

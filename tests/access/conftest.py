@@ -76,8 +76,10 @@ def pg_names(pg_dsn: str) -> Iterator[dict[str, str]]:
     names = {"prefix": f"vat_{tag}", "role": f"vat_reader_{tag}", "tenant_role": f"vat_tenant_{tag}"}
     yield names
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        for t in ("records", "cursors"):
+        for t in ("records", "cursors", "viewers", "db_tenants"):
             conn.execute(f"DROP TABLE IF EXISTS {names['prefix']}_{t}")
+        conn.execute(f"DROP FUNCTION IF EXISTS {names['prefix']}_viewer()")
+        conn.execute(f"DROP FUNCTION IF EXISTS {names['prefix']}_act_as(TEXT, TEXT, TEXT)")
         for role in (names["role"], names["tenant_role"]):
             conn.execute(f"DROP ROLE IF EXISTS {role}")
 
@@ -167,3 +169,16 @@ def sample_entries() -> list[dict[str, Any]]:
                 )
             )
     return out
+
+
+def project(config: Any, timeout: float = 60.0) -> int:
+    """Run the query-store projection until it has caught up with the log; returns entries read."""
+    from vllm_audit.access.projection import QueryStoreProjection
+    from vllm_audit.access.store import open_store
+    from vllm_audit.ship.config import state_dir
+    from vllm_audit.ship.runner import Runner
+
+    proj = QueryStoreProjection(open_store(config), batch_max=config.ship.batch_max)
+    runner = Runner(config.log.dir, state_dir(config.ship, config.log.dir), [proj], config.ship)
+    assert runner.run_until_caught_up(timeout), runner.statuses[proj.name]
+    return runner.statuses[proj.name].delivered

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.access.conftest import TENANTS, sample_entries, write_log
+from tests.access.conftest import TENANTS, project, sample_entries, write_log
 from vllm_audit.access import build_audit_api
 from vllm_audit.access.apikeys import KeyStore
 from vllm_audit.config import Config, load_config
@@ -19,8 +19,10 @@ BASE = "/audit/v1"
 
 
 class Api:
-    def __init__(self, client: httpx.AsyncClient, keys: dict[str, str], events: list[dict[str, Any]]) -> None:
-        self.client, self.keys, self.events = client, keys, events
+    def __init__(
+        self, client: httpx.AsyncClient, keys: dict[str, str], events: list[dict[str, Any]], config: Config
+    ) -> None:
+        self.client, self.keys, self.events, self.config = client, keys, events, config
 
     async def get(self, who: str | None, path: str, **params: Any) -> httpx.Response:
         headers = {"authorization": f"Bearer {self.keys[who]}"} if who else {}
@@ -55,11 +57,12 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
     ks = KeyStore(tmp_path / "keys.json")
     keys = {user: ks.add(user, org, roles)[0] for user, (org, roles) in TENANTS.items()}
     write_log(tmp_path / "log", sample_entries())
+    project(config)
     events: list[dict[str, Any]] = []
     app = build_audit_api(config, events.append)
     assert app is not None
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as client:
-        yield Api(client, keys, events)
+        yield Api(client, keys, events, config)
 
 
 def ids(resp: httpx.Response) -> set[str]:
@@ -100,7 +103,7 @@ async def test_single_record_and_cross_tenant_reads(api: Api) -> None:
     missing = await api.get("alice", "/records/req-never-was")
     assert missing.status_code == 404 and missing.json() == r.json()  # indistinguishable from not-yours
     denied = [e for e in api.events if e["outcome"] == "not_found"]
-    assert [(e["actor"]["user_id"], e["query"]["request_id"]) for e in denied] == [
+    assert [(e["actor"]["user_id"], e["query"]["id"]) for e in denied] == [
         ("alice", "req-carol-1"),
         ("audrey", "req-carol-1"),
         ("bob", "req-carol-1"),
@@ -126,7 +129,8 @@ async def test_every_read_is_an_audit_event(api: Api) -> None:
     first = api.events[0]
     assert first["actor"]["user_id"] == "audrey" and first["audit_role"] == "org_auditor"
     assert first["query"] == {"model": "m-large"}
-    assert sorted(first["result_ids"]) == ["req-alice-2", "req-bob-2"]
+    writers = {r["writer_id"] for r in (await api.get("root", "/records")).json()["records"]}
+    assert len(first["result_ids"]) == 2 and all(k.split(":")[0] in writers for k in first["result_ids"])
     assert all(api.keys["audrey"] not in str(e) for e in api.events)
 
 
@@ -146,7 +150,7 @@ async def test_errors_are_json_with_a_reason(api: Api) -> None:
         assert r.status_code == status and r.json()["error"]["message"], params
     assert (await api.get("root", "/usage", group_by="planet")).status_code == 400
     assert (await api.get("root", "/nope")).status_code == 404
-    r = await api.client.delete(BASE + "/records")
+    r = await api.client.delete(BASE + "/records", headers={"authorization": f"Bearer {api.keys['root']}"})
     assert r.status_code == 405 and r.headers["allow"] == "GET"
     spec = (await api.client.get(BASE + "/openapi.json")).json()
     assert spec["openapi"].startswith("3.") and f"{BASE}/records" in spec["paths"]
@@ -185,6 +189,7 @@ async def test_no_proof_leaks_for_a_reused_request_id(api: Api, tmp_path: Path) 
     from tests.access.conftest import inference
 
     write_log(tmp_path / "log", [inference("req-carol-1", "acme", "alice", prompt="alice reuses the id")])
+    project(api.config)
     r = await api.get("alice", "/records/req-carol-1")
     assert r.status_code == 200
     body = r.json()
@@ -205,3 +210,143 @@ async def test_read_refused_when_it_cannot_be_recorded(tmp_path: Path) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as client:
         r = await client.get(BASE + "/records", headers={"authorization": f"Bearer {key}"})
     assert r.status_code == 503
+
+
+async def test_reused_request_id_never_shadows_another_record(api: Api) -> None:
+    """Records are keyed by their server record_id: a client reusing an X-Request-Id (in its own org and
+    in another) shadows nothing; a lookup by request id returns every match the caller may see, never
+    another tenant's, and a lookup by record_id returns exactly that record."""
+    from tests.access.conftest import inference
+
+    dup = [
+        inference("dup-1", "acme", "alice", prompt="alice first", ts="2026-02-01T00:00:01.000Z"),
+        inference("dup-1", "acme", "bob", prompt="bob reuses", ts="2026-02-01T00:00:02.000Z"),
+        inference("dup-1", "globex", "carol", prompt="carol reuses", ts="2026-02-01T00:00:03.000Z"),
+    ]
+    for i, rec in enumerate(dup):
+        rec["record_id"] = f"0190a000-0000-7000-8000-00000000000{i}"
+    write_log(Path(api.config.log.dir), dup)
+    project(api.config)
+
+    async def who_sees(who: str) -> list[str]:
+        r = await api.get(who, "/records/dup-1")
+        if r.status_code == 404:
+            return []
+        body = r.json()
+        assert body["record"] == body["matches"][0]["record"]
+        return [m["record"]["user_id"] for m in body["matches"]]
+
+    assert await who_sees("alice") == ["alice"]
+    assert await who_sees("bob") == ["bob"]
+    assert await who_sees("carol") == ["carol"]
+    assert await who_sees("audrey") == ["bob", "alice"]  # both of the org, newest first
+    assert await who_sees("gary") == ["carol"]
+    assert await who_sees("root") == ["carol", "bob", "alice"]
+    rows = (await api.get("root", "/records", request_id="dup-1")).json()["records"]
+    assert len(rows) == 3
+    # By record_id: exactly one record, and still only for whom may see it.
+    r = await api.get("audrey", f"/records/{dup[0]['record_id']}")
+    assert r.status_code == 200 and [m["record"]["user_id"] for m in r.json()["matches"]] == ["alice"]
+    assert (await api.get("carol", f"/records/{dup[0]['record_id']}")).status_code == 404
+    assert (await api.get("root", "/records", record_id=dup[2]["record_id"])).json()["records"][0]["user_id"] == "carol"
+
+
+async def test_malformed_or_repeated_parameters_are_identified_then_audited(api: Api) -> None:
+    """The caller is identified before the request is validated: without credentials a malformed request
+    is 401 (not 400); with them it is 400; both leave an audit event naming the caller and the outcome."""
+    api.events.clear()
+    qs = "limit=1&limit=2"
+    r = await api.client.get(f"{BASE}/records?{qs}")
+    assert r.status_code == 401
+    r = await api.client.get(f"{BASE}/usage?{qs}", headers={"authorization": f"Bearer {api.keys['alice']}"})
+    assert r.status_code == 400 and "more than once" in r.json()["error"]["message"]
+    many = "&".join(f"p{i}=1" for i in range(100))
+    r = await api.client.get(f"{BASE}/records?{many}", headers={"authorization": f"Bearer {api.keys['bob']}"})
+    assert r.status_code == 400
+    r = await api.client.get(f"{BASE}/nowhere?{qs}", headers={"authorization": f"Bearer {api.keys['bob']}"})
+    assert r.status_code == 404
+    got = [(e["endpoint"], e["actor"]["user_id"], e["outcome"], e["http_status"]) for e in api.events]
+    assert got == [
+        ("records", "anonymous", "unauthenticated", 401),
+        ("usage", "alice", "bad_request", 400),
+        ("records", "bob", "bad_request", 400),
+        ("unknown", "bob", "not_found", 404),
+    ]
+    assert api.events[1]["query"] == {"raw": qs}
+
+
+async def test_record_path_is_percent_decoded_once(api: Api) -> None:
+    """``/records/a%2541`` names the id ``a%41`` (decoded once), not ``aA``."""
+    from tests.access.conftest import inference
+
+    write_log(Path(api.config.log.dir), [inference("a%41", "acme", "alice"), inference("aA", "acme", "alice")])
+    project(api.config)
+    r = await api.get("alice", "/records/a%2541")
+    assert r.status_code == 200 and [m["record"]["request_id"] for m in r.json()["matches"]] == ["a%41"]
+    r = await api.get("alice", "/records/a%2Fb")  # an encoded slash stays inside the one segment
+    assert r.status_code == 404 and api.events[-1]["query"] == {"id": "a/b"}
+
+
+async def test_lifespan_is_answered(tmp_path: Path) -> None:
+    """The API answers the ASGI lifespan protocol (the handler used to be imported only for type checking)."""
+    app = build_audit_api(api_config(tmp_path), lambda e: None)
+    assert app is not None
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    await app({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_read_refused_when_its_event_is_not_durable(tmp_path: Path) -> None:
+    """A read whose audit event cannot be made durable is refused (503) and returns nothing: the
+    API awaits the writer's future, which fails when the log is down (a real AuditWriter whose log
+    directory cannot be created)."""
+    import asyncio
+
+    from vllm_audit import hooks
+    from vllm_audit.writer import AuditWriter
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log directory should be")
+    config = load_config(
+        None,
+        {
+            "log": {"dir": str(blocker / "log")},
+            "ship": {"in_process": False},
+            "access": {
+                "auth": "api_key",
+                "api_keys": {"file": str(tmp_path / "keys.json")},
+                "store": {"path": str(tmp_path / "index.sqlite"), "read_wait_s": 0},
+            },
+        },
+    )
+    key, _ = KeyStore(tmp_path / "keys.json").add("root", "platform", ("platform_admin",))
+    writer = AuditWriter(config)
+    writer.start()
+    try:
+        assert writer.failure is not None
+        app = hooks.build_audit_api(config, writer.submit_event)
+        assert app is not None
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as client:
+            r = await client.get(BASE + "/records", headers={"authorization": f"Bearer {key}"})
+            assert r.status_code == 503 and "records" not in r.json()
+            r = await client.get(BASE + "/records")  # unauthenticated: refused too, not a silent 401
+            assert r.status_code == 503
+
+        async def failing(entry: dict[str, Any]) -> None:
+            raise OSError("disk full")
+
+        app = build_audit_api(config, lambda e: asyncio.ensure_future(failing(e)))
+        assert app is not None
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as client:
+            r = await client.get(BASE + "/whoami", headers={"authorization": f"Bearer {key}"})
+            assert r.status_code == 503
+    finally:
+        await asyncio.to_thread(writer.stop)

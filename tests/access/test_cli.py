@@ -1,16 +1,14 @@
-"""``vllm-audit keys`` and ``vllm-audit index``, and the background ingester."""
+"""``vllm-audit keys`` and ``vllm-audit index`` (which drives the query-store projection)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.access.conftest import inference, sample_entries, write_log
+from tests.access.conftest import sample_entries, write_log
 from tests.helpers import read_entries
-from vllm_audit.access import run_ingester
 from vllm_audit.access.apikeys import KeyStore
 from vllm_audit.access.store import RecordQuery, Viewer, open_store
 from vllm_audit.cli import main
@@ -77,19 +75,19 @@ def test_index_and_rebuild(conf: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert len(recs) == 9
 
 
-async def test_run_ingester_keeps_the_store_fresh(tmp_path: Path) -> None:
-    config = load_config(None, {"log": {"dir": str(tmp_path / "log")}, "access": {"store": {"poll_interval_s": 0.05}}})
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_ingester(config, stop))
-    write_log(tmp_path / "log", [inference("late-1", "acme", "alice")])
-    store = open_store(config)
-    root = Viewer("platform_admin", "p", "root")
-    for _ in range(100):
-        await asyncio.sleep(0.05)
-        if (tmp_path / "log" / "index.sqlite").exists():
-            store.init()
-            if store.query(root, RecordQuery(limit=5))[0]:
-                break
-    stop.set()
-    await asyncio.wait_for(task, 5)
-    assert [r["request_id"] for r in store.query(root, RecordQuery(limit=5))[0]] == ["late-1"]
+def test_index_stands_back_while_another_process_runs_the_projection(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the projection running elsewhere (its lock held), ``index`` changes nothing and says why."""
+    from vllm_audit.ship.base import ProcessLock
+
+    write_log(conf.parent / "log", sample_entries())
+    lock = ProcessLock(conf.parent / "log" / "ship" / "query_store.lock")
+    assert lock.try_acquire()
+    try:
+        assert main(["index", "--config", str(conf), "--rebuild"]) == 2
+        assert "another process" in capsys.readouterr().err
+    finally:
+        lock.release()
+    assert main(["index", "--config", str(conf)]) == 0
+    assert "updated the query store" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Query store: ingestion from a real chain, idempotent rebuild, filters, pagination, tenant isolation
-(SQLite in code; PostgreSQL with row-level security, checked with direct SQL as a tenant role)."""
+"""Query store: the projection of a real chain (resumable, idempotent, rebuildable), filters,
+pagination, tenant isolation (SQLite in code; PostgreSQL with row-level security, attacked with
+direct SQL as a tenant's own database role)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.access.conftest import TENANTS, inference, sample_entries, write_log
-from vllm_audit.access.ingest import Ingester, catch_up, rebuild
+from tests.access.conftest import TENANTS, inference, project, sample_entries, write_log
 from vllm_audit.access.store import BadQuery, RecordQuery, Store, Viewer, open_store
 from vllm_audit.config import Config, load_config
 
@@ -43,7 +43,7 @@ def ids(records: list[dict[str, Any]]) -> set[str]:
 
 def ingested(config: Config) -> Store:
     write_log(Path(config.log.dir), sample_entries())
-    assert catch_up(config) > 0
+    assert project(config) > 0
     store = open_store(config)
     store.init()
     return store
@@ -115,74 +115,115 @@ def test_usage_aggregates_respect_scope(store_config: Config) -> None:
     assert [(r["org_id"], r["user_id"], r["calls"]) for r in rows] == [("globex", "carol", 3)]
 
 
-def test_ingestion_is_incremental_idempotent_and_rebuildable(store_config: Config) -> None:
+def test_projection_is_incremental_idempotent_and_rebuildable(store_config: Config) -> None:
+    """The cursor (next_seq, last_leaf) is stored with the rows: a restart reads nothing twice, a torn
+    tail waits, a second writer is followed, and a rebuild gives the same store."""
+    from vllm_audit.access.projection import QueryStoreProjection
+
     log_dir = Path(store_config.log.dir)
     write_log(log_dir, [inference("r1", "acme", "alice")])
-    store = open_store(store_config)
-    store.init()
-    ing = Ingester(log_dir, store)
-    assert ing.run_once() >= 2  # writer_started event + r1
-    assert ing.run_once() == 0
-    # A second writer (another process) and more entries on the first one (resumed chain).
-    write_log(log_dir, [inference("r2", "acme", "alice")])
+    assert project(store_config) >= 2  # writer_started event + r1
+    assert project(store_config) == 0
+    write_log(log_dir, [inference("r2", "acme", "alice")])  # a second writer (another process)
     seg = next(log_dir.glob("writers/*/seg-*.jsonl"))
     with seg.open("ab") as f:
         f.write(b'{"seq":999,"prev":"00","writer_id":"x","record_type":"inf')  # torn, unterminated tail
-    ing.run_once()
+    project(store_config)
+    store = open_store(store_config)
     root = Viewer("platform_admin", "platform", "root")
     assert ids(store.query(root, RecordQuery(limit=50))[0]) == {"r1", "r2"}
     cursors = store.load_cursors()
     assert len(cursors) == len(list(log_dir.glob("writers/*")))
-    # A fresh ingester (restart) reads nothing twice; rebuild gives the same store.
-    assert Ingester(log_dir, store).run_once() == 0
-    assert rebuild(store_config) >= 4
+    assert all(len(c.last_leaf) == 64 and c.next_seq >= 2 for c in cursors.values())
+    assert project(store_config) == 0
+    proj = QueryStoreProjection(store)
+    proj.reset()
+    assert store.load_cursors() == {}
+    assert project(store_config) >= 4
     assert ids(store.query(root, RecordQuery(limit=50))[0]) == {"r1", "r2"}
     assert store.load_cursors() == cursors
 
 
-def test_postgres_row_level_security_with_direct_sql(tmp_path: Path, pg_dsn: str, pg_names: dict[str, str]) -> None:
-    """Isolation is enforced by PostgreSQL itself: a tenant role running raw SQL sees only its rows."""
+def test_postgres_row_level_security_as_the_tenants_own_role(
+    tmp_path: Path, pg_dsn: str, pg_names: dict[str, str]
+) -> None:
+    """Isolation is PostgreSQL's and rests on nothing the tenant can set: connected as its own login role
+    (a member of the reader role, mapped to user alice of acme), a tenant sees only alice's rows
+    whatever it does with set_config, SET ROLE, RESET ROLE, the viewer functions or the tables behind
+    them."""
     import psycopg
 
+    from vllm_audit.access.store import PostgresStore
+
     config = make_config(tmp_path, "postgresql", pg_dsn, pg_names)
-    ingested(config)
-    table, reader, tenant = f"{pg_names['prefix']}_records", pg_names["role"], pg_names["tenant_role"]
+    store = ingested(config)
+    assert isinstance(store, PostgresStore)
+    prefix, reader, tenant = pg_names["prefix"], pg_names["role"], pg_names["tenant_role"]
+    table = f"{prefix}_records"
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {tenant} LOGIN IN ROLE {reader}")
-        owner = conn.execute(f"SELECT tableowner FROM pg_tables WHERE tablename = '{table}'").fetchone()
-        assert owner is not None and owner[0] != tenant
     tenant_dsn = pg_dsn.replace("postgres@", f"{tenant}@")
 
-    def visible(role: str | None, org: str | None, user: str | None) -> list[tuple[str, str, str]]:
-        with psycopg.connect(tenant_dsn) as conn, conn.transaction():
-            for name, value in (("role", role), ("org_id", org), ("user_id", user)):
-                if value is not None:
-                    conn.execute(f"SELECT set_config('vllm_audit.{name}', %s, true)", (value,))
-            rows = conn.execute(f"SELECT org_id, user_id, request_id FROM {table} ORDER BY request_id").fetchall()
-            return [(str(a), str(b), str(c)) for a, b, c in rows]
+    def rows(*setup: str) -> list[tuple[str, str]]:
+        with psycopg.connect(tenant_dsn) as conn:
+            for stmt in setup:
+                conn.execute(stmt)
+            got = conn.execute(f"SELECT org_id, user_id FROM {table} ORDER BY request_id").fetchall()
+            conn.rollback()
+            return [(str(a), str(b)) for a, b in got]
 
-    assert visible(None, None, None) == []  # nothing set: nothing visible
-    assert visible("user", "acme", "alice") == [("acme", "alice", f"req-alice-{i}") for i in range(3)]
-    assert {r[1] for r in visible("org_auditor", "acme", "audrey")} == {"alice", "bob"}
-    assert {r[0] for r in visible("org_auditor", "globex", "gary")} == {"globex"}
-    assert len(visible("platform_admin", "platform", "root")) == 9
-    assert visible("superuser", "acme", "x") == []  # unknown role: nothing
-    # Even an explicit WHERE for another tenant returns nothing, and the tenant cannot write.
-    with psycopg.connect(tenant_dsn) as conn, conn.transaction():
-        conn.execute(
-            "SELECT set_config('vllm_audit.role', 'user', true), set_config('vllm_audit.org_id', 'acme', true),"
-            " set_config('vllm_audit.user_id', 'alice', true)"
+    assert rows() == []  # a reader that nobody mapped sees nothing
+    store.map_db_role(tenant, Viewer("user", "acme", "alice"))
+    alice = [("acme", "alice")] * 3
+    assert rows() == alice
+    forged = (
+        "SELECT set_config('vllm_audit.role', 'platform_admin', false)",
+        "SELECT set_config('vllm_audit.org_id', 'globex', false)",
+        "SELECT set_config('vllm_audit.user_id', 'carol', false)",
+        "SELECT set_config('vllm_audit.claim', 'platform_admin', false)",
+    )
+    assert rows(*forged) == alice
+    assert rows(f"SET ROLE {reader}") == alice
+    assert rows(f"SET ROLE {reader}", "RESET ROLE") == alice
+    assert rows(f"SET SESSION ROLE {reader}", *forged) == alice
+    assert rows(f"SELECT * FROM {prefix}_viewer()") == alice
+    # A temp table shadowing the viewers table changes nothing (the functions name their schema).
+    assert (
+        rows(
+            f"CREATE TEMP TABLE {prefix}_viewers (pid int, xact xid8, role text, org_id text, user_id text)",
+            f"INSERT INTO pg_temp.{prefix}_viewers VALUES (pg_backend_pid(), pg_current_xact_id(), "
+            "'platform_admin', 'x', 'y')",
+            "SET search_path = pg_temp, public",
         )
-        assert conn.execute(f"SELECT count(*) FROM {table} WHERE org_id = 'globex'").fetchone() == (0,)
-    with psycopg.connect(tenant_dsn) as conn:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute(f"DELETE FROM {table}")
-        conn.rollback()
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute(f"SELECT * FROM {pg_names['prefix']}_cursors")
-    # The settings are transaction-local: a new transaction starts with nothing visible.
-    with psycopg.connect(tenant_dsn) as conn:
-        with conn.transaction():
-            conn.execute("SELECT set_config('vllm_audit.role', 'platform_admin', true)")
-        with conn.transaction():
-            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+        == alice
+    )
+    for attack in (
+        f"SELECT {prefix}_act_as('platform_admin', 'platform', 'root')",
+        f"INSERT INTO {prefix}_viewers VALUES (pg_backend_pid(), pg_current_xact_id(), 'platform_admin', 'p', 'r')",
+        f"UPDATE {prefix}_db_tenants SET role = 'platform_admin'",
+        f"INSERT INTO {prefix}_db_tenants VALUES (session_user, 'platform_admin', 'p', '')",
+        f"SET ROLE {pg_names['prefix']}_owner_does_not_exist",
+        "SET ROLE postgres",
+        f"DELETE FROM {table}",
+        f"SELECT * FROM {prefix}_cursors",
+        f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY",
+    ):
+        with psycopg.connect(tenant_dsn) as conn:
+            with pytest.raises(psycopg.Error):
+                conn.execute(attack)
+    # Mapped as an org auditor: the org, and still never another org.
+    store.map_db_role(tenant, Viewer("org_auditor", "acme", "audrey"))
+    assert {u for _, u in rows(*forged)} == {"alice", "bob"}
+    assert rows(f"SELECT 1 FROM {table} WHERE org_id = 'globex'") == [] or all(
+        o == "acme" for o, _ in rows(f"SELECT 1 FROM {table} WHERE org_id = 'globex'")
+    )
+    store.map_db_role(tenant, None)
+    assert rows(*forged) == []
+    # The API's own reads (owner login + SET LOCAL ROLE) still see what each viewer may.
+    assert ids(store.query(Viewer("user", "globex", "carol"), RecordQuery(limit=50))[0]) == {
+        f"req-carol-{i}" for i in range(3)
+    }
+    assert len(store.query(Viewer("platform_admin", "p", "root"), RecordQuery(limit=50))[0]) == 9
+    # ... and leave nothing behind that another session could use.
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {prefix}_viewers").fetchone() == (0,)

@@ -1,31 +1,29 @@
 """Access: identity (API keys, JWT, trusted headers), quotas, the query store and the audit API.
 
-The seam the middleware and gateway use (see docs/internals.md and docs/access.md)::
+The seam the middleware and gateway use (see docs/access.md)::
 
     auth = build_authenticator(config)        # None when [access] auth = "none"
     identity = await auth.authenticate(scope)
     quota = build_quota(config)               # None when no limit is configured
     retry_after = await quota.check(identity, route)
-    quota.charge_tokens(record, total_tokens) # writer thread
     api = build_audit_api(config, submit_event)
-    await run_ingester(config, stop)          # background task keeping the query store fresh
+    projections = build_projections(config)   # query store + quota charging, for the runner
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vllm_audit.access.identity import Identity
 
 if TYPE_CHECKING:
-    from vllm_audit.access.api import AuditApi
+    from vllm_audit.access.api import AuditApi, SubmitEvent
     from vllm_audit.access.auth import Authenticator
     from vllm_audit.access.quota import Quota
     from vllm_audit.config import Config
+    from vllm_audit.ship.base import Projection
 
-__all__ = ["Identity", "build_audit_api", "build_authenticator", "build_quota", "run_ingester"]
+__all__ = ["Identity", "build_audit_api", "build_authenticator", "build_projections", "build_quota"]
 
 
 def build_authenticator(config: Config) -> Authenticator | None:
@@ -44,15 +42,19 @@ def build_quota(config: Config) -> Quota | None:
     return Quota(config.access.quota) if quota_enabled(config.access.quota) else None
 
 
-def build_audit_api(config: Config, submit_event: Callable[[dict[str, Any]], None]) -> AuditApi | None:
-    """The ASGI app serving ``{edge.ops_prefix}/v1/...``, or None when disabled."""
+def build_audit_api(config: Config, submit_event: SubmitEvent) -> AuditApi | None:
+    """The ASGI app serving ``{edge.ops_prefix}/v1/...``, or None when disabled.
+
+    ``submit_event(entry)`` must return an awaitable that completes when the event is durable and
+    fails when it cannot be written (the API then answers 503).
+    """
     from vllm_audit.access.api import build_audit_api as build
 
     return build(config, submit_event)
 
 
-async def run_ingester(config: Config, stop: asyncio.Event) -> None:
-    """Keep the query store up to date from the local log until ``stop`` is set."""
-    from vllm_audit.access.ingest import run_ingester as run
+def build_projections(config: Config) -> list[Projection]:
+    """The access area's projections of the log (query store, quota charging) for the runner."""
+    from vllm_audit.access.projection import build_projections as build
 
-    await run(config, stop)
+    return build(config)

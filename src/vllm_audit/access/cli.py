@@ -1,4 +1,4 @@
-"""``vllm-audit keys add|list|revoke`` and ``vllm-audit index [--rebuild]``.
+"""``vllm-audit keys add|list|revoke`` and ``vllm-audit index [--rebuild]`` (drives the query-store projection).
 
 Key changes are audit events: after the key file is updated, a ``key_added`` / ``key_revoked``
 event is appended durably to the log (``vllm_audit.writer.append_events``).
@@ -48,7 +48,9 @@ def register(subparsers: Any) -> None:
 
     idx = subparsers.add_parser("index", help="bring the audit query store up to date from the log")
     _config_arg(idx)
-    idx.add_argument("--rebuild", action="store_true", help="empty the store and ingest the whole log again")
+    idx.add_argument(
+        "--rebuild", action="store_true", help="empty the store and its cursors, then project the whole log again"
+    )
     idx.set_defaults(func=_index)
 
 
@@ -138,14 +140,40 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from vllm_audit.access.ingest import catch_up, rebuild
+    """Drive the query-store projection until it has caught up with the log's signed entries."""
+    from vllm_audit.access.projection import QueryStoreProjection
+    from vllm_audit.access.store import open_store
+    from vllm_audit.ship.base import ProcessLock
+    from vllm_audit.ship.config import state_dir
+    from vllm_audit.ship.runner import Runner
 
     config = _config(args)
+    proj = QueryStoreProjection(open_store(config), batch_max=config.ship.batch_max)
+    states = state_dir(config.ship, config.log.dir)
+    runner = Runner(config.log.dir, states, [proj], config.ship)
+    lock = ProcessLock(states / f"{proj.name}.lock")
     try:
-        n = rebuild(config) if args.rebuild else catch_up(config)
+        if not lock.try_acquire():
+            return _fail(
+                "another process (a gateway or `vllm-audit ship`) runs the query-store projection on this log; "
+                "it keeps the store up to date (stop it first to rebuild)."
+            )
+        try:
+            if args.rebuild:
+                proj.reset()
+        finally:
+            lock.release()
+        status = runner.statuses[proj.name]
+        while not runner.run_until_caught_up(timeout=60.0):
+            if status.broken:
+                break
+            if status.last_error:
+                return _fail(f"cannot update the query store: {status.last_error}")
     except (OSError, ImportError) as exc:
         return _fail(f"cannot update the query store: {exc}")
     except Exception as exc:  # database errors (sqlite3 / psycopg) become one line
         return _fail(f"cannot update the query store: {type(exc).__name__}: {exc}")
-    print(f"{'rebuilt' if args.rebuild else 'updated'} the query store: {n} log entries read")
-    return 0
+    for wid, why in sorted(status.broken.items()):
+        print(f"vllm-audit: warning: writer {wid} not indexed past a chain break: {why}", file=sys.stderr)
+    print(f"{'rebuilt' if args.rebuild else 'updated'} the query store: {status.delivered} log entries read")
+    return 1 if status.broken else 0

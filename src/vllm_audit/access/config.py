@@ -107,11 +107,12 @@ class QuotaConfig:
 
     #: Limits per API key (callers authenticated by key).
     per_key: QuotaLimits = dataclasses.field(default_factory=QuotaLimits)
-    #: Limits per user id.
+    #: Limits per user (a user id counts separately in each org).
     per_user: QuotaLimits = dataclasses.field(default_factory=QuotaLimits)
     #: Limits per org (tenant).
     per_org: QuotaLimits = dataclasses.field(default_factory=QuotaLimits)
-    #: Redis shared by all replicas; empty: counters live in this process (one replica only).
+    #: Redis shared by all replicas; empty: counters live in this process (one replica only, and
+    #: token charging must run in the same process: ``[ship] in_process = true``).
     redis_url: str = ""
     #: Prefix of the Redis keys.
     redis_prefix: str = "vllm_audit:quota"
@@ -129,20 +130,26 @@ class StoreConfig:
     kind: Literal["sqlite", "postgresql"] = "sqlite"
     #: SQLite file; empty: ``<log dir>/index.sqlite``.
     path: str = ""
-    #: PostgreSQL DSN of the owner role (creates the schema, ingests).
+    #: PostgreSQL DSN of the owner role: creates the schema, the reader role and the viewer
+    #: functions, and writes the rows (the query-store projection). Needs CREATE on the schema and,
+    #: unless ``reader_role`` exists already, CREATEROLE (see docs/access.md).
     dsn: str = ""
-    #: PostgreSQL DSN of the non-owning reader role used by the audit API. Empty: the API uses
-    #: ``dsn`` and switches to ``reader_role`` with ``SET LOCAL ROLE`` in every transaction.
+    #: PostgreSQL DSN the audit API reads with (a LOGIN role that is a member of ``reader_role``;
+    #: only this login and the owner may declare whose eyes a read runs with). Empty: the API
+    #: reads over ``dsn`` and switches to ``reader_role`` with ``SET LOCAL ROLE``.
     reader_dsn: str = ""
-    #: The reader role (created with NOLOGIN if missing when ``reader_dsn`` is empty).
+    #: The reader role; created (NOLOGIN) by the store's initialisation when it does not exist,
+    #: whether or not ``reader_dsn`` is set.
     reader_role: str = "vllm_audit_reader"
     #: Table name prefix (PostgreSQL schema objects / SQLite tables).
     table_prefix: str = "vllm_audit"
-    #: Ingester poll interval.
-    poll_interval_s: float = 1.0
-    #: Before each audit API read, ingest what the log has gained since the last one (so a read
-    #: sees every record already fsynced). Needs the owner ``dsn`` in the API process.
-    ingest_on_read: bool = True
+    #: Before an audit API read, wait at most this long for the store's projection to reach the
+    #: log's signed end (0: never wait). The projection runs in the runner, not in the request.
+    read_wait_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.read_wait_s <= 30:
+            raise ValueError("read_wait_s must be between 0 and 30")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

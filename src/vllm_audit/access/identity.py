@@ -39,6 +39,14 @@ class Identity:
         )
 
     @property
+    def quota_subject(self) -> dict[str, str]:
+        """The quota counters' names for this caller (one-way hashes; recorded by the edge as
+        ``quota_subject`` so that charging from the redacted record names the same counters)."""
+        from vllm_audit.access.quota import quota_subject
+
+        return quota_subject(self.user_id, self.org_id, self.key_id)
+
+    @property
     def ok(self) -> bool:
         return self.auth_status in ("authenticated", "trusted_header")
 

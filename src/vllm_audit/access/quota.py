@@ -5,17 +5,26 @@ in Redis through Lua scripts so every replica shares the same counters; an in-pr
 there is a single replica. ``check`` runs on the event loop before a request goes upstream: it
 rejects when any request counter is at its limit or any token counter has reached its limit
 (tokens are known only afterwards, so the call that crosses the limit is served and the next ones
-wait), otherwise it counts the request. ``charge_tokens`` runs in the writer thread after a record
-is finalized and never raises.
+wait), otherwise it counts the request. Tokens are charged from the log, off the writer thread, by
+:class:`vllm_audit.access.projection.QuotaProjection`.
+
+Counters are keyed by the caller's *quota subject* (:func:`quota_subject`): one-way hashes of
+the raw identity that the edge records in every inference record (``quota_subject``), so the
+check (from the identity) and the charge (from the record, after redaction) name the same
+counters whatever the privacy policy does to ``user_id``. The user dimension hashes the org with
+the user id: users of different tenants with the same id never share a counter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from vllm_audit.access.config import QuotaConfig, QuotaLimits
 from vllm_audit.access.identity import Identity
@@ -50,16 +59,59 @@ end
 return 0
 """
 
-_CHARGE_LUA = """
-for i = 1, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[2])
-  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
-end
-return 0
-"""
-
 # (counter key, limit, increment)
 Counter = tuple[str, int, int]
+
+#: The quota dimensions, in the order they are checked.
+DIMENSIONS = ("key", "user", "org")
+
+
+def _h(*parts: str) -> str:
+    return hashlib.sha256(b"vllm-audit/quota/v1\x00" + orjson.dumps(list(parts))).hexdigest()[:32]
+
+
+def quota_subject(user_id: str, org_id: str, key_id: str | None) -> dict[str, str]:
+    """The counter names of one caller: ``{"key": ..., "user": ..., "org": ...}`` (one-way hashes).
+
+    ``user`` is scoped by the org. ``key`` is present only for callers authenticated by API key.
+    """
+    out = {"user": _h("user", org_id, user_id), "org": _h("org", org_id)}
+    if key_id:
+        out["key"] = _h("key", key_id)
+    return out
+
+
+class LocalCounters:
+    """In-process fixed-window counters (one replica without Redis), shared by check and charge."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, tuple[int, float]] = {}  # key -> (count, window end, monotonic s)
+
+    def bump(self, key: str, inc: int, now: float | None = None) -> None:
+        with self.lock:
+            self._bump(key, inc, time.monotonic() if now is None else now)
+
+    def _bump(self, key: str, inc: int, now: float) -> None:
+        count, end = self.counts.get(key, (0, 0.0))
+        if end <= now:
+            count, end = 0, now + WINDOW_MS / 1000.0
+        self.counts[key] = (count + inc, end)
+
+    def value(self, key: str) -> int:
+        with self.lock:
+            count, end = self.counts.get(key, (0, 0.0))
+            return count if end > time.monotonic() else 0
+
+
+_LOCAL: dict[str, LocalCounters] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def local_table(cfg: QuotaConfig) -> LocalCounters:
+    """This process's counters for ``cfg.redis_prefix`` (the quota check and the projection share them)."""
+    with _LOCAL_LOCK:
+        return _LOCAL.setdefault(cfg.redis_prefix, LocalCounters())
 
 
 class Quota:
@@ -71,35 +123,45 @@ class Quota:
             ("org", cfg.per_org),
         )
         self._routes = frozenset(cfg.routes)
-        self._charges_tokens = any(lim.tokens_per_min > 0 for _, lim in self._dims)
-        self._lock = threading.Lock()
-        self._local: dict[str, tuple[int, float]] = {}  # key -> (count, window end, monotonic s)
+        self._local = local_table(cfg)
         self._aredis: Any = None
         self._acheck: Any = None
-        self._sredis: Any = None
-        self._scharge: Any = None
 
     # -- the counters that apply ----------------------------------------------------------------
 
-    def _ids(self, fields: Mapping[str, Any]) -> list[tuple[str, QuotaLimits, str]]:
-        out = []
-        for dim, lim in self._dims:
-            ident = fields.get(f"{dim}_id")
-            if ident:
-                out.append((dim, lim, str(ident)))
-        return out
-
-    def _key(self, dim: str, ident: str, what: str) -> str:
-        return f"{self.cfg.redis_prefix}:{dim}:{ident}:{what}"
+    def _key(self, dim: str, subject: str, what: str) -> str:
+        return f"{self.cfg.redis_prefix}:{dim}:{subject}:{what}"
 
     def counters(self, identity: Identity) -> list[Counter]:
-        fields = {"key_id": identity.key_id, "user_id": identity.user_id, "org_id": identity.org_id}
+        subject = identity.quota_subject
         out: list[Counter] = []
-        for dim, lim, ident in self._ids(fields):
+        for dim, lim in self._dims:
+            sid = subject.get(dim)
+            if not sid:
+                continue
             if lim.requests_per_min > 0:
-                out.append((self._key(dim, ident, "req"), lim.requests_per_min, 1))
+                out.append((self._key(dim, sid, "req"), lim.requests_per_min, 1))
             if lim.tokens_per_min > 0:
-                out.append((self._key(dim, ident, "tok"), lim.tokens_per_min, 0))
+                out.append((self._key(dim, sid, "tok"), lim.tokens_per_min, 0))
+        return out
+
+    def token_keys(self, record: Mapping[str, Any]) -> list[str]:
+        """The token counters an inference record is charged to: those of its ``quota_subject``.
+
+        A record without one (written before the edge recorded it) falls back to its identity
+        fields, org-scoped as the check is; those may have been changed by redaction.
+        """
+        subject = record.get("quota_subject")
+        if not isinstance(subject, Mapping):
+            user, org, key = record.get("user_id"), record.get("org_id"), record.get("key_id")
+            if not isinstance(user, str) or not isinstance(org, str):
+                return []
+            subject = quota_subject(user, org, key if isinstance(key, str) else None)
+        out = []
+        for dim, lim in self._dims:
+            sid = subject.get(dim)
+            if lim.tokens_per_min > 0 and isinstance(sid, str) and sid:
+                out.append(self._key(dim, sid, "tok"))
         return out
 
     # -- check (event loop) ---------------------------------------------------------------------
@@ -131,10 +193,11 @@ class Quota:
 
     def _check_local(self, counters: list[Counter]) -> float | None:
         now = time.monotonic()
-        with self._lock:
+        table = self._local
+        with table.lock:
             wait = 0.0
             for key, limit, _ in counters:
-                count, end = self._local.get(key, (0, 0.0))
+                count, end = table.counts.get(key, (0, 0.0))
                 if end <= now:
                     count = 0
                 if count >= limit:
@@ -143,49 +206,13 @@ class Quota:
                 return max(wait, 0.001)
             for key, _, inc in counters:
                 if inc:
-                    self._bump(key, inc, now)
+                    table._bump(key, inc, now)
         return None
-
-    def _bump(self, key: str, inc: int, now: float) -> None:
-        count, end = self._local.get(key, (0, 0.0))
-        if end <= now:
-            count, end = 0, now + WINDOW_MS / 1000.0
-        self._local[key] = (count + inc, end)
-
-    # -- charge (writer thread) -----------------------------------------------------------------
-
-    def charge_tokens(self, identity_fields: Mapping[str, Any], total_tokens: int) -> None:
-        """Add a finalized call's tokens to its counters. Synchronous; never raises."""
-        try:
-            if not self._charges_tokens or not total_tokens or total_tokens <= 0:
-                return
-            keys = [
-                self._key(dim, ident, "tok") for dim, lim, ident in self._ids(identity_fields) if lim.tokens_per_min > 0
-            ]
-            if not keys:
-                return
-            if not self.cfg.redis_url:
-                now = time.monotonic()
-                with self._lock:
-                    for key in keys:
-                        self._bump(key, int(total_tokens), now)
-                return
-            if self._scharge is None:
-                import redis
-
-                self._sredis = redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2.0)
-                self._scharge = self._sredis.register_script(_CHARGE_LUA)
-            self._scharge(keys=keys, args=[WINDOW_MS, int(total_tokens)])
-        except Exception as exc:  # the writer thread must never fail because of quotas
-            log.warning("quota charge failed: %s", exc)
 
     async def aclose(self) -> None:
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = self._acheck = None
-        if self._sredis is not None:
-            self._sredis.close()
-            self._sredis = self._scharge = None
 
 
 def quota_enabled(cfg: QuotaConfig) -> bool:

@@ -4,12 +4,26 @@ Two back ends with one SQL shape:
 
 * SQLite (embedded default, ``<log dir>/index.sqlite``): tenant isolation is a ``WHERE`` clause
   added to every query from the caller's role.
-* PostgreSQL (production): tenant isolation is enforced by the database with row-level security.
-  The owner role creates the schema and ingests; the API reads as a non-owning reader role
-  (``reader_dsn``, or ``SET LOCAL ROLE`` from the owner connection) and sets
-  ``vllm_audit.role``, ``vllm_audit.org_id`` and ``vllm_audit.user_id`` with
-  ``set_config(..., true)`` (transaction-local) before each query. No application ``WHERE``
-  clause restricts tenants there: a reader transaction that has not set them sees nothing.
+* PostgreSQL (production): tenant isolation is enforced by the database with row-level security,
+  and it does not rest on anything a reader can set. The policy asks a ``SECURITY DEFINER``
+  function, ``<prefix>_viewer()``, whose eyes the current query runs with; the function answers
+  from two owner-only tables:
+
+  - ``<prefix>_viewers``: one row per audit API transaction, inserted by ``<prefix>_act_as(...)``
+    (executable only by the owner and the API's login role) for *this* backend and *this*
+    transaction id. The API always rolls its read transactions back, so the row never becomes
+    visible to anyone else;
+  - ``<prefix>_db_tenants``: raw-SQL tenants, mapped by their *login* role (``session_user``,
+    which ``SET ROLE`` cannot change) to a role, org and user (:meth:`PostgresStore.map_db_role`).
+
+  ``set_config`` of any setting, ``SET ROLE`` / ``RESET ROLE`` and calling functions do not
+  widen what a member of the reader role sees.
+
+The records table is keyed by ``record_key``: the record's server-generated ``record_id`` (UUIDv7),
+or ``<writer_id>:<seq>`` for records written before it existed. ``request_id`` (chosen by clients,
+so not unique) is a searchable column. Per-writer cursors ``(next_seq, last_leaf)`` live in the
+same database and are committed in the same transaction as the rows
+(:class:`vllm_audit.access.projection.QueryStoreProjection`).
 
 Timestamps are stored as normalized ISO 8601 text (``YYYY-MM-DDTHH:MM:SS.mmmZ``), which sorts
 chronologically in both back ends. Every store method is synchronous; the API calls them through
@@ -32,16 +46,20 @@ import orjson
 
 from vllm_audit.access.config import StoreConfig
 from vllm_audit.errors import ConfigError
+from vllm_audit.integrity.reader import Cursor
 
 if TYPE_CHECKING:
     from vllm_audit.config import Config
 
 Role = Literal["platform_admin", "org_auditor", "user"]
+ROLES: tuple[Role, ...] = ("platform_admin", "org_auditor", "user")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 #: Columns of the records table, in insert order.
 COLUMNS = (
+    "record_key",
+    "record_id",
     "writer_id",
     "seq",
     "request_id",
@@ -65,6 +83,9 @@ COLUMNS = (
 
 USAGE_GROUPS = ("day", "org_id", "user_id", "model")
 
+#: Most records a single-record lookup (``/records/{id}``) returns.
+FIND_MAX = 50
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Viewer:
@@ -85,6 +106,7 @@ class RecordQuery:
     status: str | None = None
     route: str | None = None
     request_id: str | None = None
+    record_id: str | None = None
     prompt_sha256: str | None = None
     q: str | None = None
     limit: int = 50
@@ -130,18 +152,26 @@ def _str(v: Any) -> str | None:
     return v if isinstance(v, str) else (None if v is None else str(v))
 
 
+def record_key(rec: Mapping[str, Any]) -> str:
+    """The store's key of a record: its ``record_id``, or ``<writer_id>:<seq>`` for older records."""
+    rid = rec.get("record_id")
+    if isinstance(rid, str) and rid:
+        return rid
+    return f"{rec['writer_id']}:{int(rec['seq'])}"
+
+
 def row_from_entry(entry: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The records-table row of one ``inference`` log entry."""
+    """The records-table row of one ``inference`` log entry (as parsed from its stored line)."""
     rec: dict[str, Any] = dict(entry)
-    nested = rec.get("record")
-    if isinstance(nested, Mapping):  # tolerate a nested layout
-        rec = {**rec, **nested}
     try:
         ts = norm_time(str(rec.get("timestamp", "")))
     except BadQuery:
         ts = "1970-01-01T00:00:00.000Z"
     search = (_text(rec.get("input_prompt")) + "\n" + _text(rec.get("output_response"))).lower()
+    rid = rec.get("record_id")
     return (
+        record_key(rec),
+        rid if isinstance(rid, str) and rid else None,
         str(rec["writer_id"]),
         int(rec["seq"]),
         _str(rec.get("request_id")) or "",
@@ -226,30 +256,55 @@ class Store:
     def close(self) -> None:
         """Release resources (connections are per operation)."""
 
-    # -- ingestion (owner) ----------------------------------------------------------------------
+    # -- the projection's side (owner) ------------------------------------------------------------
 
-    def load_cursors(self) -> dict[str, int]:
+    def load_cursors(self) -> dict[str, Cursor]:
+        """Committed per-writer positions: entries before ``next_seq`` are in the store."""
         with self._owner() as conn:
-            return {str(w): int(s) for w, s in self._exec(conn, f"SELECT writer_id, last_seq FROM {self.cursors}")}
+            rows = self._exec(conn, f"SELECT writer_id, next_seq, last_leaf FROM {self.cursors}")
+            return {str(w): Cursor(str(w), int(s), str(leaf)) for w, s, leaf in rows}
 
-    def ingest(self, writer_id: str, rows: Sequence[tuple[Any, ...]], last_seq: int) -> None:
-        """Insert rows (idempotent) and advance the writer's cursor, in one transaction."""
+    def apply(self, rows: Sequence[tuple[Any, ...]], cursor: Cursor) -> list[int]:
+        """Insert ``rows`` and move the writer's cursor to ``cursor``, in ONE transaction.
+
+        Idempotent: a row already present for the same ``(writer_id, seq)`` is skipped. Returns the
+        seqs of rows *not* inserted because their ``record_key`` is held by another entry (a
+        reused record id: the caller quarantines them). The cursor only moves forward.
+        """
         cols = ", ".join(COLUMNS)
         marks = ", ".join(["%s"] * len(COLUMNS))
+        clashes: list[int] = []
         with self._owner() as conn:
             if rows:
-                sql = self._sql(
-                    f"INSERT INTO {self.records} ({cols}) VALUES ({marks}) ON CONFLICT (writer_id, seq) DO NOTHING"
-                )
-                conn.cursor().executemany(sql, [tuple(r) for r in rows])
+                keys = [r[0] for r in rows]
+                taken: dict[str, tuple[str, int]] = {}
+                for i in range(0, len(keys), 500):
+                    part = keys[i : i + 500]
+                    marks_in = ", ".join(["%s"] * len(part))
+                    q = f"SELECT record_key, writer_id, seq FROM {self.records} WHERE record_key IN ({marks_in})"
+                    for k, w, s in self._exec(conn, q, part):
+                        taken[str(k)] = (str(w), int(s))
+                fresh = []
+                seen: dict[str, tuple[str, int]] = {}
+                for r in rows:
+                    pos = (str(r[2]), int(r[3]))
+                    owner = taken.get(r[0]) or seen.get(r[0])
+                    if owner is None:
+                        seen[r[0]] = pos
+                        fresh.append(tuple(r))
+                    elif owner != pos:
+                        clashes.append(pos[1])
+                if fresh:
+                    sql = self._sql(f"INSERT INTO {self.records} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING")
+                    conn.cursor().executemany(sql, fresh)
             self._exec(
                 conn,
-                f"INSERT INTO {self.cursors} (writer_id, last_seq) VALUES (%s, %s) "
-                f"ON CONFLICT (writer_id) DO UPDATE SET last_seq = "
-                f"CASE WHEN excluded.last_seq > {self.cursors}.last_seq THEN excluded.last_seq "
-                f"ELSE {self.cursors}.last_seq END",
-                (writer_id, last_seq),
+                f"INSERT INTO {self.cursors} (writer_id, next_seq, last_leaf) VALUES (%s, %s, %s) "
+                f"ON CONFLICT (writer_id) DO UPDATE SET next_seq = excluded.next_seq, last_leaf = excluded.last_leaf "
+                f"WHERE excluded.next_seq > {self.cursors}.next_seq",
+                (cursor.writer_id, cursor.next_seq, cursor.last_leaf),
             )
+        return clashes
 
     def reset(self) -> None:
         """Forget everything (``vllm-audit index --rebuild``): the log is the source of truth."""
@@ -274,6 +329,7 @@ class Store:
             ("status", q.status),
             ("route", q.route),
             ("request_id", q.request_id),
+            ("record_id", q.record_id),
             ("prompt_sha256", q.prompt_sha256),
         ):
             if val is not None:
@@ -303,10 +359,23 @@ class Store:
         nxt = encode_cursor(rows[-1][0], rows[-1][1], int(rows[-1][2])) if more and rows else None
         return out, nxt
 
-    def get(self, viewer: Viewer, request_id: str) -> dict[str, Any] | None:
-        """The newest record with this request id that the viewer may see."""
-        recs, _ = self.query(viewer, RecordQuery(request_id=request_id, limit=1))
-        return recs[0] if recs else None
+    def find(self, viewer: Viewer, ident: str) -> list[dict[str, Any]]:
+        """The records the viewer may see whose ``record_id``, store key or ``request_id`` is ``ident``.
+
+        A record id (or ``<writer>:<seq>`` key) names one record; a request id, chosen by clients,
+        may name several (newest first, at most :data:`FIND_MAX`) — never one the viewer may not see.
+        """
+        clauses, params = self._scope(viewer)
+        clauses.append("(record_key = %s OR record_id = %s OR request_id = %s)")
+        params += [ident, ident, ident]
+        sql = (
+            f"SELECT record_key, request_id, record FROM {self.records} WHERE {' AND '.join(clauses)} "
+            f"ORDER BY ts DESC, writer_id DESC, seq DESC LIMIT %s"
+        )
+        with self._reader(viewer) as conn:
+            rows = list(self._exec(conn, sql, [*params, FIND_MAX]))
+        exact = [r for r in rows if r[0] == ident]
+        return [_load(r[2]) for r in (exact or rows)]
 
     def usage(self, viewer: Viewer, q: RecordQuery, group_by: Sequence[str]) -> list[dict[str, Any]]:
         exprs = {"day": "substr(ts, 1, 10)", "org_id": "org_id", "user_id": "user_id", "model": "model_name"}
@@ -340,18 +409,30 @@ def _schema(store: Store, json_type: str) -> list[str]:
     r = store.records
     return [
         f"""CREATE TABLE IF NOT EXISTS {r} (
+            record_key TEXT PRIMARY KEY, record_id TEXT,
             writer_id TEXT NOT NULL, seq BIGINT NOT NULL, request_id TEXT NOT NULL, ts TEXT NOT NULL,
             org_id TEXT NOT NULL, user_id TEXT NOT NULL, auth_status TEXT, model_name TEXT, route TEXT,
             method TEXT, http_status INTEGER, status TEXT, prompt_tokens BIGINT, completion_tokens BIGINT,
             total_tokens BIGINT, latency_ms DOUBLE PRECISION, prompt_sha256 TEXT, search_text TEXT NOT NULL,
-            record {json_type} NOT NULL, PRIMARY KEY (writer_id, seq))""",
-        f"CREATE TABLE IF NOT EXISTS {store.cursors} (writer_id TEXT PRIMARY KEY, last_seq BIGINT NOT NULL)",
+            record {json_type} NOT NULL, UNIQUE (writer_id, seq))""",
+        f"""CREATE TABLE IF NOT EXISTS {store.cursors} (
+            writer_id TEXT PRIMARY KEY, next_seq BIGINT NOT NULL, last_leaf TEXT NOT NULL)""",
         f"CREATE INDEX IF NOT EXISTS {r}_ts ON {r} (ts, writer_id, seq)",
         f"CREATE INDEX IF NOT EXISTS {r}_org_ts ON {r} (org_id, ts)",
         f"CREATE INDEX IF NOT EXISTS {r}_user_ts ON {r} (org_id, user_id, ts)",
         f"CREATE INDEX IF NOT EXISTS {r}_request_id ON {r} (request_id)",
+        f"CREATE INDEX IF NOT EXISTS {r}_record_id ON {r} (record_id)",
         f"CREATE INDEX IF NOT EXISTS {r}_prompt_sha256 ON {r} (prompt_sha256)",
     ]
+
+
+def _outdated(columns: set[str], table: str, records: str) -> bool:
+    """Whether an existing table predates this layout (then the projection is dropped and rebuilt)."""
+    if not columns:
+        return False
+    if table == records:
+        return "record_key" not in columns
+    return "next_seq" not in columns or "last_leaf" not in columns
 
 
 class SqliteStore(Store):
@@ -369,6 +450,12 @@ class SqliteStore(Store):
         conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode = WAL")
+            for table in (self.records, self.cursors):
+                cols = {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
+                if _outdated(cols, table, self.records):  # an older layout: rebuilt from the log
+                    conn.execute(f"DROP TABLE {self.records}")
+                    conn.execute(f"DROP TABLE IF EXISTS {self.cursors}")
+                    break
             for stmt in _schema(self, "TEXT"):
                 conn.execute(stmt)
         finally:
@@ -409,38 +496,126 @@ class SqliteStore(Store):
 
 
 class PostgresStore(Store):
+    """PostgreSQL with row-level security that a reader cannot talk its way around (module docstring)."""
+
     def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
         if not cfg.dsn:
             raise ConfigError("[access.store] dsn is required when kind = 'postgresql'.")
         if not _IDENT.match(cfg.reader_role):
             raise ConfigError(f"[access.store] reader_role {cfg.reader_role!r} is not a plain identifier.")
+        p = cfg.table_prefix
+        self.viewers = f"{p}_viewers"
+        self.db_tenants = f"{p}_db_tenants"
+        self.viewer_fn = f"{p}_viewer"
+        self.act_as_fn = f"{p}_act_as"
 
     def init(self) -> None:
-        """Create tables, the reader role (if missing), grants and the row-level security policy."""
+        """Create tables, the reader role (NOLOGIN, if missing), grants, the viewer functions and the policy.
+
+        Needs, as the owner (``dsn``): ``CREATE`` on the schema, ownership of the tables it made,
+        and ``CREATEROLE`` unless the reader role exists already. With ``reader_dsn`` it connects
+        once with it to learn the API's login role, which alone (with the owner) may call
+        ``<prefix>_act_as``.
+        """
         r, role = self.records, self.cfg.reader_role
+        api_login = self._reader_login() if self.cfg.reader_dsn else None
         policy = f"{r}_tenant"
         with self._owner() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (r,))
+            schema_row = conn.execute("SELECT quote_ident(current_schema())").fetchone()
+            assert schema_row is not None
+            schema = str(schema_row[0])
+            for table in (r, self.cursors):
+                cols = {
+                    str(c[0])
+                    for c in conn.execute(
+                        "SELECT column_name FROM information_schema.columns "
+                        "WHERE table_schema = current_schema() AND table_name = %s",
+                        (table,),
+                    )
+                }
+                if _outdated(cols, table, r):  # an older layout: rebuilt from the log
+                    conn.execute(f"DROP TABLE IF EXISTS {r}, {self.cursors}")
+                    break
             for stmt in _schema(self, "JSONB"):
                 conn.execute(stmt)
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.viewers} (pid INTEGER NOT NULL, xact XID8 NOT NULL, "
+                f"role TEXT NOT NULL, org_id TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (pid, xact))"
+            )
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.db_tenants} (rolname TEXT PRIMARY KEY, "
+                f"role TEXT NOT NULL CHECK (role IN ('platform_admin', 'org_auditor', 'user')), "
+                f"org_id TEXT NOT NULL, user_id TEXT NOT NULL DEFAULT '')"
+            )
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             if not exists:
                 conn.execute(f"CREATE ROLE {role} NOLOGIN")
-            conn.execute(f"REVOKE ALL ON {r}, {self.cursors} FROM PUBLIC")
+            conn.execute(f"REVOKE ALL ON {r}, {self.cursors}, {self.viewers}, {self.db_tenants} FROM PUBLIC")
             conn.execute(f"GRANT SELECT ON {r} TO {role}")
+            conn.execute(
+                f"""CREATE OR REPLACE FUNCTION {schema}.{self.viewer_fn}()
+                RETURNS TABLE (role TEXT, org_id TEXT, user_id TEXT)
+                LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+                  (SELECT v.role, v.org_id, v.user_id FROM {schema}.{self.viewers} v
+                    WHERE v.pid = pg_backend_pid() AND v.xact = pg_current_xact_id_if_assigned()
+                   UNION ALL
+                   SELECT t.role, t.org_id, t.user_id FROM {schema}.{self.db_tenants} t
+                    WHERE t.rolname = session_user::text)
+                  LIMIT 1
+                $fn$"""
+            )
+            conn.execute(
+                f"""CREATE OR REPLACE FUNCTION {schema}.{self.act_as_fn}(v_role TEXT, v_org TEXT, v_user TEXT)
+                RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+                  INSERT INTO {schema}.{self.viewers} (pid, xact, role, org_id, user_id)
+                  VALUES (pg_backend_pid(), pg_current_xact_id(), v_role, v_org, v_user)
+                  ON CONFLICT (pid, xact) DO UPDATE SET role = excluded.role, org_id = excluded.org_id,
+                    user_id = excluded.user_id
+                $fn$"""
+            )
+            conn.execute(f"REVOKE ALL ON FUNCTION {schema}.{self.viewer_fn}() FROM PUBLIC")
+            conn.execute(f"REVOKE ALL ON FUNCTION {schema}.{self.act_as_fn}(TEXT, TEXT, TEXT) FROM PUBLIC")
+            conn.execute(f"GRANT EXECUTE ON FUNCTION {schema}.{self.viewer_fn}() TO {role}")
+            if api_login is not None:
+                conn.execute(
+                    f"GRANT EXECUTE ON FUNCTION {schema}.{self.act_as_fn}(TEXT, TEXT, TEXT) TO {api_login}"
+                )
             conn.execute(f"ALTER TABLE {r} ENABLE ROW LEVEL SECURITY")
             conn.execute(f"DROP POLICY IF EXISTS {policy} ON {r}")
+            v = f"{schema}.{self.viewer_fn}()"
+            # Uncorrelated sub-selects: evaluated once per query (init plans), not per row.
             conn.execute(
                 f"""CREATE POLICY {policy} ON {r} FOR SELECT TO {role} USING (
-                    CASE current_setting('vllm_audit.role', true)
+                    CASE (SELECT role FROM {v})
                       WHEN 'platform_admin' THEN true
-                      WHEN 'org_auditor' THEN org_id = current_setting('vllm_audit.org_id', true)
-                      WHEN 'user' THEN org_id = current_setting('vllm_audit.org_id', true)
-                                   AND user_id = current_setting('vllm_audit.user_id', true)
+                      WHEN 'org_auditor' THEN org_id = (SELECT org_id FROM {v})
+                      WHEN 'user' THEN org_id = (SELECT org_id FROM {v}) AND user_id = (SELECT user_id FROM {v})
                       ELSE false
                     END)"""
             )
+
+    def _reader_login(self) -> str:
+        import psycopg
+
+        with psycopg.connect(self.cfg.reader_dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT quote_ident(session_user::text)").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def map_db_role(self, rolname: str, viewer: Viewer | None) -> None:
+        """Confine a raw-SQL login role (a member of the reader role) to ``viewer``'s scope; None unmaps.
+
+        The mapping is by login role (``session_user``), which ``SET ROLE`` cannot change.
+        """
+        with self._owner() as conn:
+            conn.execute(f"DELETE FROM {self.db_tenants} WHERE rolname = %s", (rolname,))
+            if viewer is not None:
+                conn.execute(
+                    f"INSERT INTO {self.db_tenants} (rolname, role, org_id, user_id) VALUES (%s, %s, %s, %s)",
+                    (rolname, viewer.role, viewer.org_id, viewer.user_id),
+                )
 
     @contextlib.contextmanager
     def _owner(self) -> Iterator[Any]:
@@ -454,15 +629,17 @@ class PostgresStore(Store):
         import psycopg
 
         dsn = self.cfg.reader_dsn or self.cfg.dsn
-        with psycopg.connect(dsn, autocommit=False) as conn, conn.transaction():
-            if not self.cfg.reader_dsn:
-                conn.execute(f"SET LOCAL ROLE {self.cfg.reader_role}")
-            conn.execute(
-                "SELECT set_config('vllm_audit.role', %s, true), set_config('vllm_audit.org_id', %s, true), "
-                "set_config('vllm_audit.user_id', %s, true)",
-                (viewer.role, viewer.org_id, viewer.user_id),
-            )
-            yield conn
+        with psycopg.connect(dsn, autocommit=False) as conn:
+            try:
+                conn.execute(
+                    f"SELECT {self.act_as_fn}(%s, %s, %s)", (viewer.role, viewer.org_id, viewer.user_id)
+                )
+                if not self.cfg.reader_dsn:
+                    conn.execute(f"SET LOCAL ROLE {self.cfg.reader_role}")
+                yield conn
+            finally:
+                # Never commit: the viewer row must not outlive this transaction.
+                conn.rollback()
 
 
 def open_store(config: Config) -> Store:
