@@ -227,3 +227,52 @@ def test_upstream_down_is_recorded(gw: Gw, vllm_setup: harness.Setup, integrity:
     assert rec["status"] == "upstream_error", rec
     assert rec["prompt_tokens"] is None, rec
     verify_log(vllm_setup, integrity, gw.log_dir)
+
+
+# ---------------------------------------------------------------- issue 15 (#19, #20)
+
+STREAM_OPTIONS = {
+    "continuous": {"continuous_usage_stats": True},
+    "continuous-no-usage": {"include_usage": False, "continuous_usage_stats": True},
+    "usage-as-string": {"include_usage": "true"},
+    "usage-continuous": {"include_usage": True, "continuous_usage_stats": True},
+}
+
+
+def _summary(chunks: list[dict[str, Any]]) -> dict[int, tuple[str, Any, Any, bool]]:
+    """Per choice: its text, finish reason, the fingerprint on its finish chunk and whether any of
+    its chunks carries usage; index -1: the usage-only chunk's fingerprint. (vLLM may coalesce
+    tokens into fewer chunks under load, so chunk counts are not compared.)"""
+    out: dict[int, tuple[str, Any, Any, bool]] = {}
+    for c in chunks:
+        if not c.get("choices"):
+            out[-1] = ("", None, c.get("system_fingerprint"), "usage" in c)
+            continue
+        ch = c["choices"][0]
+        text, fin, fp, usage = out.get(ch["index"], ("", None, None, False))
+        piece = ch.get("text") if "text" in ch else (ch.get("delta") or {}).get("content")
+        text += piece or ""
+        if ch.get("finish_reason"):
+            fin, fp = ch["finish_reason"], c.get("system_fingerprint")
+        out[ch["index"]] = (text, fin, fp, usage or "usage" in c)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("opts", sorted(STREAM_OPTIONS))
+@pytest.mark.parametrize("kind", sorted(PATHS))
+def test_stream_options_and_n_reach_the_client_as_vllm_sends_them(gw: Gw, kind: str, opts: str, n: int) -> None:
+    """With continuous_usage_stats and/or n=2 the client gets what vLLM sends a direct client:
+    the same text, finish chunks with the same fingerprints, usage fields only where vLLM puts
+    them; the record still has the usage."""
+    body = _body(kind, stream=True, n=n, stream_options=STREAM_OPTIONS[opts], **SAMPLING["seeded"])
+    rd, raw_direct = _stream(gw.direct, PATHS[kind], body, _rid("direct"))
+    rid = _rid("via")
+    rv, raw_via = _stream(gw.via, PATHS[kind], body, rid)
+    assert rd.status_code == rv.status_code == 200, raw_via[:500]
+    chunks_direct, done_direct = sse_json(raw_direct)
+    chunks_via, done_via = sse_json(raw_via)
+    assert done_direct and done_via
+    assert _summary(chunks_via) == _summary(chunks_direct)
+    rec = record_for(gw.log_dir, rid)
+    assert rec["total_tokens"], rec
