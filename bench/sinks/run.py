@@ -92,6 +92,46 @@ def bench_otlp(work: Path) -> float:
         proc.wait()
 
 
+def bench_kafka(work: Path) -> float:
+    """noida-db's Kafka-protocol broker (scripts/services.d/kafka.sh), idempotent producer, 1000-entry batches."""
+    import confluent_kafka  # noqa: F401 - a one-time process cost, not shipping
+
+    found = glob.glob(str(Path.home() / ".cache/vllm-audit/kafka-venv/lib/python3*/site-packages/noida_db/noida-db"))
+    if not found:
+        raise RuntimeError("run scripts/services.d/kafka.sh first")
+    port = _port()
+    (work / "kafka").mkdir()
+    cmd = [found[0], "start", "--only", "kafka", "--kafka-port", str(port), "--data-dir", str(work / "kafka")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        table = {"type": "kafka", "bootstrap_servers": f"127.0.0.1:{port}", "create_topic": True, "batch_max": 1000}
+        return _ship(work, table)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bench_nats(work: Path) -> float:
+    """A private nats-server with JetStream file storage, 1000-entry batches of async publishes.
+
+    nats-py is imported first: its import (~0.25 s) is a one-time process cost, not shipping."""
+    import nats  # noqa: F401
+
+    port = _port()
+    (work / "nats").mkdir()
+    conf = work / "nats" / "nats.conf"
+    conf.write_text(f'port: {port}\nhost: "127.0.0.1"\njetstream {{ store_dir: "{work / "nats" / "js"}" }}\n')
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        return _ship(work, {"type": "nats", "servers": [f"nats://127.0.0.1:{port}"], "batch_max": 1000})
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _encode_only(work: Path, table: dict[str, object], encode: Callable[[object, object], object]) -> float:
     """Records/s of a sink's own encoding (no server): separates the client's cost from the stand-in's."""
     from vllm_audit.integrity.reader import Cursor, LogReader
@@ -121,6 +161,8 @@ def bench_otlp_encode(work: Path) -> float:
 BENCHES: dict[str, Callable[[Path], float]] = {
     "elasticsearch": bench_elasticsearch,
     "elasticsearch-encode": bench_elasticsearch_encode,
+    "kafka": bench_kafka,
+    "nats": bench_nats,
     "otlp": bench_otlp,
     "otlp-encode": bench_otlp_encode,
 }

@@ -290,18 +290,30 @@ class NatsSink(Sink):
         max_payload = nc.max_payload
         timeout = self.options.ack_timeout_s
         inbox = self._inbox
+        # the header block's size, less the parts that vary per entry (seq twice, record type)
+        fixed = _header_bytes(
+            {
+                "Nats-Msg-Id": f"{writer_id}:",
+                "Vllm-Audit-Writer-Id": writer_id,
+                "Vllm-Audit-Seq": "",
+                "Vllm-Audit-Leaf-Hash": "0" * 64,
+                "Vllm-Audit-Record-Type": "",
+            }
+        )
         rejected: list[tuple[Entry, str]] = []
         sent: list[tuple[Entry, asyncio.Future[dict[str, Any]]]] = []
         try:
             for e in entries:
+                seq = str(e.seq)
+                key = f"{writer_id}:{seq}"
                 headers = {
-                    "Nats-Msg-Id": e.key,
+                    "Nats-Msg-Id": key,
                     "Vllm-Audit-Writer-Id": writer_id,
-                    "Vllm-Audit-Seq": str(e.seq),
+                    "Vllm-Audit-Seq": seq,
                     "Vllm-Audit-Leaf-Hash": e.leaf_hex,
                     "Vllm-Audit-Record-Type": e.record_type,
                 }
-                size = len(e.line) + _header_bytes(headers)
+                size = fixed + len(e.line) + 2 * len(seq) + len(e.record_type)
                 if size > max_payload:
                     rejected.append((e, f"message of {size} bytes exceeds the server's max_payload {max_payload}"))
                     continue
