@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from vllm_audit.access.config import AccessConfig
+from vllm_audit.archive.config import ArchiveConfig, RetentionConfig
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.privacy.config import PrivacyConfig
@@ -156,6 +157,8 @@ class Config:
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     access: AccessConfig = dataclasses.field(default_factory=AccessConfig)
     ship: ShipConfig = dataclasses.field(default_factory=ShipConfig)
+    archive: ArchiveConfig = dataclasses.field(default_factory=ArchiveConfig)
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     #: ``[sinks.NAME]`` tables, one per sink: ``type`` plus that type's keys (see below).
     sinks: dict[str, SinkSpec] = dataclasses.field(default_factory=dict)
     #: The file this was loaded from, if any. ``[log] dir`` is relative to the working directory;

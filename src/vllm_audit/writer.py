@@ -158,8 +158,11 @@ class AuditWriter:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self, wait: float = 10.0) -> None:
+        from vllm_audit.evidence import settings_event
+
         self._thread.start()
         atexit.register(self.stop)
+        self.submit_event(settings_event(self.config))  # the settings in force are evidence too
         self._ready.wait(wait)
         if self._run_projections:
             self._start_runner()

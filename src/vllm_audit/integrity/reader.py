@@ -213,6 +213,11 @@ class LogReader:
                 if _torn:
                     break  # a torn sealed segment: the writer recovered; the next segment goes on
                 if nxt_first != expect:
+                    pruned = read_pruned(self.writer_dir(wid))
+                    hole = next((r for r in pruned if (r.start, r.end) == (expect, nxt_first)), None)
+                    if hole is not None:  # a range removed by retention: go on after it
+                        expect, last = hole.end, hole.last_leaf
+                if nxt_first != expect:
                     raise ChainBreak(wid, expect, f"segment {nxt_path.name} starts at {nxt_first}, expected {expect}")
                 idx += 1
                 self._pos[wid] = _Pos(nxt_path, 0, expect, last)
@@ -241,6 +246,13 @@ class LogReader:
         segs = self.segments(wid)
         if not segs:
             return None
+        hole = next((r for r in read_pruned(self.writer_dir(wid)) if r.start <= cursor.next_seq < r.end), None)
+        if hole is not None:
+            after = next(((first, p) for first, p in segs if first == hole.end), None)
+            if after is not None:  # entries below were pruned (retention): go on from the first kept one
+                pos = _Pos(after[1], 0, hole.end, hole.last_leaf)
+                self._pos[wid] = pos
+                return pos
         cands = [(first, p) for first, p in segs if first <= cursor.next_seq]
         if not cands:
             first, path = segs[0]
@@ -275,6 +287,72 @@ class LogReader:
                 self._extra.pop(writer_id, None)
             else:
                 self._extra[writer_id] = saved
+
+
+#: Per writer directory: the ranges whose segments retention removed, one JSON object per line
+#: (written by ``vllm-audit prune`` before it deletes them; a signed event in the chain says the same).
+PRUNED_FILE = "pruned.jsonl"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrunedRange:
+    """Entries ``[start, end)`` of a writer were removed by retention (``vllm-audit prune``).
+
+    ``last_leaf`` (hex) is the leaf hash of entry ``end - 1`` and ``compact_range`` the RFC 6962
+    compact range of the writer's tree at size ``end`` (from the last pruned segment's manifest):
+    what a reader and the verifier need to go on from ``end`` as if the entries were there.
+    """
+
+    start: int
+    end: int
+    last_leaf: str
+    compact_range: tuple[str, ...]
+    segments: tuple[str, ...] = ()
+    prune_id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start": self.start,
+            "end": self.end,
+            "last_leaf": self.last_leaf,
+            "compact_range": list(self.compact_range),
+            "segments": list(self.segments),
+            "prune_id": self.prune_id,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> PrunedRange:
+        if not isinstance(obj, dict):
+            raise ValueError("a pruned range must be an object")
+        start, end, leaf, cr = obj.get("start"), obj.get("end"), obj.get("last_leaf"), obj.get("compact_range")
+        segs, pid = obj.get("segments", []), obj.get("prune_id", "")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+            raise ValueError("a pruned range needs integers 0 <= start < end")
+        if not isinstance(leaf, str) or len(leaf) != 64 or not isinstance(cr, list) or len(cr) != bin(end).count("1"):
+            raise ValueError("a pruned range needs last_leaf and the compact range at its end")
+        if not all(isinstance(h, str) and len(h) == 64 for h in cr) or not isinstance(pid, str):
+            raise ValueError("malformed pruned range")
+        if not isinstance(segs, list) or not all(isinstance(x, str) for x in segs):
+            raise ValueError("malformed pruned range segments")
+        return cls(start, end, leaf, tuple(cr), tuple(segs), pid)
+
+
+def read_pruned(writer_dir: Path, *, strict: bool = False) -> list[PrunedRange]:
+    """A writer's pruned ranges, in order (malformed lines skipped, or ``ValueError`` when ``strict``)."""
+    try:
+        data = (writer_dir / PRUNED_FILE).read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for n, raw in enumerate(data.split(b"\n")):
+        if not raw.strip():
+            continue
+        try:
+            out.append(PrunedRange.from_json(orjson.loads(raw)))
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            if strict:
+                raise ValueError(f"{writer_dir.name}/{PRUNED_FILE} line {n + 1}: {exc}") from None
+    return sorted(out, key=lambda r: r.start)
 
 
 def _read_from(path: Path, offset: int) -> bytes:

@@ -42,7 +42,7 @@ from vllm_audit.integrity.codec import ZERO as _ZERO
 from vllm_audit.integrity.codec import split_torn
 from vllm_audit.integrity.keys import VerifierKey, format_time_ms
 from vllm_audit.integrity.merkle import EMPTY_ROOT, decompose, decompose_starts
-from vllm_audit.integrity.reader import list_segments
+from vllm_audit.integrity.reader import PrunedRange, list_segments, read_pruned
 
 _sha256 = hashlib.sha256
 
@@ -100,10 +100,18 @@ class WriterResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     #: Signed roots that no longer match because of a problem reported earlier in the chain.
     consequential_mismatches: int = 0
+    #: Ranges removed by retention (``vllm-audit prune``): ``{start, end, segments}``, each backed by
+    #: a signed ``retention.pruned`` event; what remains is verified from the end of each range.
+    pruned: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: Checkpoints whose tree size falls inside a pruned range (they cannot be recomputed any more).
+    pruned_checkpoints: int = 0
+    #: Audit events the cross-writer checks need (``retention.pruned``, ``settings.effective``).
+    notable_events: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["problems"] = [p.to_dict() for p in self.problems]
+        d.pop("notable_events", None)
         return d
 
 
@@ -137,6 +145,17 @@ class Report:
         lasts = [w.last_time for w in self.writers if w.last_time]
         return (min(firsts) if firsts else "", max(lasts) if lasts else "")
 
+    @property
+    def pruned(self) -> list[dict[str, Any]]:
+        """Every range removed by retention, ``{writer_id, start, end, segments}``."""
+        return [dict(r, writer_id=w.writer_id) for w in self.writers for r in w.pruned]
+
+    def settings_periods(self) -> list[Any]:
+        """The effective-settings periods recorded in the log (see :mod:`vllm_audit.evidence`)."""
+        from vllm_audit.evidence import settings_periods
+
+        return settings_periods([e for w in self.writers for e in w.notable_events])
+
     def to_dict(self) -> dict[str, Any]:
         first, last = self.time_span
         return {
@@ -149,8 +168,11 @@ class Report:
                 "checkpoints": self.checkpoints,
                 "first_time": first,
                 "last_time": last,
+                "pruned_entries": sum(r["end"] - r["start"] for r in self.pruned),
             },
             "problems": [p.to_dict() for p in self.problems],
+            "pruned": self.pruned,
+            "settings_periods": [p.to_dict() for p in self.settings_periods()],
             "writers": [w.to_dict() for w in self.writers],
         }
 
@@ -182,6 +204,7 @@ def verify_log(
         res = _WriterVerifier(d, keys, anchors, workers).run()
         writers.append(res)
         problems.extend(res.problems)
+    _check_prunes(writers, problems)
     present = {d.name for d in dirs}
     suffix = f".{CHECKPOINTS_FILE}"
     for a in anchors:
@@ -203,6 +226,39 @@ def verify_log(
     if not dirs:
         problems.append(Problem("*", "segment_missing", f"no writer directories under {str(root)!r}"))
     return Report(str(log_dir), writers, problems)
+
+
+def _check_prunes(writers: list[WriterResult], problems: list[Problem]) -> None:
+    """Every pruned range must be the one a signed ``retention.pruned`` event (in any chain) records."""
+    recorded: set[tuple[str, int, int, str, tuple[str, ...]]] = set()
+    for w in writers:
+        for ev in w.notable_events:
+            if ev.get("event") != "retention.pruned" or not isinstance(ev.get("detail"), dict):
+                continue
+            for r in ev["detail"].get("ranges") or []:
+                try:
+                    cr = tuple(r["compact_range"])
+                    recorded.add((r["writer_id"], r["start"], r["end"], r["last_leaf"], cr))
+                except (KeyError, TypeError):
+                    continue
+    for w in writers:
+        for r in w.pruned:
+            key = (w.writer_id, r["start"], r["end"], r["last_leaf"], tuple(r["compact_range"]))
+            if key not in recorded:
+                p = Problem(
+                    w.writer_id,
+                    "segment_missing",
+                    f"entries {r['start']}..{r['end'] - 1} are marked pruned, but no signed retention.pruned event "
+                    "in the log records that prune",
+                    r["start"],
+                )
+                w.problems.append(p)
+                problems.append(p)
+            r.pop("last_leaf", None)
+            r.pop("compact_range", None)
+
+
+_NOTABLE_EVENTS = frozenset({"retention.pruned", "settings.effective"})
 
 
 class _WriterVerifier:
@@ -236,6 +292,11 @@ class _WriterVerifier:
         self.bad_cp_lines: list[tuple[int, str]] = []
         self.times: list[int] = []
         self.file_sha: dict[str, str] = {}
+        try:
+            self.pruned: list[PrunedRange] = read_pruned(d, strict=True)
+        except ValueError as exc:
+            self.pruned = read_pruned(d)
+            self.problem("modified", f"the pruned-range file is damaged: {exc}")
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -326,6 +387,19 @@ class _WriterVerifier:
                 self.problem(
                     kind, f"signed checkpoints disagree on the root of tree size {size} ({srcs}): history was rewritten"
                 )
+        for r in self.pruned:  # checkpoints inside a pruned range can no longer be recomputed
+            inside = [size for size in self.targets if r.start < size < r.end]
+            for size in inside:
+                res.pruned_checkpoints += len(self.targets.pop(size))
+            res.pruned.append(
+                {
+                    "start": r.start,
+                    "end": r.end,
+                    "segments": list(r.segments),
+                    "last_leaf": r.last_leaf,
+                    "compact_range": list(r.compact_range),
+                }
+            )
         self._check_segment_files()
         try:
             self._scan()
@@ -354,6 +428,7 @@ class _WriterVerifier:
         shas = self._file_hashes(segments)
         prev_clean_end = True
         for idx, (first, path) in enumerate(segments):
+            self._skip_pruned(first)
             last_seg = idx == len(segments) - 1
             parts = [p() for p in pending[idx]]
             if self._links(parts, first, idx):
@@ -378,6 +453,17 @@ class _WriterVerifier:
                 res.warnings.append(f"segment {path.name} is not the last one but has no manifest (not sealed)")
             prev_clean_end = torn_info is None
         res.entries = self.e
+
+    def _skip_pruned(self, first: int) -> None:
+        """Jump over a pruned range that ends where this segment starts (state from the range)."""
+        for r in self.pruned:
+            if r.start == self.e and r.end == first and not self.stash:
+                self.e = r.end
+                self.last = r.last_leaf.encode()
+                self.stack[:] = [bytes.fromhex(h) for h in r.compact_range]
+                self.recent[r.end - 1] = self.last
+                self.after_gap = False
+                self._check_root(r.end)
 
     def _fast_scans(self, segments: list[tuple[int, Path]]) -> list[list[Callable[[], dict[str, Any] | None]]]:
         """Start the optimistic scan of every segment chunk (in worker processes when it pays)."""
@@ -431,7 +517,7 @@ class _WriterVerifier:
 
     def _links(self, parts: list[dict[str, Any] | None], first: int, idx: int) -> bool:
         """Do the optimistic results form one clean run continuing the chain?"""
-        if not parts or self.stash or (idx == 0 and first != 0):
+        if not parts or self.stash or (idx == 0 and first != self.e):
             return False
         e, last = self.e, self.last
         for k, r in enumerate(parts):
@@ -735,6 +821,8 @@ class _WriterVerifier:
                     torn_cp.add(tc["offset"])
             elif ev.get("event") == "segment_sealed" and isinstance(detail.get("segment"), str):
                 sealed[detail["segment"]] = detail
+            if ev.get("event") in _NOTABLE_EVENTS:
+                res.notable_events.append(ev)
             ts = ev.get("timestamp")
             if isinstance(ts, str) and (not res.first_time or ts < res.first_time):
                 res.first_time = ts
@@ -754,7 +842,9 @@ class _WriterVerifier:
         for off, msg in self.bad_cp_lines:
             if off not in torn_cp:
                 self.problem("bad_signature", msg)
+        self._check_checkpoint_events()
         present = {p.name for _, p in list_segments(self.d)}
+        present.update(s for r in self.pruned for s in r.segments)  # removed by retention, not missing
         for name, detail in sorted(sealed.items()):
             first = detail.get("first_seq")
             last = detail.get("last_seq")
@@ -802,6 +892,46 @@ class _WriterVerifier:
             if not res.first_time:
                 res.first_time = format_time_ms(min(self.times))
         res.problems.sort(key=lambda p: p.seq if p.seq is not None else 1 << 62)
+
+
+    def _check_checkpoint_events(self) -> None:
+        """Each ``checkpoint`` event (``[integrity] embed_checkpoints``) must carry a note signed by a
+        trusted key, for this writer, of tree size equal to the event's seq, whose root is the root
+        the log was checked against at that size (the checkpoints file holds the same note)."""
+        for ev in self.events:
+            if ev.get("event") != "checkpoint":
+                continue
+            seq = ev.get("_seq")
+            detail = ev.get("detail")
+            note = detail.get("note") if isinstance(detail, dict) else None
+            if not isinstance(note, str):
+                self.problem("bad_signature", "checkpoint event without a note", seq)
+                continue
+            try:
+                cp = open_checkpoint(note, self.keys)
+            except NoteError as exc:
+                self.problem("bad_signature", f"checkpoint event: {exc}", seq)
+                continue
+            if cp.writer_id != self.wid or cp.size != seq:
+                self.problem(
+                    "checkpoints_inconsistent",
+                    f"checkpoint event at seq {seq} carries a checkpoint of {cp.origin!r} at tree size {cp.size}",
+                    seq,
+                )
+                continue
+            roots = {t.root for t in self.targets.get(cp.size, ()) if not t.source.startswith("manifest")}
+            if not roots:
+                self.problem(
+                    "checkpoints_inconsistent",
+                    f"checkpoint event at seq {seq}: no checkpoint of tree size {cp.size} in the checkpoints file",
+                    seq,
+                )
+            elif cp.root not in roots:
+                self.problem(
+                    "checkpoints_inconsistent",
+                    f"checkpoint event at seq {seq} signs a different root than the checkpoints file at that size",
+                    seq,
+                )
 
 
 def _root(stack: list[bytes]) -> bytes:
