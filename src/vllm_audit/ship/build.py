@@ -27,6 +27,10 @@ def build_projections(config: Config) -> list[Projection]:
     env = sink_env(config)
     for spec in config.sinks.values():
         out.append(build_sink(spec, env))
+    if config.detect.enabled:
+        from vllm_audit.detect.projection import build_detector
+
+        out.append(build_detector(config))
     return out
 
 

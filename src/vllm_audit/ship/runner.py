@@ -240,8 +240,14 @@ class Runner:
             log.debug("cannot write status of %s: %s", status.name, exc)
 
     def render_metrics(self) -> list[str]:
-        """Prometheus lines for every projection this process runs (those on standby included)."""
-        return render_status_metrics(self.statuses.values())
+        """Prometheus lines for every projection this process runs (those on standby included),
+        plus each projection's own (``render_metrics()``, e.g. the detector's alert counts)."""
+        lines = render_status_metrics(self.statuses.values())
+        for p in self.projections:
+            own = getattr(p, "render_metrics", None)
+            if callable(own):
+                lines += own()
+        return lines
 
 
 def render_status_metrics(statuses: Iterable[Status]) -> list[str]:
