@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from vllm_audit.access.config import AccessConfig
 from vllm_audit.archive.config import ArchiveConfig, RetentionConfig
+from vllm_audit.detect.config import DetectConfig
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.privacy.config import PrivacyConfig
@@ -161,6 +162,8 @@ class Config:
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     #: ``[sinks.NAME]`` tables, one per sink: ``type`` plus that type's keys (see below).
     sinks: dict[str, SinkSpec] = dataclasses.field(default_factory=dict)
+    #: ``[detect]``: the detector projection (rules over the record stream, docs/detection.md).
+    detect: DetectConfig = dataclasses.field(default_factory=DetectConfig)
     #: The file this was loaded from, if any. ``[log] dir`` is relative to the working directory;
     #: key and store files named in ``[privacy]`` and ``[access]`` are relative to this file.
     source: str | None = None
