@@ -433,3 +433,68 @@ def test_a_batch_failing_part_way_commits_the_acknowledged_prefix(tmp_path: Path
         failing.apply(log.writer_id, entries, Context(Quarantine(tmp_path / "q.jsonl"), status))
     assert failing.load_cursors()[log.writer_id] == Cursor(log.writer_id, 3, entries[2].leaf_hex)
     assert status.quarantined == 1
+
+
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hello sinks"}], "max_tokens": 4}
+
+#: [ship] for a gateway under test: quick polls and retries, status files often.
+GATEWAY_SHIP = (
+    "[ship]\npoll_interval_s = 0.05\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\nstatus_interval_s = 0.1\n"
+)
+
+
+def chat(base: str, request_ids: list[str]) -> list[int]:
+    """POST one chat completion per request id (20 at a time); the HTTP statuses, in order."""
+    import asyncio
+
+    import aiohttp
+
+    async def run() -> list[int]:
+        sem = asyncio.Semaphore(20)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+
+            async def one(rid: str) -> int:
+                async with sem, s.post(base + "/v1/chat/completions", json=CHAT, headers={"x-request-id": rid}) as r:
+                    await r.read()
+                    return r.status
+
+            return list(await asyncio.gather(*(one(r) for r in request_ids)))
+
+    return asyncio.run(run())
+
+
+def ship_status(log_dir: Path, name: str) -> dict[str, Any]:
+    """The runner's status file in the gateway's default state dir (empty before the first)."""
+    try:
+        data = orjson.loads((log_dir / "ship" / f"{name}.status.json").read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return {}
+    assert isinstance(data, dict)
+    return data
+
+
+def test_the_gateway_keeps_answering_while_the_broker_is_down(tmp_path: Path, broker: Broker) -> None:
+    from tests.helpers import gateway
+
+    cfg = (
+        f'[sinks.k]\ntype = "kafka"\nbootstrap_servers = "{broker.bootstrap}"\ntopic = "{TOPIC}"\n'
+        "create_topic = true\npartitions = 3\ndelivery_timeout_s = 2\n" + GATEWAY_SHIP
+    )
+    assert broker.proc is not None
+    with gateway(tmp_path, config=cfg) as (base, log_dir, _):
+        assert chat(base, [f"up-{i}" for i in range(20)]) == [200] * 20
+        _wait(lambda: ship_status(log_dir, "k").get("delivered", 0) >= 20, "the first records in Kafka")
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            down = [f"down-{i}" for i in range(200)]
+            assert chat(base, down) == [200] * 200  # answered while the sink cannot deliver
+            _wait(lambda: ship_status(log_dir, "k").get("retried", 0) >= 1, "the sink to notice")
+            assert ship_status(log_dir, "k")["state"] == "retrying"
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        _wait(
+            lambda: (st := ship_status(log_dir, "k")).get("state") == "running" and st.get("lag_records") == 0,
+            "the sink to catch up",
+        )
+    ids = [orjson.loads(m.value).get("request_id") for m in _consume(broker)]
+    assert {f"up-{i}" for i in range(20)} | set(down) <= set(ids)

@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
 from tests.sinks.conftest import LiveLog, build_sinks, shipper_argv
-from tests.sinks.test_kafka import Load, _wait
+from tests.sinks.test_kafka import GATEWAY_SHIP, Load, _wait, chat, ship_status
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import ZERO_HASH, leaf_hash
 from vllm_audit.integrity.reader import Cursor, LogReader
@@ -356,6 +356,33 @@ def test_kill_9_of_the_shipper_mid_batch_resumes_from_the_cursor(tmp_path: Path,
     _drain(tmp_path, again)
     assert _check(_messages(server), [log], tmp_path) == 0
     print(f"nats kill -9: {log.next_seq} entries, {again.duplicates} replays dropped by JetStream")
+
+
+def test_the_gateway_keeps_answering_while_the_server_is_down(tmp_path: Path, server: Server) -> None:
+    from tests.helpers import gateway
+
+    cfg = (
+        f'[sinks.n]\ntype = "nats"\nservers = ["{server.url}"]\nstream = "{STREAM}"\nsubject_prefix = "{PREFIX}"\n'
+        "ack_timeout_s = 2\nconnect_timeout_s = 1\n" + GATEWAY_SHIP
+    )
+    with gateway(tmp_path, config=cfg) as (base, log_dir, _):
+        assert chat(base, [f"up-{i}" for i in range(20)]) == [200] * 20
+        _wait(lambda: ship_status(log_dir, "n").get("delivered", 0) >= 20, "the first records in JetStream")
+        server.stop()
+        try:
+            down = [f"down-{i}" for i in range(200)]
+            assert chat(base, down) == [200] * 200  # answered while the sink cannot deliver
+            _wait(lambda: ship_status(log_dir, "n").get("retried", 0) >= 1, "the sink to notice")
+            assert ship_status(log_dir, "n")["state"] == "retrying"
+        finally:
+            server.start()
+        _wait(
+            lambda: (st := ship_status(log_dir, "n")).get("state") == "running" and st.get("lag_records") == 0,
+            "the sink to catch up",
+        )
+    ids = [orjson.loads(m.data).get("request_id") for m in _messages(server)]
+    assert {f"up-{i}" for i in range(20)} | set(down) <= set(ids)
+    assert len(ids) == len({m.id for m in _messages(server)})  # stored once each
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
