@@ -383,11 +383,16 @@ async def test_fail_open_serves_and_counts_dropped_records(tmp_path: Path) -> No
     blocker.write_text("not a directory")
     cfg = config_from_mapping({"log": {"dir": str(blocker), "on_failure": "fail_open"}})
     mw = AuditMiddleware(DemoEngine(), cfg)
+    dropped = re.compile(r"vllm_audit_records_dropped_total\{[^}]*\} (\d+)")
     try:
+        before = (await call(mw, "/audit/metrics")).content.decode()
         got = await call(mw, "/v1/chat/completions", CHAT)
         assert 200 == got.status
         metrics = (await call(mw, "/audit/metrics")).content.decode()
-        assert re.search(r"vllm_audit_records_dropped_total\{[^}]*\} 1\b", metrics), metrics
+        b, a = dropped.search(before), dropped.search(metrics)
+        assert b is not None and a is not None, metrics
+        # The request's record, dropped at the edge (the writer also drops its start-up settings event).
+        assert 1 == mw.metrics.edge_dropped_total and int(a.group(1)) >= int(b.group(1)) + 1, metrics
         assert re.search(r"vllm_audit_log_writable\{[^}]*\} 0\b", metrics)
     finally:
         mw.writer.stop()

@@ -99,8 +99,15 @@ class Runner:
     def _run(self, p: Projection) -> None:
         status = self.statuses[p.name]
         lock = self._lock(p)
-        while not self._stop.is_set() and not lock.try_acquire():
-            status.state = "standby"
+        while not self._stop.is_set():
+            try:
+                if lock.try_acquire():
+                    break
+                status.state = "standby"
+            except OSError as exc:  # the state directory cannot be made (the log dir is unusable)
+                status.state = "retrying"
+                status.last_error = f"cannot take the projection lock: {exc.strerror or exc}"
+                status.last_error_at = time.time()
             self._write_status(status)
             self._stop.wait(max(1.0, self.config.poll_interval_s * 4))
         try:
