@@ -4,7 +4,8 @@ Stand-in: the broker of the ``noida-db`` wheel (installed into its own venv by
 scripts/services.d/kafka.sh; no Java, no Kafka jars). Each test starts its own broker process
 on a free port with a temporary data dir, so it can stop it for the outage test. It speaks the
 Kafka protocol that confluent-kafka (librdkafka) uses, including the idempotent producer's
-InitProducerId and ``acks=all``; it persists its data when stopped with SIGTERM.
+InitProducerId and ``acks=all``. It keeps its data across a SIGTERM restart, except produce
+requests acknowledged while it shuts down (see the restart test); a real broker keeps those.
 """
 
 from __future__ import annotations
