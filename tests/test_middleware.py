@@ -398,13 +398,36 @@ async def test_fail_open_serves_and_counts_dropped_records(tmp_path: Path) -> No
         mw.writer.stop()
 
 
-async def test_strict_durability_releases_the_last_byte_after_fsync(audited: Audited, tmp_path: Path) -> None:
-    """When the client has the full response, its record is already in the segment file."""
-    mw = audited()
-    got = await call(mw, "/v1/chat/completions", CHAT, [(b"x-request-id", b"durable-1")])
-    assert 200 == got.status
-    # no writer.stop(): the record must already be on disk
-    assert ["durable-1"] == [r["request_id"] for r in read_records(tmp_path / "log")]
+@pytest.mark.parametrize("durability", ["strict", "async"])
+async def test_strict_durability_releases_the_last_byte_after_fsync(tmp_path: Path, durability: str) -> None:
+    """Strict: while the writer holds the record, the client does not have the end of the response;
+    once it does, the record is in the segment file. Async durability is the control: the response
+    completes while the record is still held."""
+    from vllm_audit.writer import AuditWriter
+
+    cfg = make_config(tmp_path, log={"durability": durability, "heavy_record_bytes": 0})
+    gate = Gate(cfg)
+    writer = AuditWriter(cfg, redactor=gate)
+    writer.start()
+    mw = AuditMiddleware(DemoEngine(cfg.gateway), cfg, writer=writer)
+    try:
+        task = asyncio.create_task(call(mw, "/v1/chat/completions", CHAT, [(b"x-request-id", b"durable-1")]))
+        assert await asyncio.to_thread(gate.entered.wait, 30)  # the writer is working on the record
+        if durability == "async":  # the control: the response completes while the record is held
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        else:  # strict: it cannot complete while the record is held (a wait that can only fail)
+            done, _ = await asyncio.wait({task}, timeout=0.3)
+            assert not done
+        gate.open.set()
+        got = await task
+        assert 200 == got.status
+        # no writer.stop(): in strict mode the record must already be on disk
+        on_disk = [r["request_id"] for r in read_records(tmp_path / "log")]
+        if durability == "strict":
+            assert ["durable-1"] == on_disk
+    finally:
+        gate.open.set()
+        writer.stop()
 
 
 async def test_writer_records_its_start_as_an_event(audited: Audited, tmp_path: Path) -> None:
@@ -479,8 +502,10 @@ class Gate:
 
         self.inner = load_redactor(cfg)
         self.open = threading.Event()
+        self.entered = threading.Event()
 
     def __call__(self, rec: dict[str, Any]) -> dict[str, Any]:
+        self.entered.set()
         self.open.wait(30)
         return self.inner(rec)
 
