@@ -21,6 +21,8 @@ _AREA_COMMANDS = (
     "vllm_audit.privacy.cli",
     "vllm_audit.access.cli",
     "vllm_audit.ship.cli",
+    "vllm_audit.archive.cli",
+    "vllm_audit.export.cli",
 )
 #: Which area module defines each sub-command, so one command imports only its own area (a
 #: ``verify`` does not load the HTTP, JWT and redaction stacks). A test keeps it complete.
@@ -38,6 +40,11 @@ COMMAND_AREAS = {
     "keys": "vllm_audit.access.cli",
     "index": "vllm_audit.access.cli",
     "ship": "vllm_audit.ship.cli",
+    "prune": "vllm_audit.archive.cli",
+    "hold": "vllm_audit.archive.cli",
+    "archive": "vllm_audit.archive.cli",
+    "export": "vllm_audit.export.cli",
+    "verify-bundle": "vllm_audit.export.cli",
 }
 
 
@@ -89,7 +96,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     schema.set_defaults(func=_schema)
 
     area = COMMAND_AREAS.get(command or "")
-    for name in (area,) if area else _AREA_COMMANDS:
+    if command in ("serve", "schema"):
+        areas: tuple[str, ...] = ()  # defined here: no area needed
+    else:
+        areas = (area,) if area else _AREA_COMMANDS
+    for name in areas:
         importlib.import_module(name).register(sub)
     return parser
 
