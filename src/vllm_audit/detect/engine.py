@@ -112,6 +112,8 @@ class Plan:
     hits: list[int] = dataclasses.field(default_factory=list)
     #: ``{baseline key: (values to append, size kept)}``
     baseline: dict[str, tuple[list[float], int]] = dataclasses.field(default_factory=dict)
+    #: ``{baseline key: (values it was computed over, median, MAD, limit)}`` (a cache)
+    limits: dict[str, tuple[int, float, float, float]] = dataclasses.field(default_factory=dict)
     records: int = 0
 
 
@@ -341,11 +343,17 @@ class Engine:
                 return "", 0.0
             bkey = self._baseline_key(rule, org, rec)
             vals, _size = plan.baseline.setdefault(bkey, ([], rule.baseline_size))
+            # The baseline is the stored one plus this batch's values so far; its threshold is
+            # recomputed only when it grew by an eighth (sorting per record would cost too much).
+            n = len(baselines.get(bkey, ())) + len(vals)
+            cached = plan.limits.get(bkey)
+            if n >= rule.min_samples and (cached is None or n - cached[0] >= max(16, cached[0] // 8)):
+                base = [*baselines.get(bkey, ()), *vals][-rule.baseline_size :]
+                cached = plan.limits[bkey] = (n, *robust_threshold(base, rule.k))
             vals.append(value)
-            base = baselines.get(bkey, ())
-            if len(base) < rule.min_samples or value < rule.min_value:
+            if cached is None or value < rule.min_value:
                 return "", 0.0
-            med, mad, limit = robust_threshold(base, rule.k)
+            _n, med, mad, limit = cached
             if value > limit:
                 return f"{rule.field} {value:g} > median {med:g} + {rule.k:g}*1.4826*MAD {mad:g} = {limit:.0f}", value
             return "", 0.0
