@@ -158,9 +158,69 @@ def bench_otlp_encode(work: Path) -> float:
     return _encode_only(work, {"type": "otlp"}, lambda s, e: s.encode_record(e, 1))  # type: ignore[attr-defined]
 
 
+def bench_file(work: Path) -> float:
+    """The file sink: ECS JSON lines, fdatasync per 1000-entry batch, size rotation at 256 MiB."""
+    return _ship(work, {"type": "file", "directory": str(work / "out"), "batch_max": 1000})
+
+
+def bench_file_stored(work: Path) -> float:
+    """The file sink writing the stored lines as they are (no ECS view)."""
+    return _ship(work, {"type": "file", "directory": str(work / "out"), "format": "stored", "batch_max": 1000})
+
+
+def bench_syslog(work: Path) -> float:
+    """A private rsyslogd (Debian's, scripts/services.d/rsyslog.sh) over TLS writing every message to a file;
+    each 1000-message batch waits for the receiver's TCP acknowledgement."""
+    from tests.sinks.test_syslog import Rsyslog
+
+    rs = Rsyslog(work / "rsyslog")
+    rs.start()
+    try:
+        table = {"type": "syslog", "host": "localhost", "port": rs.tls_port, "ca_file": str(rs.ca), "batch_max": 1000}
+        return _ship(work, table)
+    finally:
+        rs.stop()
+
+
+def bench_webhook(work: Path) -> float:
+    """The test's HTTPS receiver (Python http.server: HMAC check, JSON parse, fsync per batch), 1000-record POSTs."""
+    import os
+
+    from tests.sinks.test_webhook import SECRET, Receiver
+
+    os.environ["BENCH_HOOK_SECRET"] = SECRET
+    rx = Receiver(work / "receiver")
+    rx.start()
+    try:
+        table = {
+            "type": "webhook",
+            "url": rx.url,
+            "secret": {"env": "BENCH_HOOK_SECRET"},
+            "ca_file": str(rx.ca),
+            "batch_max": 1000,
+        }
+        return _ship(work, table)
+    finally:
+        rx.stop()
+
+
+def bench_ecs_encode(work: Path) -> float:
+    """to_ecs + orjson.dumps alone (what the file sink adds over writing stored lines)."""
+    import orjson
+
+    from vllm_audit.sinks.ecs import to_ecs
+
+    return _encode_only(work, {"type": "file", "directory": str(work / "out")}, lambda s, e: orjson.dumps(to_ecs(e)))  # type: ignore[arg-type]
+
+
 BENCHES: dict[str, Callable[[Path], float]] = {
     "elasticsearch": bench_elasticsearch,
     "elasticsearch-encode": bench_elasticsearch_encode,
+    "file": bench_file,
+    "file-stored": bench_file_stored,
+    "ecs-encode": bench_ecs_encode,
+    "syslog": bench_syslog,
+    "webhook": bench_webhook,
     "kafka": bench_kafka,
     "nats": bench_nats,
     "otlp": bench_otlp,

@@ -172,3 +172,52 @@ def make_tls_files(d: Path, name: str = "localhost") -> tuple[Path, Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return ca_path, cert_path, key_path
+
+
+#: ``[ship]`` for a gateway under test: quick polls and retries, status files often.
+FAST_SHIP_TOML = (
+    "[ship]\npoll_interval_s = 0.05\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\nstatus_interval_s = 0.1\n"
+)
+
+
+def post_chats(base: str, request_ids: list[str]) -> list[int]:
+    """POST one chat completion per request id to a gateway (20 at a time); the HTTP statuses."""
+    import asyncio
+
+    import aiohttp
+
+    chat = {"model": "demo-model", "messages": [{"role": "user", "content": "hello sinks"}], "max_tokens": 4}
+
+    async def run() -> list[int]:
+        sem = asyncio.Semaphore(20)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+
+            async def one(rid: str) -> int:
+                async with sem, s.post(base + "/v1/chat/completions", json=chat, headers={"x-request-id": rid}) as r:
+                    await r.read()
+                    return r.status
+
+            return list(await asyncio.gather(*(one(r) for r in request_ids)))
+
+    return asyncio.run(run())
+
+
+def sink_status(log_dir: Path, name: str) -> dict[str, Any]:
+    """A gateway runner's status file for sink ``name`` (default state dir; empty before the first)."""
+    import orjson
+
+    try:
+        data = orjson.loads((log_dir / "ship" / f"{name}.status.json").read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def wait_until(cond: Any, what: str, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -260,3 +260,34 @@ def test_a_second_writer_of_the_same_file_is_refused(tmp_path: Path) -> None:
             two.open()
     finally:
         one.close()
+
+
+def test_the_gateway_keeps_answering_while_the_file_sink_cannot_write(tmp_path: Path) -> None:
+    """The sink's directory cannot be created (a file is in the way), then can."""
+    from tests.helpers import gateway
+    from tests.sinks.conftest import FAST_SHIP_TOML, post_chats, sink_status, wait_until
+
+    blocker = tmp_path / "out"
+    cfg = f'[sinks.f]\ntype = "file"\ndirectory = "{blocker}"\nrecord_types = ["inference"]\n' + FAST_SHIP_TOML
+    with gateway(tmp_path, config=cfg) as (base, log_dir, _):
+        assert post_chats(base, [f"up-{i}" for i in range(20)]) == [200] * 20
+        wait_until(lambda: sink_status(log_dir, "f").get("delivered", 0) >= 20, "the first records written")
+        (blocker / "vllm-audit.ecs.jsonl").rename(tmp_path / "first.jsonl")
+        blocker.rmdir()
+        blocker.write_text("in the way")
+        down = [f"down-{i}" for i in range(200)]
+        assert post_chats(base, down) == [200] * 200  # answered while the sink cannot write
+        wait_until(lambda: sink_status(log_dir, "f").get("state") == "retrying", "the sink to notice")
+        blocker.unlink()
+        wait_until(
+            lambda: (st := sink_status(log_dir, "f")).get("state") == "running" and st.get("lag_records") == 0,
+            "the sink to catch up",
+        )
+    rows = [
+        orjson.loads(x)
+        for p in (tmp_path / "first.jsonl", blocker / "vllm-audit.ecs.jsonl")
+        for x in p.read_bytes().splitlines()
+    ]
+    ids = [r["http"]["request"]["id"] for r in rows]
+    assert {f"up-{i}" for i in range(20)} | set(down) <= set(ids)
+    assert len(ids) == len(set(ids))

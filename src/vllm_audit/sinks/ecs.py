@@ -25,6 +25,7 @@ stored bytes, it adds nothing the log does not hold.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from typing import Any
@@ -82,13 +83,17 @@ _OPERATIONS = (
 _HEADER = ("seq", "prev", "writer_id", "record_type")
 
 
-def _ip(value: Any) -> str | None:
-    if not isinstance(value, str) or not value:
-        return None
+@functools.lru_cache(maxsize=4096)
+def _ip_of(value: str) -> str | None:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         return None
+
+
+def _ip(value: Any) -> str | None:
+    """``value`` as a normalised IP address, or None when it is not one (e.g. a pseudonym)."""
+    return _ip_of(value) if isinstance(value, str) and value else None
 
 
 def operation_name(route: Any) -> str | None:
@@ -101,109 +106,110 @@ def operation_name(route: Any) -> str | None:
     return None
 
 
-def _put(d: dict[str, Any], key: str, value: Any) -> None:
-    if value is not None:
-        d[key] = value
+def _nn(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """A dict of the pairs whose value is not None."""
+    return {k: v for k, v in pairs if v is not None}
+
+
+#: Inference fields always consumed by the mapping (the conditional ones are added per record).
+_INFERENCE_USED = frozenset(
+    (
+        "status", "latency_ms", "user_id", "roles", "org_id", "method", "request_id", "request_bytes",
+        "response_bytes", "model_name", "served_model", "response_id", "finish_reason", "prompt_tokens",
+        "completion_tokens", "error_type", "error_message", "auth_status", "auth_method", "request_id_source",
+    )
+)  # fmt: skip
+_LABELS = ("status", "auth_status", "auth_method", "request_id_source")
 
 
 def _inference(rec: dict[str, Any], out: dict[str, Any], used: set[str]) -> None:
-    status = rec.get("status")
+    get = rec.get
+    status = get("status")
     event = out["event"]
     event["kind"] = "event"
     event["category"] = ["web"]
-    event["type"] = ["access", _STATUS_TYPE.get(status, "info") if isinstance(status, str) else "info"]
-    event["outcome"] = OUTCOME.get(status, "unknown") if isinstance(status, str) else "unknown"
+    if isinstance(status, str):
+        event["type"] = ["access", _STATUS_TYPE.get(status, "info")]
+        event["outcome"] = OUTCOME.get(status, "unknown")
+    else:
+        event["type"] = ["access", "info"]
+        event["outcome"] = "unknown"
     event["action"] = "inference"
-    latency = rec.get("latency_ms")
-    if isinstance(latency, int | float) and not isinstance(latency, bool):
+    latency = get("latency_ms")
+    if latency.__class__ is float or latency.__class__ is int:
         event["duration"] = int(latency * 1_000_000)  # ECS: nanoseconds
-    used.update(("status", "latency_ms"))
+    used.update(_INFERENCE_USED)
 
-    client = _ip(rec.get("client_ip"))
+    client = _ip(get("client_ip"))
     if client is not None:
         out["client"] = {"ip": client}
         used.add("client_ip")
-    peer = _ip(rec.get("peer_ip"))
+    peer = _ip(get("peer_ip"))
     if peer is not None:
         out["source"] = {"ip": peer}
         used.add("peer_ip")
 
-    user: dict[str, Any] = {}
-    _put(user, "id", rec.get("user_id"))
-    if isinstance(rec.get("roles"), list):
-        user["roles"] = rec["roles"]
+    roles = get("roles")
+    user = _nn((("id", get("user_id")), ("roles", roles if isinstance(roles, list) else None)))
     if user:
         out["user"] = user
-    _put(out.setdefault("organization", {}), "id", rec.get("org_id"))
-    if not out["organization"]:
-        del out["organization"]
-    used.update(("user_id", "roles", "org_id"))
+    org = get("org_id")
+    if org is not None:
+        out["organization"] = {"id": org}
 
-    request: dict[str, Any] = {}
-    _put(request, "method", rec.get("method"))
-    _put(request, "id", rec.get("request_id"))
-    _put(request, "bytes", rec.get("request_bytes"))
-    response: dict[str, Any] = {}
-    code = rec.get("http_status")
-    if isinstance(code, int) and code > 0:  # 0: the client left before any response
-        response["status_code"] = code
-        used.add("http_status")
-    _put(response, "bytes", rec.get("response_bytes"))
     http: dict[str, Any] = {}
+    request = _nn((("method", get("method")), ("id", get("request_id")), ("bytes", get("request_bytes"))))
     if request:
         http["request"] = request
+    code = get("http_status")
+    response = _nn((("bytes", get("response_bytes")),))
+    if code.__class__ is int and code > 0:  # 0: the client left before any response
+        response["status_code"] = code
+        used.add("http_status")
     if response:
         http["response"] = response
     if http:
         out["http"] = http
-    used.update(("method", "request_id", "request_bytes", "response_bytes"))
-    if isinstance(rec.get("route"), str):
-        out["url"] = {"path": rec["route"]}
+    route = get("route")
+    if isinstance(route, str):
+        out["url"] = {"path": route}
         used.add("route")
 
     gen_ai: dict[str, Any] = {}
-    op = operation_name(rec.get("route"))
+    op = operation_name(route)
     if op is not None:
         gen_ai["operation"] = {"name": op}
-    req: dict[str, Any] = {}
-    _put(req, "model", rec.get("model_name"))
-    if req:
-        gen_ai["request"] = req
-    resp: dict[str, Any] = {}
-    _put(resp, "model", rec.get("served_model"))
-    _put(resp, "id", rec.get("response_id"))
-    finish = rec.get("finish_reason")
-    if isinstance(finish, str):
-        resp["finish_reasons"] = [finish]
-    elif isinstance(finish, list):
-        resp["finish_reasons"] = finish
+    model = get("model_name")
+    if model is not None:
+        gen_ai["request"] = {"model": model}
+    finish = get("finish_reason")
+    resp = _nn(
+        (
+            ("model", get("served_model")),
+            ("id", get("response_id")),
+            ("finish_reasons", [finish] if isinstance(finish, str) else finish if isinstance(finish, list) else None),
+        )
+    )
     if resp:
         gen_ai["response"] = resp
-    usage: dict[str, Any] = {}
-    _put(usage, "input_tokens", rec.get("prompt_tokens"))
-    _put(usage, "output_tokens", rec.get("completion_tokens"))
+    usage = _nn((("input_tokens", get("prompt_tokens")), ("output_tokens", get("completion_tokens"))))
     if usage:
         gen_ai["usage"] = usage
     if gen_ai:
         out["gen_ai"] = gen_ai
-    used.update(("model_name", "served_model", "response_id", "finish_reason", "prompt_tokens", "completion_tokens"))
 
-    error: dict[str, Any] = {}
-    _put(error, "type", rec.get("error_type"))
-    _put(error, "message", rec.get("error_message"))
+    error = _nn((("type", get("error_type")), ("message", get("error_message"))))
     if error:
         out["error"] = error
-    used.update(("error_type", "error_message"))
 
     labels = out["labels"]
-    for key in ("status", "auth_status", "auth_method", "request_id_source"):
-        value = rec.get(key)
+    for key in _LABELS:
+        value = get(key)
         if isinstance(value, str):
             labels[key] = value
-            used.add(key)
-    parts = [str(rec.get("method", "")), str(rec.get("route", "")), str(rec.get("http_status", "")), str(status)]
-    model = rec.get("model_name")
-    out["message"] = " ".join(p for p in parts if p) + (f" model={model}" if isinstance(model, str) else "")
+    out["message"] = f"{get('method', '')} {route or ''} {code if code is not None else ''} {status}" + (
+        f" model={model}" if isinstance(model, str) else ""
+    )
 
 
 def _actor(rec: dict[str, Any], out: dict[str, Any]) -> None:
