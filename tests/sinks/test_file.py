@@ -141,7 +141,7 @@ def test_replay_of_an_unacknowledged_batch_is_not_written_twice(tmp_path: Path) 
     first = _sink(tmp_path)
     _drain(tmp_path, first)
     log.write(60)
-    entries = LogReader(tmp_path / "log").read(Cursor(log.writer_id, 101), 1000)
+    entries = LogReader(tmp_path / "log").read(Cursor(log.writer_id, 101, ""), 1000)
     assert len(entries) == 60
     first.open()
     first.deliver(log.writer_id, entries)  # ... and the process dies before the cursor commit
@@ -157,7 +157,7 @@ def test_a_torn_last_line_is_cut_and_written_again(tmp_path: Path) -> None:
     log.write(30)
     _drain(tmp_path, _sink(tmp_path))
     log.write(30)
-    entries = LogReader(tmp_path / "log").read(Cursor(log.writer_id, 31), 1000)
+    entries = LogReader(tmp_path / "log").read(Cursor(log.writer_id, 31, ""), 1000)
     path = tmp_path / "out" / "vllm-audit.ecs.jsonl"
     with open(path, "ab") as f:  # a crash in the middle of a batch's write
         whole = b"".join(orjson.dumps(to_ecs(e)) + b"\n" for e in entries[:10])
