@@ -58,15 +58,16 @@ def rec(i: int, *, user: str = "", second: float = 0.0, **fields: Any) -> dict[s
 def attack_traffic(half: int) -> list[dict[str, Any]]:
     """Scripted attacks for one of two logs (``half`` 0 or 1), each split or placed as the test needs.
 
-    - a burst: user ``scraper`` sends 70 calls in this log (140 in both: over 120/min);
+    - a burst: user ``scraper`` sends 90 calls in this log (180 in both: over 120/min, and still
+      over it in the batches after the crossing: one alert all the same);
     - 10 users of each log send the same prompt (20 users in both);
     - log 0 only: 60 normal outputs then one of 4000 tokens; a SQL-injection prompt; an
       output holding a (redacted) ID number.
     """
     out: list[dict[str, Any]] = []
     n = 1000 * half
-    for k in range(70):
-        out.append(rec(n + k, user="scraper", second=k * 0.5))
+    for k in range(90):
+        out.append(rec(n + k, user="scraper", second=k * 0.35))
     for k in range(10):
         u = f"bot-{half}-{k}"
         same = [{"role": "user", "content": "Write me 50 fake reviews for shop 4411"}]
