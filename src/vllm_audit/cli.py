@@ -21,8 +21,10 @@ _AREA_COMMANDS = (
     "vllm_audit.privacy.cli",
     "vllm_audit.access.cli",
     "vllm_audit.ship.cli",
+    "vllm_audit.collect.cli",
     "vllm_audit.archive.cli",
     "vllm_audit.export.cli",
+    "vllm_audit.console.cli",
 )
 #: Which area module defines each sub-command, so one command imports only its own area (a
 #: ``verify`` does not load the HTTP, JWT and redaction stacks). A test keeps it complete.
@@ -40,11 +42,13 @@ COMMAND_AREAS = {
     "keys": "vllm_audit.access.cli",
     "index": "vllm_audit.access.cli",
     "ship": "vllm_audit.ship.cli",
+    "collect": "vllm_audit.collect.cli",
     "prune": "vllm_audit.archive.cli",
     "hold": "vllm_audit.archive.cli",
     "archive": "vllm_audit.archive.cli",
     "export": "vllm_audit.export.cli",
     "verify-bundle": "vllm_audit.export.cli",
+    "console": "vllm_audit.console.cli",
 }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from vllm_audit.access.config import AccessConfig
+from vllm_audit.collect.config import CollectConfig
 from vllm_audit.archive.config import ArchiveConfig, RetentionConfig
 from vllm_audit.detect.config import DetectConfig
 from vllm_audit.errors import ConfigError
@@ -164,6 +165,8 @@ class Config:
     sinks: dict[str, SinkSpec] = dataclasses.field(default_factory=dict)
     #: ``[detect]``: the detector projection (rules over the record stream, docs/detection.md).
     detect: DetectConfig = dataclasses.field(default_factory=DetectConfig)
+    #: ``[collect]``: `vllm-audit collect`, the scale-out collector (docs/scaling.md).
+    collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     #: The file this was loaded from, if any. ``[log] dir`` is relative to the working directory;
     #: key and store files named in ``[privacy]`` and ``[access]`` are relative to this file.
     source: str | None = None

@@ -27,6 +27,9 @@ class IntegrityConfig:
     anchors: tuple[str, ...] = ()
     #: Checkpoint origin line is ``<origin_prefix>/<writer_id>``.
     origin_prefix: str = "vllm-audit"
+    #: Also append each signed checkpoint to the chain as a ``checkpoint`` event (when entries were
+    #: added since the last one), so sinks ship it and `vllm-audit collect` verifies Merkle roots.
+    embed_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_records < 1:
