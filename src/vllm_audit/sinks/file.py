@@ -17,7 +17,8 @@ Rotation (rename, as tail readers expect): before a batch, when the active file 
 e.g. every hour on the hour) of the file's last write has ended, the active file is renamed to
 ``<stem>-<UTC time>.<ext>`` and a new one is started; the oldest rotated files beyond
 ``max_files`` are deleted. Rotation happens only when a batch arrives (an idle sink does not
-rotate).
+rotate). If the active file is moved or deleted by someone else, the next batch starts it again
+(the lines already written stay where they were moved).
 """
 
 from __future__ import annotations
@@ -176,7 +177,18 @@ class FileSink(Sink):
 
     # -- delivery -----------------------------------------------------------------------------
 
+    def _still_ours(self) -> bool:
+        """The active path is still the file we hold open (not moved or deleted by someone else)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._fd)
+        return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
     def deliver(self, writer_id: str, entries: Sequence[Entry]) -> Sequence[tuple[Entry, str]]:
+        if self._fd >= 0 and not self._still_ours():
+            self.close()  # moved away (an outside rotation) or deleted: start the file again
         if self._fd < 0:
             self.open()
         written = self._written
