@@ -141,10 +141,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         for warn in w.warnings[:5]:
             print(f"    note: {warn}")
+        for r in w.pruned:
+            print(
+                f"    pruned: entries {r['start']}..{r['end'] - 1} ({len(r['segments'])} segment(s)) "
+                "removed by retention (recorded by a signed retention.pruned event)"
+            )
         if w.consequential_mismatches:
             print(
                 f"    note: {w.consequential_mismatches} signed root(s) no longer match because of the problems below"
             )
+    for period in report.settings_periods():
+        weak = f"  WEAKER: {'; '.join(period.weaker)}" if period.weaker else ""
+        print(f"  settings from {period.since} (writer {period.writer_id}): sha256 {period.sha256[:16]}{weak}")
     if not report.intact:
         print(f"FIRST PROBLEM: {report.problems[0]}")
         for p in report.problems[1:]:

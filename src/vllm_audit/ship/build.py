@@ -31,6 +31,10 @@ def build_projections(config: Config) -> list[Projection]:
         from vllm_audit.detect.projection import build_detector
 
         out.append(build_detector(config))
+    if config.archive.enabled:
+        from vllm_audit.archive.projection import ArchiveProjection
+
+        out.append(ArchiveProjection(config, env.state_dir))
     return out
 
 
