@@ -25,6 +25,7 @@ _AREA_COMMANDS = (
     "vllm_audit.archive.cli",
     "vllm_audit.export.cli",
     "vllm_audit.console.cli",
+    "vllm_audit.detect.cli",
 )
 #: Which area module defines each sub-command, so one command imports only its own area (a
 #: ``verify`` does not load the HTTP, JWT and redaction stacks). A test keeps it complete.
@@ -49,6 +50,8 @@ COMMAND_AREAS = {
     "export": "vllm_audit.export.cli",
     "verify-bundle": "vllm_audit.export.cli",
     "console": "vllm_audit.console.cli",
+    "alerts": "vllm_audit.detect.cli",
+    "rules": "vllm_audit.detect.cli",
 }
 
 
