@@ -1,0 +1,98 @@
+"""Detector benchmark: records/s with every rule (real Redis), with the classifier, and alert delay.
+
+    .venv/bin/python bench/detect/run.py [N]
+
+Records are written through the real Chain first; the detector (one thread) then reads, parses,
+evaluates and commits per batch of 2000 in Redis. Alert delay: a writer appends 200 benign records
+plus one SQL-injection prompt every 0.1 s while the runner runs; delay = alert durable in the log
+minus the attack's append (checkpoint) time; p50/p99 over the attacks.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.detect.conftest import REDIS_URL, benign_traffic, rec  # noqa: E402
+from tests.sinks.conftest import LiveLog  # noqa: E402
+from vllm_audit.config import load_config  # noqa: E402
+from vllm_audit.detect.projection import build_detector  # noqa: E402
+from vllm_audit.detect.state import RedisState  # noqa: E402
+from vllm_audit.ship.runner import Runner  # noqa: E402
+
+
+def throughput(n: int, classifier: bool) -> float:
+    d = Path(tempfile.mkdtemp())
+    live = LiveLog(d / "log")
+    live.write(0, records=benign_traffic(0, n), batch=2000)
+    live.close()
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    cfg = load_config(None, {"log": {"dir": str(d / "log")}, "detect": {
+        "enabled": True, "redis_url": REDIS_URL, "redis_prefix": prefix, "instance": "bench", "classifier": classifier}})
+    det = build_detector(cfg)
+    runner = Runner(d / "log", d / "ship", [det], load_config(None, {"ship": {"batch_max": 2000}}).ship)
+    t = time.perf_counter()
+    runner.run_until_caught_up(600)
+    dt = time.perf_counter() - t
+    RedisState(REDIS_URL, "x", prefix).reset()
+    return det.records / dt
+
+
+def delay(attacks: int = 30) -> tuple[float, float]:
+    d = Path(tempfile.mkdtemp())
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    cfg = load_config(None, {"log": {"dir": str(d / "log")},
+                             "ship": {"poll_interval_s": 0.05},
+                             "detect": {"enabled": True, "redis_url": REDIS_URL, "redis_prefix": prefix, "instance": "b"}})
+    live = LiveLog(d / "log")
+    det = build_detector(cfg)
+    runner = Runner(d / "log", d / "ship", [det], cfg.ship)
+    runner.start()
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for aid in list(det.emitted_ids):
+                seen.setdefault(aid, time.perf_counter())
+            time.sleep(0.005)
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    before: set[str] = set()
+    for k in range(attacks):
+        recs = benign_traffic(0, 200)
+        attack = rec(k, user=f"attacker-{k}", input_prompt=[{"role": "user", "content": "x' OR '1'='1' --"}])
+        live.write(0, records=[*recs, attack], batch=201)
+        t = time.perf_counter()
+        deadline = t + 10
+        while time.perf_counter() < deadline and len(det.emitted_ids) <= len(before):
+            time.sleep(0.002)
+        new = set(det.emitted_ids) - before
+        before |= new
+        for aid in new:
+            sent[aid] = t
+        time.sleep(0.1)
+    stop.set()
+    runner.stop()
+    live.close()
+    RedisState(REDIS_URL, "x", prefix).reset()
+    ds = sorted(seen[a] - sent[a] for a in sent if a in seen)
+    if not ds:
+        return float("nan"), float("nan")
+    return ds[len(ds) // 2], ds[min(len(ds) - 1, int(len(ds) * 0.99))]
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 40000
+    print(f"rules only:        {throughput(n, False):,.0f} records/s  ({n} records, one thread, real Redis)")
+    print(f"rules+classifier:  {throughput(n // 4, True):,.0f} records/s")
+    p50, p99 = delay()
+    print(f"alert delay under load: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
