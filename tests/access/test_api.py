@@ -294,10 +294,10 @@ async def test_lifespan_is_answered(tmp_path: Path) -> None:
     inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     sent: list[dict[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Any:
         return inbox.pop(0)
 
-    async def send(msg: dict[str, Any]) -> None:
+    async def send(msg: Any) -> None:
         sent.append(msg)
 
     await app({"type": "lifespan"}, receive, send)

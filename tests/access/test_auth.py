@@ -105,12 +105,12 @@ def claims(**over: Any) -> dict[str, Any]:
 
 
 def jwk_of(private: Any, kid: str, alg: str) -> dict[str, Any]:
-    d = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(private.public_key()))
+    d: dict[str, Any] = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(private.public_key()))
     d.update(kid=kid, alg=alg, use="sig")
     return d
 
 
-KEYS = {
+KEYS: dict[str, Any] = {
     "RS256": rsa.generate_private_key(public_exponent=65537, key_size=2048),
     "ES256": ec.generate_private_key(ec.SECP256R1()),
     "EdDSA": ed25519.Ed25519PrivateKey.generate(),
@@ -163,7 +163,7 @@ async def test_jwt_failures_have_reasons(tmp_path: Path) -> None:
         "token lacks the org_id claim": tok(claims(org_id=None)),
         "unknown signing key": tok(claims(), other_rsa, kid="kid-unknown"),
         "malformed token": "eyJhbGciOiJSUzI1NiJ9.garbage.zzz",
-        "token algorithm not allowed": jwt.encode(claims(), None, algorithm="none"),
+        "token algorithm not allowed": jwt.encode(claims(), None, algorithm="none")  # type: ignore[arg-type],
     }
     cases["invalid token signature"] = f"{h}.{tampered_payload}.{s}"
     for reason, token in cases.items():

@@ -11,7 +11,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from tests.access.conftest import TENANTS, sample_entries, write_log  # noqa: E402
+from tests.access.conftest import TENANTS, project, sample_entries, write_log  # noqa: E402
 from vllm_audit.access.api import AuditApi  # noqa: E402
 from vllm_audit.access.apikeys import KeyStore  # noqa: E402
 from vllm_audit.config import load_config  # noqa: E402
@@ -23,6 +23,7 @@ _CONFIG = load_config(
 )
 _KEYS = {u: KeyStore(_TMP / "keys.json").add(u, org, roles)[0] for u, (org, roles) in TENANTS.items()}
 write_log(_TMP / "log", sample_entries())
+project(_CONFIG)
 EVENTS: list[dict[str, Any]] = []
 APP = AuditApi(_CONFIG, EVENTS.append)
 
@@ -51,13 +52,13 @@ ADMIN = _schema("root")
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@AUDITOR.parametrize()
+@AUDITOR.parametrize()  # type: ignore[untyped-decorator]
 @FUZZ
 def test_audit_api_fuzz_as_auditor(case: Any) -> None:
     case.call_and_validate()
 
 
-@ADMIN.parametrize()
+@ADMIN.parametrize()  # type: ignore[untyped-decorator]
 @FUZZ
 def test_audit_api_fuzz_as_admin(case: Any) -> None:
     case.call_and_validate()
