@@ -163,7 +163,7 @@ async def test_jwt_failures_have_reasons(tmp_path: Path) -> None:
         "token lacks the org_id claim": tok(claims(org_id=None)),
         "unknown signing key": tok(claims(), other_rsa, kid="kid-unknown"),
         "malformed token": "eyJhbGciOiJSUzI1NiJ9.garbage.zzz",
-        "token algorithm not allowed": jwt.encode(claims(), None, algorithm="none")  # type: ignore[arg-type],
+        "token algorithm not allowed": jwt.encode(claims(), None, algorithm="none"),  # type: ignore[arg-type]
     }
     cases["invalid token signature"] = f"{h}.{tampered_payload}.{s}"
     for reason, token in cases.items():
