@@ -19,12 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.detect.conftest import REDIS_URL, benign_traffic, rec  # noqa: E402
-from tests.sinks.conftest import LiveLog  # noqa: E402
-from vllm_audit.config import load_config  # noqa: E402
-from vllm_audit.detect.projection import build_detector  # noqa: E402
-from vllm_audit.detect.state import RedisState  # noqa: E402
-from vllm_audit.ship.runner import Runner  # noqa: E402
+from tests.detect.conftest import REDIS_URL, benign_traffic, rec
+from tests.sinks.conftest import LiveLog
+
+from vllm_audit.config import load_config
+from vllm_audit.detect.projection import build_detector
+from vllm_audit.detect.state import RedisState
+from vllm_audit.ship.runner import Runner
 
 
 def throughput(n: int, classifier: bool) -> float:
@@ -33,8 +34,8 @@ def throughput(n: int, classifier: bool) -> float:
     live.write(0, records=benign_traffic(0, n), batch=2000)
     live.close()
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
-    cfg = load_config(None, {"log": {"dir": str(d / "log")}, "detect": {
-        "enabled": True, "redis_url": REDIS_URL, "redis_prefix": prefix, "instance": "bench", "classifier": classifier}})
+    detect = {"enabled": True, "redis_url": REDIS_URL, "redis_prefix": prefix, "instance": "bench"}
+    cfg = load_config(None, {"log": {"dir": str(d / "log")}, "detect": {**detect, "classifier": classifier}})
     det = build_detector(cfg)
     runner = Runner(d / "log", d / "ship", [det], load_config(None, {"ship": {"batch_max": 2000}}).ship)
     t = time.perf_counter()
@@ -49,7 +50,8 @@ def delay(attacks: int = 30) -> tuple[float, float]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     cfg = load_config(None, {"log": {"dir": str(d / "log")},
                              "ship": {"poll_interval_s": 0.05},
-                             "detect": {"enabled": True, "redis_url": REDIS_URL, "redis_prefix": prefix, "instance": "b"}})
+                             "detect": {"enabled": True, "redis_url": REDIS_URL, "redis_prefix": prefix,
+                                        "instance": "b"}})
     live = LiveLog(d / "log")
     det = build_detector(cfg)
     runner = Runner(d / "log", d / "ship", [det], cfg.ship)
