@@ -14,8 +14,6 @@ from typing import Any
 from vllm_audit.config import Config
 from vllm_audit.types import ASGIApp
 
-Listener = Callable[[list[dict[str, Any]]], None]
-
 
 def anonymous() -> Any:
     from vllm_audit.access.identity import Identity
@@ -44,6 +42,14 @@ def build_audit_api(config: Config, submit_event: Callable[..., Any]) -> ASGIApp
     return app
 
 
+def build_console(config: Config, submit_event: Callable[..., Any], audit_api: Any) -> ASGIApp | None:
+    """The auditor's console (``{ops_prefix}/console``), or None when the audit API is off."""
+    from vllm_audit.console import build_console as build
+
+    app: ASGIApp | None = build(config, durable_submitter(submit_event), audit_api)
+    return app
+
+
 def durable_submitter(submit_event: Callable[..., Any]) -> Callable[[dict[str, Any]], Awaitable[None] | None]:
     """Adapt ``AuditWriter.submit_event`` so each call waits for durability.
 
@@ -69,11 +75,3 @@ def build_projections(config: Config) -> list[Any]:
     from vllm_audit import access
 
     return access.build_projections(config)
-
-
-def token_charger(quota: Any) -> Listener | None:
-    """Always None: tokens are charged by the quota projection, never from the writer thread.
-
-    Kept only until the middleware stops asking for a writer listener.
-    """
-    return None
