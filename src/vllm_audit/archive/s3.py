@@ -153,7 +153,7 @@ class ObjectStore:
             if legal_hold and not existing.legal_hold:
                 self.set_legal_hold(existing, True)
             return existing
-        if existing is not None and existing.lock_mode and existing.sha256 != sha:
+        if existing is not None and existing.sha256 != sha:
             raise ArchiveError(
                 f"archive object {key!r} already exists with different content (sha256 {existing.sha256[:16]}...,"
                 f" ours {sha[:16]}...): refusing to add a conflicting version"
