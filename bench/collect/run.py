@@ -28,15 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.collect.conftest import PG_DSN, NatsServer, collect_toml, publish  # noqa: E402
-from tests.sinks.conftest import inference  # noqa: E402
-from vllm_audit.collect.collector import Collector  # noqa: E402
-from vllm_audit.collect.source import Message  # noqa: E402
-from vllm_audit.config import load_config  # noqa: E402
-from vllm_audit.integrity.chain import Chain  # noqa: E402
-from vllm_audit.integrity.config import IntegrityConfig  # noqa: E402
-from vllm_audit.integrity.keys import write_keypair  # noqa: E402
-from vllm_audit.integrity.reader import LogReader  # noqa: E402
+from tests.collect.conftest import PG_DSN, NatsServer, collect_toml, publish
+from tests.sinks.conftest import inference
+
+from vllm_audit.collect.collector import Collector
+from vllm_audit.collect.source import Message
+from vllm_audit.config import load_config
+from vllm_audit.integrity.chain import Chain
+from vllm_audit.integrity.config import IntegrityConfig
+from vllm_audit.integrity.keys import write_keypair
+from vllm_audit.integrity.reader import LogReader
 
 
 class ListSource:

@@ -1,0 +1,5 @@
+"""Fixtures shared with the collector tests."""
+
+from tests.collect.conftest import pg_prefix
+
+__all__ = ["pg_prefix"]
