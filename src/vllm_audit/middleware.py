@@ -111,6 +111,7 @@ class AuditMiddleware:
         self.writer = writer
         self.upstream = upstream
         self.audit_api = hooks.build_audit_api(cfg, writer.submit_event)
+        self.console = hooks.build_console(cfg, writer.submit_event, self.audit_api)
         self.ops_prefix = cfg.edge.ops_prefix.rstrip("/")
         self.ops_at_root = ops_at_root
         self.ops_listener = ops_listener
@@ -609,6 +610,8 @@ class AuditMiddleware:
             else:
                 body = self.metrics.render()
                 await send_bytes(send, 200, body, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        elif (sub == "/console" or sub.startswith("/console/")) and self.console is not None:
+            await self.console(scope, receive, send)
         elif (sub == "/v1" or sub.startswith("/v1/")) and self.audit_api is not None:
             ident = self.anonymous
             if self.auth is not None:
