@@ -1,4 +1,4 @@
-"""The gateway's inner app: a streaming reverse proxy to an OpenAI-compatible server (aiohttp).
+"""The gateway's inner app: a streaming reverse proxy to an OpenAI-compatible server.
 
 Bytes are relayed as they arrive; nothing is parsed here. The audit middleware around this app
 sees every message. Upstream failures become OpenAI-shaped errors: refused or unreachable
@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import aiohttp
-
 from vllm_audit._asgi import lifespan, send_bytes, until_disconnect
 from vllm_audit.capture import TIMEOUT, UPSTREAM_ERROR
 from vllm_audit.config import GatewayConfig
 from vllm_audit.types import Receive, Scope, Send
+from vllm_audit.upstream import ConnectFailed, ReadTimeout, Response, UpstreamError, UpstreamPool
 
 log = logging.getLogger("vllm_audit.proxy")
 
@@ -24,7 +23,7 @@ log = logging.getLogger("vllm_audit.proxy")
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-#: ... plus what the client (aiohttp) sets itself; no compression, so the audit sees plain bytes.
+#: ... plus what the client sets itself; no compression, so the audit sees plain bytes.
 _DROP_REQUEST = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
 #: ... plus what uvicorn sets itself.
 _DROP_RESPONSE = _HOP_BY_HOP | {b"content-length", b"date", b"server"}
@@ -42,28 +41,15 @@ class Proxy:
     def __init__(self, upstream: str, config: GatewayConfig | None = None) -> None:
         self.config = config or GatewayConfig()
         self.base = upstream.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.config.connect_timeout_s, sock_read=self.config.read_timeout_s
+        self.pool = UpstreamPool(
+            self.base,
+            connect_timeout=self.config.connect_timeout_s,
+            read_timeout=self.config.read_timeout_s,
+            max_connections=self.config.max_connections,
         )
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                timeout=self.timeout,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            )
-        return self._session
-
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -82,50 +68,47 @@ class Proxy:
             chunks.append(msg.get("body", b""))
             if not msg.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        headers: list[tuple[str, str]] = [
-            (n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"] if n not in _DROP_REQUEST
-        ]
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        headers = [(n, v) for n, v in scope["headers"] if n not in _DROP_REQUEST]
         client = scope.get("client")
         if client:
-            headers.append(("x-forwarded-for", client[0]))
-        url = self.base + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+            headers.append((b"x-forwarded-for", client[0].encode("latin-1")))
+        target = scope.get("raw_path") or scope["path"].encode()
         qs = scope.get("query_string", b"")
         if qs:
-            url += "?" + qs.decode("latin-1")
+            target += b"?" + qs
         ex = scope.get("vllm_audit.exchange")
 
         # A client that goes away stops the upstream request; the middleware records "cancelled".
-        await until_disconnect(self._forward(scope, send, url, body, headers, ex), receive)
+        await until_disconnect(self._forward(scope, send, target, body, headers, ex), receive)
 
     async def _forward(
-        self, scope: Scope, send: Send, url: str, body: bytes, headers: list[tuple[str, str]], ex: Any
+        self, scope: Scope, send: Send, target: bytes, body: bytes, headers: list[tuple[bytes, bytes]], ex: Any
     ) -> None:
         started = False
+        resp: Response | None = None
         try:
-            async with self.session().request(
-                scope["method"], url, data=body or None, headers=headers, allow_redirects=False
-            ) as resp:
-                out_headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _DROP_RESPONSE]
-                ctype = resp.headers.get("content-type", "")
-                length = resp.content_length
-                if length is not None and length <= _WHOLE_BODY_MAX and "text/event-stream" not in ctype:
-                    data = await resp.read()
-                    out_headers.append((b"content-length", str(len(data)).encode()))
-                    await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-                    started = True
-                    await send({"type": "http.response.body", "body": data, "more_body": False})
-                    return
+            resp = await self.pool.request(scope["method"], target, headers, body)
+            out_headers = [(k, v) for k, v in resp.headers if k not in _DROP_RESPONSE]
+            ctype = resp.header(b"content-type") or b""
+            length = resp.content_length
+            if length is not None and length <= _WHOLE_BODY_MAX and b"text/event-stream" not in ctype:
+                data = await resp.read()
+                out_headers.append((b"content-length", b"%d" % len(data)))
                 await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
                 started = True
-                async for chunk in resp.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                return
+            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            started = True
+            async for chunk in resp.iter_chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ReadTimeout as exc:
             await self._fail(
                 send, ex, started, 504, TIMEOUT, "upstream_timeout", "The upstream did not answer in time.", exc
             )
-        except aiohttp.ClientConnectorError as exc:
+        except ConnectFailed as exc:
             await self._fail(
                 send,
                 ex,
@@ -136,10 +119,13 @@ class Proxy:
                 "The upstream server is unreachable.",
                 exc,
             )
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except (UpstreamError, ConnectionError) as exc:
             await self._fail(
                 send, ex, started, 502, UPSTREAM_ERROR, "upstream_error", "The upstream connection failed.", exc
             )
+        finally:
+            if resp is not None and not resp._done:
+                resp.abort()  # the client went away or the relay failed: this connection is not reusable
 
     async def _fail(
         self, send: Send, ex: Any, started: bool, status: int, outcome: str, code: str, message: str, exc: Exception
