@@ -279,6 +279,9 @@ def _base(ex: Exchange) -> dict[str, Any]:
         "auth_status": getattr(ident, "auth_status", "anonymous"),
         "auth_method": getattr(ident, "auth_method", "none"),
         "key_id": getattr(ident, "key_id", None),
+        # One-way hashes naming the caller's quota counters (from the raw identity, so charging
+        # from the redacted record charges the caller the check counted).
+        "quota_subject": getattr(ident, "quota_subject", None),
         "roles": list(getattr(ident, "roles", ())),
         "method": ex.method,
         "route": ex.route,

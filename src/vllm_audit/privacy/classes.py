@@ -40,6 +40,7 @@ _OPERATIONAL = (
     "response_truncated", "redaction", "input_prompt_enc", "output_response_enc", "error_message_enc",
     "client_ip_enc", "peer_ip_enc", "user_id_enc",
     "upstream",  # the configured upstream URL: server configuration, not request data
+    "quota_subject",  # one-way hashes computed by the server (they link one caller's records, like key_id)
 )  # fmt: skip
 _IDENTIFIER = (
     "request_id", "response_id", "key_id", "roles", "auth_method", "method", "route", "model_name",
