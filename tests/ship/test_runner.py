@@ -74,6 +74,22 @@ def test_catches_up_in_order_and_resumes_from_the_cursor(tmp_path: Path) -> None
     assert again.load_cursors()[wid] == Cursor(wid, total, again.load_cursors()[wid].last_leaf)
 
 
+def test_lag_is_reported_while_the_projection_is_failing(tmp_path: Path) -> None:
+    log, wid, total = _log(tmp_path)
+
+    def down(_entries: Sequence[Entry]) -> None:
+        raise ConnectionError("downstream down")
+
+    sink = ListSink("down", tmp_path / "state", fail=down)
+    runner = Runner(log, tmp_path / "state", [sink], FAST)
+    runner.start()
+    try:
+        _wait(lambda: runner.statuses["down"].state == "retrying" and runner.statuses["down"].retried >= 2)
+        assert runner.statuses["down"].lag_records == total
+    finally:
+        runner.stop()
+
+
 def test_transient_failures_are_retried_and_nothing_is_lost(tmp_path: Path) -> None:
     log, wid, total = _log(tmp_path)
     calls = {"n": 0}

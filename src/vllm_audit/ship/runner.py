@@ -130,6 +130,7 @@ class Runner:
         quarantine = Quarantine(self.state_dir / p.name / "quarantine.jsonl")
         ctx = Context(quarantine, status)
         cursors: dict[str, Cursor] | None = None
+        known: dict[str, Cursor] = {}  # the last committed positions seen (for lag while failing)
         failures = 0
         caught_up_at = time.monotonic()
         next_status = 0.0
@@ -140,6 +141,7 @@ class Runner:
                     p.open()
                     cursors = p.load_cursors()
                     status.state = "running"
+                known = cursors
                 progressed, lag = self._pass(p, reader, cursors, ctx, status)
                 failures = 0
                 if status.state == "retrying":
@@ -158,6 +160,8 @@ class Runner:
                     pass
                 cursors = None  # reload committed cursors after reopening
                 reader = self._reader()
+                status.lag_records = self._lag(reader, known)
+                status.lag_seconds = round(time.monotonic() - caught_up_at, 3)
                 self._write_status(status)
                 delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * (2 ** min(failures - 1, 30)))
                 wait = random.uniform(0, delay) + cfg.backoff_initial_s / 2
@@ -178,6 +182,19 @@ class Runner:
             if not progressed:
                 self._wake.wait(cfg.poll_interval_s)
                 self._wake.clear()
+
+    @staticmethod
+    def _lag(reader: LogReader, cursors: dict[str, Cursor]) -> int:
+        """Durable entries not yet delivered, from the positions last known committed."""
+        lag = 0
+        try:
+            for wid in reader.writer_ids():
+                bound = reader.limit(wid)
+                if bound is not None:
+                    lag += max(0, bound - (cursors[wid].next_seq if wid in cursors else 0))
+        except OSError:
+            return 0
+        return lag
 
     def _pass(
         self, p: Projection, reader: LogReader, cursors: dict[str, Cursor], ctx: Context, status: Status
