@@ -266,7 +266,7 @@ def test_receiver_down_under_load_loses_nothing_and_duplicates_are_counted(
             log.write(20, batch=20)
             time.sleep(0.002)  # pacing the producer, not synchronisation
 
-    sink = _sink(tmp_path, rsyslog, replay_window_s=0.5, batch_max=50)
+    sink = _sink(tmp_path, rsyslog, replay_window_s=0.5, batch_max=50, ack_timeout_s=2)
     runner = Runner(tmp_path / "log", tmp_path / "state", [sink], FAST)
     writer = threading.Thread(target=load)
     writer.start()

@@ -114,7 +114,7 @@ def _nn(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
 #: Inference fields always consumed by the mapping (the conditional ones are added per record).
 _INFERENCE_USED = frozenset(
     (
-        "status", "latency_ms", "user_id", "roles", "org_id", "method", "request_id", "request_bytes",
+        "status", "user_id", "roles", "org_id", "method", "request_id", "request_bytes",
         "response_bytes", "model_name", "served_model", "response_id", "finish_reason", "prompt_tokens",
         "completion_tokens", "error_type", "error_message", "auth_status", "auth_method", "request_id_source",
     )

@@ -187,6 +187,8 @@ class SyslogSink(Sink):
         #: Messages written to a connection that was then closed before their cursor was
         #: committed: the most a reconnect (or a restart) can send twice.
         self.unconfirmed_on_break = 0
+        #: Messages of the batch being written (not yet in ``_pending``).
+        self._inflight = 0
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -219,8 +221,9 @@ class SyslogSink(Sink):
         except OSError:
             pass
         finally:
-            self.unconfirmed_on_break += sum(n for _, _, n in self._pending)
+            self.unconfirmed_on_break += sum(n for _, _, n in self._pending) + self._inflight
             self._pending = []
+            self._inflight = 0
             sock.close()
 
     def _peer_read_everything(self, sock: socket.socket) -> bool:
@@ -328,6 +331,7 @@ class SyslogSink(Sink):
                 continue
             frames.append(b"%d %b" % (len(msg), msg))
         if frames:
+            self._inflight = len(frames)
             sock.sendall(b"".join(frames))
             self._wait_acknowledged(sock)
         return rejected
@@ -344,6 +348,7 @@ class SyslogSink(Sink):
         last = entries[-1]
         now = time.monotonic()
         self._pending.append((now, Cursor(writer_id, last.seq + 1, last.leaf_hex), sent))
+        self._inflight = 0
         window = self.options.replay_window_s
         due = [p for p in self._pending if now - p[0] >= window]
         if due:
