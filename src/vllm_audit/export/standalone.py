@@ -165,8 +165,19 @@ class Checkpoint:
         return self.origin.rsplit("/", 1)[-1]
 
 
+_OPENED: dict[tuple[str, tuple[int, ...]], Checkpoint] = {}
+
+
 def open_note(note: str, keys: list[Key]) -> Checkpoint:
-    """Parse a C2SP checkpoint note; raise ValueError unless a trusted key signed it."""
+    """Parse a C2SP checkpoint note; raise ValueError unless a trusted key signed it (cached per note)."""
+    cache_key = (note, tuple(id(k) for k in keys))
+    got = _OPENED.get(cache_key)
+    if got is None:
+        got = _OPENED[cache_key] = _open_note(note, keys)
+    return got
+
+
+def _open_note(note: str, keys: list[Key]) -> Checkpoint:
     cut = note.rfind("\n\n")
     if cut < 0 or not note.endswith("\n"):
         raise ValueError("malformed note")
