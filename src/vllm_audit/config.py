@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from vllm_audit.access.config import AccessConfig
-from vllm_audit.collect.config import CollectConfig
 from vllm_audit.archive.config import ArchiveConfig, RetentionConfig
+from vllm_audit.collect.config import CollectConfig
 from vllm_audit.detect.config import DetectConfig
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.config import IntegrityConfig
