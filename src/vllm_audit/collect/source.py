@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vllm_audit.collect.config import CollectKafkaConfig, CollectNatsConfig
@@ -194,14 +195,33 @@ class NatsSource:
 class KafkaSource:
     """A consumer-group member on the topic (confluent-kafka); offsets committed after the store.
 
-    Kafka keeps one writer's chain in one partition, in order. The collector commits, per
-    partition, the offset after the last message it has stored (or found stored); a message
-    it must see again (ahead of a hole) makes the partition seek back to it.
+    Kafka keeps one writer's chain in one partition, in order; several writers may share a
+    partition. The source keeps, per assigned partition, the offsets it has handed out and not
+    yet seen acknowledged. The offset it commits is the lowest such offset (or the one after the
+    highest acknowledged when none is outstanding), so a commit never passes a message the
+    collector still has to take — after a crash or a rebalance, the next owner reads again from
+    there, and the store skips what it already holds.
+
+    A message that must be seen again (it arrived ahead of a hole in its writer's chain) is held
+    in this process and handed out again after the delay; the partition is not rewound, so the
+    other messages after it (other writers' entries) are not delivered twice. Held messages of a
+    partition taken away by a rebalance are dropped: its new owner reads them from the committed
+    offset.
     """
 
-    def __init__(self, cfg: CollectKafkaConfig) -> None:
+    def __init__(self, cfg: CollectKafkaConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self._consumer: Any = None
+        self._clock = clock
+        #: Offsets handed out and not yet acknowledged, per (topic, partition).
+        self._pending: dict[tuple[str, int], set[int]] = {}
+        #: One past the highest offset acknowledged (or skipped), per (topic, partition).
+        self._done: dict[tuple[str, int], int] = {}
+        #: Offset last committed, per (topic, partition).
+        self._committed: dict[tuple[str, int], int] = {}
+        #: Messages to hand out again: (due time, message).
+        self._held: list[tuple[float, Message]] = []
+        #: Messages without the sinks' headers (skipped, never stored).
         self.unattributed = 0
 
     def open(self) -> None:
@@ -218,45 +238,110 @@ class KafkaSource:
                 "enable.partition.eof": False,
             }
         )
-        self._consumer.subscribe([self.cfg.topic])
+        self._consumer.subscribe([self.cfg.topic], on_revoke=self._revoked, on_lost=self._revoked)
+
+    def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
+        """A rebalance took ``partitions`` away: commit what is safe, forget the rest."""
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._commit(gone)
+        for k in gone:
+            self._pending.pop(k, None)
+            self._done.pop(k, None)
+            self._committed.pop(k, None)
+        self._held = [(due, m) for due, m in self._held if _tp(m) not in gone]
 
     def fetch(self, max_messages: int, timeout: float) -> list[Message]:
-        msgs = self._consumer.consume(max_messages, timeout)
-        out: list[Message] = []
+        if self._consumer is None:
+            raise RuntimeError("kafka source is not open")
+        now = self._clock()
+        due = [m for t, m in self._held if t <= now]
+        self._held = [(t, m) for t, m in self._held if t > now]
+        if due:
+            timeout = 0.0
+        elif self._held:
+            timeout = max(0.0, min(timeout, min(t for t, _ in self._held) - now))
+        out: list[Message] = due[:max_messages]
+        self._held += [(now, m) for m in due[max_messages:]]
+        room = max_messages - len(out)
+        msgs = self._consumer.consume(room, timeout) if room > 0 else []
+        skipped: set[tuple[str, int]] = set()
         for m in msgs:
             if m.error() is not None:
                 log.warning("collect: kafka: %s", m.error())
                 continue
+            key = (m.topic(), m.partition())
             ident = _identify(dict(m.headers() or []), m.value() or b"")
             if ident is None:
                 self.unattributed += 1
+                self._done[key] = max(self._done.get(key, 0), m.offset() + 1)
+                skipped.add(key)
                 continue
+            self._pending.setdefault(key, set()).add(m.offset())
             out.append(Message(ident[0], ident[1], m.value(), (m.topic(), m.partition(), m.offset())))
+        if skipped:
+            log.warning("collect: %d message(s) without writer_id / seq headers skipped", self.unattributed)
+            self._commit(skipped)
         return out
 
     def ack(self, messages: Sequence[Message]) -> None:
-        from confluent_kafka import TopicPartition
-
-        top: dict[tuple[str, int], int] = {}
+        touched: set[tuple[str, int]] = set()
         for m in messages:
             t, p, o = m.handle
-            top[(t, p)] = max(top.get((t, p), -1), o)
-        if top:
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in top.items()], asynchronous=False
-            )
+            key = (t, p)
+            pend = self._pending.get(key)
+            if pend is None or o not in pend:
+                continue  # a partition revoked meanwhile: its new owner takes it again
+            pend.discard(o)
+            self._done[key] = max(self._done.get(key, 0), o + 1)
+            touched.add(key)
+        self._commit(touched)
+
+    def safe_offset(self, topic: str, partition: int) -> int | None:
+        """The offset a commit may name for this partition now (None: nothing taken yet)."""
+        key = (topic, partition)
+        pend = self._pending.get(key)
+        if pend:
+            return min(pend)
+        return self._done.get(key)
+
+    def _commit(self, keys: set[tuple[str, int]]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offsets = []
+        for t, p in sorted(keys):
+            o = self.safe_offset(t, p)
+            if o is not None and o > self._committed.get((t, p), -1):
+                offsets.append(TopicPartition(t, p, o))
+        if not offsets or self._consumer is None:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # A rebalance in between: the partition's new owner reads again from the last commit.
+            log.warning("collect: kafka offset commit failed: %s", exc)
+            return
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
 
     def retry(self, messages: Sequence[Message], delay: float) -> None:
-        from confluent_kafka import TopicPartition
-
-        low: dict[tuple[str, int], int] = {}
+        due = self._clock() + delay
         for m in messages:
-            t, p, o = m.handle
-            low[(t, p)] = min(low.get((t, p), o), o)
-        for (t, p), o in low.items():
-            self._consumer.seek(TopicPartition(t, p, o))
+            if _tp(m) in self._pending and m.handle[2] in self._pending[_tp(m)]:
+                self._held.append((due, m))
 
     def close(self) -> None:
         if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+            try:
+                self._commit(set(self._pending) | set(self._done))
+            finally:
+                self._consumer.close()
+                self._consumer = None
+        self._pending.clear()
+        self._done.clear()
+        self._committed.clear()
+        self._held.clear()
+
+
+def _tp(m: Message) -> tuple[str, int]:
+    t, p, _ = m.handle
+    return (t, p)
