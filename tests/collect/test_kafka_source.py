@@ -89,7 +89,8 @@ def produce(broker: Broker, topic: str, msgs: list[tuple[str, int, bytes]]) -> N
 
 
 def create_topic(broker: Broker, topic: str, partitions: int) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
     for f in admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)]).values():
