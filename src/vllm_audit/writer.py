@@ -168,8 +168,21 @@ class AuditWriter:
             self._start_runner()
 
     def _start_runner(self) -> None:
-        """Start the projections (query store, quota charging, sinks) on their own threads."""
+        """Start the projections (query store, quota charging, sinks): on threads of this process,
+        or in a supervised child process (``[ship] isolation``)."""
         from vllm_audit.ship.build import build_runner
+        from vllm_audit.ship.child import ShipperProcess, wants_process
+
+        if wants_process(self.config):
+            try:
+                shipper = ShipperProcess(self.config)
+                shipper.start()
+            except Exception as exc:  # the shipper must never stop the gateway
+                log.error("shipper process not started: %s", exc)
+                return
+            self.runner = shipper
+            self.metrics.extra.append(shipper.render_metrics)
+            return
 
         try:
             runner = build_runner(self.config, durable=(self.writer_id, lambda: self.durable_seq))

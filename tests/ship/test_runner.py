@@ -190,3 +190,19 @@ def test_projection_names_must_be_unique(tmp_path: Path) -> None:
         Runner(tmp_path, tmp_path, [Unused("x", tmp_path), Unused("x", tmp_path)])
 
 
+def test_the_durable_hint_lets_other_processes_read_ahead_of_checkpoints(tmp_path: Path) -> None:
+    """``writers/<id>/durable`` (rewritten after each fsync) bounds readers in other processes."""
+    from vllm_audit.integrity.reader import LogReader
+
+    write_keypair(tmp_path / "k", "test/ship")
+    chain = Chain(
+        tmp_path / "log", IntegrityConfig(signing_key=str(tmp_path / "k.key"), checkpoint_every_records=10**6)
+    )
+    chain.append(chain.pending_events() + [{"record_type": "inference", "request_id": f"r{i}"} for i in range(5)])
+    chain.sync()
+    reader = LogReader(tmp_path / "log", limit="durable")
+    assert reader.signed_size(chain.writer_id) == 0
+    assert reader.durable_size(chain.writer_id) == chain.next_seq
+    chain.append([{"record_type": "inference", "request_id": "written-not-synced"}])
+    assert reader.durable_size(chain.writer_id) == chain.next_seq - 1  # only what was fsynced
+    chain.close()

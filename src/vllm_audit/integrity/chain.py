@@ -89,6 +89,7 @@ __all__ = [
 log = logging.getLogger("vllm_audit.integrity")
 
 QUARANTINE_DIR = "quarantine"
+DURABLE_FILE = "durable"
 KEYS_DIR = "keys"
 AUTO_KEY = "signing.key"
 AUTO_PUB = "signing.pub"
@@ -135,6 +136,7 @@ class Chain:
             raise LogWriteError(f"Checkpoint signing key unusable: {exc}") from None
         self._signer = self.key.signer()
         self._lock_fd = -1
+        self._durable_fd = -1
         self.writer_id = ""
         self.dir = self.root
         self.next_seq = 0
@@ -546,6 +548,21 @@ class Chain:
             os.fdatasync(self._fd)
         except OSError as exc:
             raise LogWriteError(f"Cannot fsync segment {str(self._segment_path)!r}: {exc.strerror}.") from None
+        self._publish_durable()
+
+    def _publish_durable(self) -> None:
+        """Tell readers in other processes how many entries are durable now (a hint, not fsynced).
+
+        ``writers/<id>/durable`` holds the entry count as a fixed-width decimal, rewritten in place
+        after every fsync. It only ever names entries already on disk, so a reader may ship up to
+        it without waiting for the next signed checkpoint; a stale or missing hint only adds lag.
+        """
+        try:
+            if self._durable_fd < 0:
+                self._durable_fd = os.open(self.dir / DURABLE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            os.pwrite(self._durable_fd, b"%020d\n" % self.next_seq, 0)
+        except OSError:  # a hint: readers fall back to the signed checkpoints
+            pass
 
     def after_commit(self) -> None:
         """Called after each durable batch: sign a checkpoint and rotate the segment when due."""
@@ -648,7 +665,7 @@ class Chain:
                 if self.tree.size != self._cp_size:  # sign over the embedded checkpoint event too
                     self.checkpoint()
         finally:
-            for attr in ("_fd", "_cp_fd", "_lock_fd"):
+            for attr in ("_fd", "_cp_fd", "_lock_fd", "_durable_fd"):
                 fd = getattr(self, attr)
                 if fd >= 0:
                     try:

@@ -95,12 +95,14 @@ class LogReader:
         self._extra: dict[str, Callable[[], int]] = {}
         if limit == "signed":
             self._limit: Limit = self.signed_size
+        elif limit == "durable":
+            self._limit = self.durable_size
         elif limit == "all":
             self._limit = lambda _wid: None
         elif callable(limit):
             self._limit = limit
         else:
-            raise ValueError(f"limit must be 'signed', 'all' or a callable, not {limit!r}")
+            raise ValueError(f"limit must be 'signed', 'durable', 'all' or a callable, not {limit!r}")
 
     # -- directory ------------------------------------------------------------------------------
 
@@ -133,6 +135,18 @@ class LogReader:
         if extra is not None:
             return extra()
         return self._limit(writer_id)
+
+    def durable_size(self, writer_id: str) -> int:
+        """Entries known durable: the writer's published hint (``writers/<id>/durable``, rewritten
+        after every fsync) or the last signed checkpoint, whichever is further."""
+        signed = self.signed_size(writer_id)
+        try:
+            with open(self.writer_dir(writer_id) / "durable", "rb") as f:
+                raw = f.read(64)
+        except OSError:
+            return signed
+        digits = raw.strip()
+        return max(signed, int(digits)) if digits.isdigit() else signed
 
     def signed_size(self, writer_id: str) -> int:
         """The tree size of the writer's last signed checkpoint (0 when none), signatures unchecked.

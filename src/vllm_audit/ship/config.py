@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Literal
 
 from vllm_audit.errors import ConfigError
 
@@ -13,9 +14,15 @@ from vllm_audit.errors import ConfigError
 class ShipConfig:
     """The projection runner: query store, quota charging and every sink (``[ship]``)."""
 
-    #: Run the projections inside the gateway / middleware process. Off: run `vllm-audit ship`
-    #: beside it (one process per log directory runs each projection; the others stand by).
+    #: Run the projections on behalf of the gateway / middleware process. Off: run
+    #: `vllm-audit ship` beside it (one process per log directory runs each projection; the
+    #: others stand by).
     in_process: bool = True
+    #: Where those projections run: "thread" (threads of the serving process), "process" (a child
+    #: process it starts and restarts, so sinks never take the serving process's CPU or GIL), or
+    #: "auto": a child process when any [sinks.*], [detect] or [archive] is configured, threads
+    #: for the built-in query store and quota charging alone.
+    isolation: Literal["auto", "thread", "process"] = "auto"
     #: Where cursors, quarantine files, status and locks live (empty: ``<log dir>/ship``).
     state_dir: str = ""
     #: Most entries handed to a projection in one batch.
@@ -23,6 +30,10 @@ class ShipConfig:
     #: Seconds between looks at the log when a projection is caught up (out of process, or for
     #: writers of other processes; the writing process wakes its runner on every commit).
     poll_interval_s: float = 0.25
+    #: After delivering a small batch, wait this long before the next one, so that under steady
+    #: traffic projections work in batches (one transaction / request per batch) rather than per
+    #: record. The added delay is at most this.
+    linger_s: float = 0.05
     #: First retry delay after a failed batch; doubles up to ``backoff_max_s``, with full jitter.
     backoff_initial_s: float = 0.2
     #: Longest delay between retries of a failing projection.
@@ -33,6 +44,8 @@ class ShipConfig:
     def __post_init__(self) -> None:
         if self.batch_max < 1:
             raise ValueError("batch_max must be at least 1")
+        if self.linger_s < 0:
+            raise ValueError("linger_s must be 0 or positive")
         for name in ("poll_interval_s", "backoff_initial_s", "backoff_max_s", "status_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")

@@ -88,7 +88,7 @@ class Runner:
     # -- one projection -----------------------------------------------------------------------
 
     def _reader(self) -> LogReader:
-        reader = LogReader(self.log_dir)
+        reader = LogReader(self.log_dir, limit="durable")
         if self.durable is not None:
             reader.set_limit(*self.durable)
         return reader
@@ -142,6 +142,7 @@ class Runner:
                     cursors = p.load_cursors()
                     status.state = "running"
                 known = cursors
+                before = status.delivered
                 progressed, lag = self._pass(p, reader, cursors, ctx, status)
                 failures = 0
                 if status.state == "retrying":
@@ -182,6 +183,8 @@ class Runner:
             if not progressed:
                 self._wake.wait(cfg.poll_interval_s)
                 self._wake.clear()
+            elif cfg.linger_s and status.delivered - before < min(self.config.batch_max, p.batch_max) // 2:
+                self._stop.wait(cfg.linger_s)  # a small batch: let the next one grow
 
     @staticmethod
     def _lag(reader: LogReader, cursors: dict[str, Cursor]) -> int:
