@@ -181,7 +181,9 @@ def nginx_start(tmp: Path, port: int, up_port: int) -> subprocess.Popen[bytes]:
     return p
 
 
-def gateway_start(tmp: Path, port: int, up_port: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def gateway_start(
+    tmp: Path, port: int, up_port: int, extra_env: dict[str, str] | None = None, workers: int = 1, cpu: str = PROXY_CPU
+) -> tuple[subprocess.Popen[bytes], Path]:
     d = tmp / "gateway"
     d.mkdir(parents=True, exist_ok=True)
     log_dir = d / "audit-log"
@@ -190,8 +192,8 @@ def gateway_start(tmp: Path, port: int, up_port: int, extra_env: dict[str, str] 
     env.pop("VLLM_AUDIT_OVERRIDES", None)
     env.update(extra_env or {})
     cmd = [str(BIN / "vllm-audit"), "serve", "--upstream", f"http://127.0.0.1:{up_port}", "--port", str(port),
-           "--log-dir", str(log_dir), "--workers", "1"]  # fmt: skip
-    p = start(cmd, PROXY_CPU, d / "gateway.log", env)
+           "--log-dir", str(log_dir), "--workers", str(workers)]  # fmt: skip
+    p = start(cmd, cpu, d / "gateway.log", env)
     wait_port(port, p, d / "gateway.log")
     return p, log_dir
 
@@ -288,6 +290,7 @@ def http_bench(tmp: Path, seconds: float, with_demo: bool) -> dict[str, Any]:
     try:
         print("HTTP: bare upstream (wrk -> fake upstream, both on CPU 0)", flush=True)
         run_system("bare", up_port, None, None)
+        results["ttft"] = {"bare": ttft(up_port)}
 
         port = free_port()
         ng = nginx_start(tmp, port, up_port)
@@ -304,10 +307,26 @@ def http_bench(tmp: Path, seconds: float, with_demo: bool) -> dict[str, Any]:
         print("HTTP: audited gateway on CPU 1", flush=True)
         try:
             run_system("gateway", port, gw.pid, log_dir)
+            results["ttft"]["gateway"] = ttft(port)
         finally:
             stop(gw)  # SIGTERM: uvicorn shuts down, the writer drains and closes the chain
         results["final_log"] = log_records(log_dir)
         results["gateway_log"] = str(log_dir)
+
+        # Two workers on both CPUs (wrk and the upstream share CPU 0 with one of them: on a
+        # 2-core machine the load generator cannot have a core of its own here).
+        port = free_port()
+        gw2, _ = gateway_start(tmp / "w2", port, up_port, workers=2, cpu="0,1")
+        print("HTTP: audited gateway, 2 workers on CPUs 0-1", flush=True)
+        try:
+            wrk(port, scripts[False], 64, min(1.0, seconds))
+            results["workers2"] = {}
+            for stream in (False, True):
+                r = wrk(port, scripts[stream], 64, seconds)
+                results["workers2"]["stream" if stream else "json"] = r["rps"]
+                print(f"  gateway×2 {'stream' if stream else 'json'}_c64 {r['rps']:9.0f} req/s", flush=True)
+        finally:
+            stop(gw2)
 
         if with_demo:
             port = free_port()
@@ -320,6 +339,41 @@ def http_bench(tmp: Path, seconds: float, with_demo: bool) -> dict[str, Any]:
     finally:
         stop(up)
     return results
+
+
+def ttft(port: int, n: int = 300) -> dict[str, float]:
+    """Time to first token at c=1: from sending a streamed chat request to the first SSE event
+    carrying content (raw socket, keep-alive, the same client for every system)."""
+    body = _upstream.chat_body(True)
+    req = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times: list[float] = []
+    try:
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            sock.sendall(req)
+            buf = b""
+            first = None
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise RuntimeError("connection closed")
+                buf += data
+                if first is None and b'"content":"' in buf and b'"content":""' not in buf.split(b'"content":"', 1)[0][-5:]:
+                    if buf.count(b"data: {") >= 2:  # the role chunk, then the first content chunk
+                        first = time.perf_counter() - t0
+                if buf.endswith(b"0\r\n\r\n") or b"data: [DONE]" in buf and buf.endswith(b"\r\n\r\n"):
+                    break
+            if i >= 20 and first is not None:  # after a warm-up
+                times.append(first * 1000)
+    finally:
+        sock.close()
+    times.sort()
+    return {"p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99) - 1], "n": len(times)}
 
 
 def fsync_probe(tmp: Path, n: int = 300) -> dict[str, float]:
@@ -494,6 +548,22 @@ def main() -> int:
         text = report(http, mw, wr, seconds, fs)
         print()
         print(text)
+        if http and "ttft" in http:
+            b, g = http["ttft"]["bare"], http["ttft"].get("gateway")
+            print("\n### Time to first token (c=1, streamed chat, raw-socket client)\n")
+            print("| system | TTFT p50 ms | TTFT p99 ms |\n|---|---:|---:|")
+            print(f"| bare upstream | {b['p50']:.3f} | {b['p99']:.3f} |")
+            if g:
+                print(f"| gateway | {g['p50']:.3f} | {g['p99']:.3f} |")
+                added = g["p50"] - b["p50"]
+                print(f"\nTTFT added by the gateway (p50): **{added:.3f} ms** (target ≤ 1 ms: {'met' if added <= 1 else 'missed'})")
+        if http and "workers2" in http:
+            one = {k: http["rows"]["gateway"][f"{k}_c64"]["rps"] for k in ("json", "stream")}
+            print("\n### Two workers (CPUs 0-1, sharing CPU 0 with wrk and the upstream)\n")
+            print("| mode | 1 worker req/s | 2 workers req/s | ratio (target ≥ 1.8×) |\n|---|---:|---:|---:|")
+            for k in ("json", "stream"):
+                two = http["workers2"][k]
+                print(f"| {k} c=64 | {one[k]:,.0f} | {two:,.0f} | {two / one[k]:.2f}× |")
         print(f"(total bench time {time.time() - t0:.0f} s; python {sys.version.split()[0]}; "
               f"{os.cpu_count()} CPUs; load avg at end {os.getloadavg()[0]:.2f})")  # fmt: skip
         if args.json:
