@@ -14,6 +14,7 @@ import datetime as dt
 import importlib.resources
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from vllm_audit.console import pages
 from vllm_audit.console.html import Page, layout
 from vllm_audit.console.i18n import pick_lang, t
 from vllm_audit.console.logview import ACK_EVENT, AlertIndex, trusted_keys
+from vllm_audit.console.queries import ensure_indexes
 from vllm_audit.console.session import (
     KEY_FILE,
     LANG_COOKIE,
@@ -104,6 +106,7 @@ class Console:
         self.alerts = AlertIndex(self.log_dir)
         self.keys = trusted_keys(config)
         self._static = {name: _read_static(name) for name in STATIC}
+        self._indexing: threading.Thread | None = None
 
     # -- ASGI ---------------------------------------------------------------------------------
 
@@ -377,8 +380,21 @@ class Console:
     # -- helpers used by the pages --------------------------------------------------------------
 
     async def fresh_store(self) -> None:
-        """The audit API's freshness wait: the store has reached the log's signed end (bounded)."""
+        """The audit API's freshness wait: the store has reached the log's signed end (bounded).
+
+        The first call also starts building the console's sort and usage indexes in a thread of
+        their own (:func:`~vllm_audit.console.queries.ensure_indexes`); pages work meanwhile.
+        """
         await self.api._fresh_store()
+        if self._indexing is None:
+            self._indexing = threading.Thread(target=self._build_indexes, name="vllm-audit-console-index", daemon=True)
+            self._indexing.start()
+
+    def _build_indexes(self) -> None:
+        try:
+            ensure_indexes(self.store)
+        except Exception as exc:  # sorting still works, only slower
+            log.warning("console: could not create its indexes on the query store: %s", exc)
 
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)

@@ -6,6 +6,7 @@ Colours come from CSS classes (``s0``..``s5``) in console.css; each chart has a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from vllm_audit.console.html import esc
@@ -52,8 +53,10 @@ def line_chart(title: str, days: Sequence[str], series: Mapping[str, Sequence[fl
         f'<desc id="{esc(chart_id)}-d">{esc(", ".join(series))}; {esc(days[0] if days else "")}'
         f" – {esc(days[-1] if days else '')}</desc>",
     ]
-    for k in range(5):
-        v = top * k / 4
+    mantissa = top / 10 ** math.floor(math.log10(top))
+    steps = 4 if round(mantissa, 6) == 2 else 5  # ticks on round numbers (top is 1, 2, 2.5 or 5 x 10^k)
+    for k in range(steps + 1):
+        v = top * k / steps
         parts.append(f'<line class="grid" x1="{PAD_L}" x2="{W - PAD_R}" y1="{y(v):.1f}" y2="{y(v):.1f}"/>')
         parts.append(f'<text class="tick" x="{PAD_L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_fmt(v)}</text>')
     step = max(1, n // 8)

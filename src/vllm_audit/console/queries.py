@@ -4,7 +4,8 @@ Every query runs on the store's *reader* connection for the viewer (``Store._rea
 on PostgreSQL that is the row-level-security role with the viewer declared by the store's
 ``act_as`` function, on SQLite the store's tenant clauses (``Store._scope(viewer)``) are added.
 So what a page can show is decided by the store exactly as for the audit API; the console adds
-filters and a sort order, never a tenant rule of its own.
+filters and a sort order (and, on PostgreSQL, the viewer's own scope again as plain predicates,
+for the planner's index choice only — row-level security enforces it regardless).
 
 Paging is by key (no OFFSET): the cursor holds the last row's sort value and its
 ``(ts, writer_id, seq)`` tie-breakers.
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import orjson
 
 from vllm_audit.access.openapi import STATUSES
-from vllm_audit.access.store import BadQuery, Store, Viewer, norm_time
+from vllm_audit.access.store import BadQuery, PostgresStore, Store, Viewer, norm_time
 
 SortKey = Literal["ts", "latency_ms", "total_tokens", "http_status"]
 SORT_KEYS: tuple[SortKey, ...] = ("ts", "latency_ms", "total_tokens", "http_status")
@@ -125,6 +126,14 @@ def _sort_expr(sort: SortKey) -> str:
 
 def _where(store: Store, viewer: Viewer, s: Search, *, paged: bool) -> tuple[list[str], list[Any]]:
     clauses, params = store._scope(viewer)  # SQLite's tenant clauses; [] where RLS enforces them
+    if not clauses and viewer.role != "platform_admin":
+        # The same scope as plain predicates, only so that PostgreSQL's planner can pick the
+        # (org_id, user_id, ts) index: row-level security enforces the scope whatever they say.
+        clauses.append("org_id = %s")
+        params.append(viewer.org_id)
+        if viewer.role == "user":
+            clauses.append("user_id = %s")
+            params.append(viewer.user_id)
     if s.since:
         clauses.append("ts >= %s")
         params.append(s.since)
@@ -216,3 +225,32 @@ def usage(store: Store, viewer: Viewer, group: str, since: str | None, until: st
 
 def keys_of(rows: Sequence[Row]) -> list[str]:
     return [r.record_key for r in rows]
+
+
+def index_statements(store: Store) -> list[str]:
+    """Indexes the console adds to the query store's records table (beside the store's own):
+    one per sort order other than time, and a covering one for the usage aggregates."""
+    r = store.records
+    out = [
+        f"CREATE INDEX IF NOT EXISTS {r}_c_{k} ON {r} ({_sort_expr(k)}, ts, writer_id, seq)"
+        for k in SORT_KEYS
+        if k != "ts"
+    ]
+    if isinstance(store, PostgresStore):
+        out.append(
+            f"CREATE INDEX IF NOT EXISTS {r}_c_usage ON {r} (ts) "
+            "INCLUDE (org_id, user_id, model_name, total_tokens, latency_ms)"
+        )
+    else:
+        out.append(
+            f"CREATE INDEX IF NOT EXISTS {r}_c_usage ON {r} (ts, org_id, user_id, model_name, total_tokens, latency_ms)"
+        )
+    return out
+
+
+def ensure_indexes(store: Store) -> None:
+    """Create the console's indexes (idempotent; minutes on a large existing store, done once)."""
+    store.init()
+    for stmt in index_statements(store):
+        with store._owner() as conn:
+            store._exec(conn, stmt)
