@@ -11,7 +11,6 @@ them is released. Each placement and release is an event in the chain (``hold.pl
 from __future__ import annotations
 
 import dataclasses
-import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from vllm_audit._fs import fsync_dir, write_all
+from vllm_audit._fs import replace_file
 from vllm_audit.config import Config
 from vllm_audit.errors import AuditError
 
@@ -122,16 +121,7 @@ class HoldStore:
         return [h for h in self.load() if h.active]
 
     def _save(self, holds: list[Hold]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            write_all(fd, orjson.dumps({"holds": [h.to_json() for h in holds]}, option=orjson.OPT_INDENT_2))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        replace_file(self.path, orjson.dumps({"holds": [h.to_json() for h in holds]}, option=orjson.OPT_INDENT_2))
 
     def add(
         self,

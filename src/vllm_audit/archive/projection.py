@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from vllm_audit._fs import fsync_dir, write_all
+from vllm_audit._fs import replace_file
 from vllm_audit.archive.holds import Hold, HoldStore, holds_path
 from vllm_audit.archive.s3 import ArchiveError, ObjectStore, StoredObject
 from vllm_audit.config import Config
@@ -112,19 +111,12 @@ class ArchiveIndex:
 
     def add(self, item: ArchivedSegment) -> None:
         self.items.setdefault(item.writer_id, {})[item.segment] = item
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        data = orjson.dumps(
-            {w: {s: v.to_json() for s, v in sorted(segs.items())} for w, segs in sorted(self.items.items())}
+        replace_file(
+            self.path,
+            orjson.dumps(
+                {w: {s: v.to_json() for s, v in sorted(segs.items())} for w, segs in sorted(self.items.items())}
+            ),
         )
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
 
     def all(self) -> list[ArchivedSegment]:
         return [v for segs in self.items.values() for v in segs.values()]

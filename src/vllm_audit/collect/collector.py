@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from vllm_audit._fs import replace_file
 from vllm_audit.access.store import row_from_entry
 from vllm_audit.collect.archive import Archive
 from vllm_audit.collect.source import KafkaSource, Message, NatsSource, Source
@@ -282,10 +283,8 @@ class Collector:
                 self.write_status(status_path)
 
     def write_status(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(orjson.dumps({**self.stats.to_json(), "pid": os.getpid(), "updated_at": time.time()}))
-        os.replace(tmp, path)
+        data = orjson.dumps({**self.stats.to_json(), "pid": os.getpid(), "updated_at": time.time()})
+        replace_file(path, data, durable=False)
 
 
 def _rel(base: Path, p: str) -> Path:
@@ -312,8 +311,13 @@ def report(store: CentralStore) -> list[dict[str, Any]]:
             "gaps": gaps,
             "waiting_for": [st.next_seq, hole.ahead - 1] if hole is not None else None,
             # A writer that did not stop cleanly may have written entries nobody shipped: if it is
-            # gone (its disk lost), these are the entries missing from the central trail.
-            "missing_if_gone": None if st.stopped else {"writer_id": wid, "from_seq": st.next_seq},
+            # gone (its disk lost), these are the entries missing from the central trail. The range
+            # is open-ended ("to_seq": None): how far the writer got is known only to the lost disk
+            # (its checkpoints travel in the chain, behind the entries they sign). What bounds it
+            # is time: the missing entries were written after ``after_time``, the last one received.
+            "missing_if_gone": None
+            if st.stopped
+            else {"writer_id": wid, "from_seq": st.next_seq, "to_seq": None, "after_time": st.last_time},
             "alerts": [dataclasses.asdict(a) for a in alerts.get(wid, [])],
         }
         out.append(row)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import orjson
 
-from vllm_audit._fs import fsync_dir, write_all
+from vllm_audit._fs import replace_file, write_all
 from vllm_audit.integrity.codec import Entry
 from vllm_audit.integrity.reader import Cursor
 
@@ -135,17 +135,7 @@ class CursorFile:
             self.load()
         assert self._cursors is not None
         self._cursors[cursor.writer_id] = cursor
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        data = orjson.dumps({w: c.to_json() for w, c in sorted(self._cursors.items())})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        replace_file(self.path, orjson.dumps({w: c.to_json() for w, c in sorted(self._cursors.items())}))
 
 
 class Quarantine:

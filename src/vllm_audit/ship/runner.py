@@ -16,7 +16,6 @@ over when the holder exits.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from vllm_audit._fs import write_all
+from vllm_audit._fs import replace_file
 from vllm_audit.integrity.reader import ChainBreak, Cursor, LogReader
 from vllm_audit.ship.base import Context, ProcessLock, Projection, Quarantine, Status
 from vllm_audit.ship.config import ShipConfig
@@ -254,15 +253,7 @@ class Runner:
     def _write_status(self, status: Status) -> None:
         try:
             path = self.state_dir / f"{status.name}.status.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            data = orjson.dumps({**status.to_json(), "updated_at": time.time()})
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                write_all(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            replace_file(path, orjson.dumps({**status.to_json(), "updated_at": time.time()}), durable=False)
         except OSError as exc:
             log.debug("cannot write status of %s: %s", status.name, exc)
 
