@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vllm_audit.config import Config
 from vllm_audit.types import ASGIApp
+
+log = logging.getLogger("vllm_audit.console")
+_TEXT = ((b"content-type", b"text/plain; charset=utf-8"),)
 
 
 def anonymous() -> Any:
@@ -43,11 +47,39 @@ def build_audit_api(config: Config, submit_event: Callable[..., Any]) -> ASGIApp
 
 
 def build_console(config: Config, submit_event: Callable[..., Any], audit_api: Any) -> ASGIApp | None:
-    """The auditor's console (``{ops_prefix}/console``), or None when the audit API is off."""
-    from vllm_audit.console import build_console as build
+    """The auditor's console (``{ops_prefix}/console``), or None when the audit API is off.
 
-    app: ASGIApp | None = build(config, durable_submitter(submit_event), audit_api)
-    return app
+    Built on its first request, not here: it needs files under the log directory (its session
+    key), and a log directory that is unusable at start must cost the edge nothing but a 503 from
+    the console (the failure policy covers the records), never a failed start.
+    """
+    if audit_api is None:
+        return None
+    from vllm_audit.errors import AuditError
+
+    state: dict[str, ASGIApp | None] = {}
+
+    async def console(scope: Any, receive: Any, send: Any) -> None:
+        if "app" not in state:
+            from vllm_audit.console import build_console as build
+
+            try:
+                state["app"] = build(config, durable_submitter(submit_event), audit_api)
+            except AuditError as exc:
+                from vllm_audit._asgi import send_bytes
+
+                log.error("console unavailable: %s", exc)
+                await send_bytes(send, 503, b"The console is unavailable: the audit log cannot be used.\n", _TEXT)
+                return
+        app = state["app"]
+        if app is None:
+            from vllm_audit._asgi import send_bytes
+
+            await send_bytes(send, 404, b"Not found.\n", _TEXT)
+            return
+        await app(scope, receive, send)
+
+    return console
 
 
 def durable_submitter(submit_event: Callable[..., Any]) -> Callable[[dict[str, Any]], Awaitable[None] | None]:
