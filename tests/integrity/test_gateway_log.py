@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -73,7 +74,7 @@ def log(gwlog: Path, tmp_path: Path) -> Path:
     return copy_log(gwlog, tmp_path / "log")
 
 
-def run_verify(log: Path, *extra: str) -> tuple[int, dict]:
+def run_verify(log: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     r = cli("verify", str(log), "--public-key", str(log.parent / "k.pub"), "--json", *extra)
     assert r.returncode in (0, 1), r.stderr
     return r.returncode, json.loads(r.stdout)

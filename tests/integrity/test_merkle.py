@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ def test_roots_match_published_vectors() -> None:
 
 
 @pytest.mark.parametrize("case", V["inclusion"], ids=lambda c: f"{c['leaf_index']}-{c['tree_size']}")
-def test_inclusion_vectors(case: dict) -> None:
+def test_inclusion_vectors(case: dict[str, Any]) -> None:
     """Generated inclusion proofs equal the published ones and verify."""
     i, n = case["leaf_index"], case["tree_size"]
     proof = merkle.inclusion_proof(LEAVES, i, n)
@@ -32,7 +33,7 @@ def test_inclusion_vectors(case: dict) -> None:
 
 
 @pytest.mark.parametrize("case", V["consistency"], ids=lambda c: f"{c['old_size']}-{c['new_size']}")
-def test_consistency_vectors(case: dict) -> None:
+def test_consistency_vectors(case: dict[str, Any]) -> None:
     """Generated consistency proofs equal the published ones and verify."""
     a, b = case["old_size"], case["new_size"]
     proof = merkle.consistency_proof(LEAVES, a, b)

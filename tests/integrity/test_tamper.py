@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -55,7 +56,7 @@ def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verify_mod, "_CHUNK_BYTES", 16 * 1024)
 
 
-def verify(log: Path, *extra: str) -> tuple[int, dict]:
+def verify(log: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     """Run the CLI, and check that the parallel chunked scan reports exactly the same problems."""
     r = cli("verify", str(log), "--public-key", str(log.parent / "k.pub"), "--json", *extra)
     assert r.returncode in (0, 1), r.stderr
@@ -66,7 +67,7 @@ def verify(log: Path, *extra: str) -> tuple[int, dict]:
     return r.returncode, rep
 
 
-def kinds(report: dict) -> list[str]:
+def kinds(report: dict[str, Any]) -> list[str]:
     return [p["kind"] for p in report["problems"]]
 
 

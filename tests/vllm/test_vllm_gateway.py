@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
+import vllm_cpu_harness as harness
 from vllmtest_support import (
     MODEL,
     Integrity,
     assert_usage_matches,
     chat_body,
     completion_body,
-    harness,
     normalize_chunk,
     record_for,
     sse_events,
@@ -81,7 +81,7 @@ def _body(kind: str, **kw: Any) -> dict[str, Any]:
 
 # Greedy decoding of a random model is boring ("\n\n\n"); a seeded temperature gives varied text
 # (often with partial UTF-8 sequences) and must be just as deterministic.
-SAMPLING = {
+SAMPLING: dict[str, dict[str, Any]] = {
     "greedy": {"temperature": 0},
     "seeded": {"temperature": 0.9, "seed": 4321, "max_tokens": 24},
 }

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import vllm_cpu_harness as harness
 from vllmtest_support import (
     API_KEY,
     MODEL,
@@ -20,7 +22,6 @@ from vllmtest_support import (
     assert_usage_matches,
     chat_body,
     completion_body,
-    harness,
     record_for,
     record_for_response_id,
     sse_json,
@@ -289,17 +290,21 @@ def test_client_disconnect_mid_stream_is_recorded(mw: MwServer) -> None:
     assert rec["completion_tokens"] is None or rec["completion_tokens"] < 400, rec
 
 
+def _has_request_id(rid: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda rec: rec.get("request_id") == rid
+
+
 def test_record_is_durable_when_response_completes(mw: MwServer) -> None:
     """Strict durability (the default): the record is on disk before the client has the answer."""
     for kind, path, body in (("c", "/v1/completions", completion_body()), ("h", "/v1/chat/completions", chat_body())):
         rid = _rid(f"durable{kind}")
         r = _post(mw, path, body, rid)
         assert r.status_code == 200
-        found = wait_records(mw.log_dir, lambda rec, rid=rid: rec.get("request_id") == rid, timeout=0)
+        found = wait_records(mw.log_dir, _has_request_id(rid), timeout=0)
         assert len(found) == 1, f"record of {rid} not on disk when the response completed"
         r, raw = _stream(mw, path, dict(body, stream=True), rid + "-s")
         assert r.status_code == 200 and raw.endswith(b"data: [DONE]\n\n")
-        found = wait_records(mw.log_dir, lambda rec, rid=rid: rec.get("request_id") == rid + "-s", timeout=0)
+        found = wait_records(mw.log_dir, _has_request_id(rid + "-s"), timeout=0)
         assert len(found) == 1, f"record of stream {rid}-s not on disk when the stream completed"
 
 
