@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vllm_cpu_harness as harness
-from vllmtest_support import Integrity, make_integrity, require_services
+from vllmtest_support import Integrity, harness, make_integrity, require_services
 
 
 def _unavailable(reason: str) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-import vllm_cpu_harness as harness
 from vllmtest_support import (
     MODEL,
     Integrity,
     assert_usage_matches,
     chat_body,
     completion_body,
+    harness,
     normalize_chunk,
     record_for,
     sse_events,

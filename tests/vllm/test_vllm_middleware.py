@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import vllm_cpu_harness as harness
 from vllmtest_support import (
     API_KEY,
     MODEL,
@@ -22,6 +21,7 @@ from vllmtest_support import (
     assert_usage_matches,
     chat_body,
     completion_body,
+    harness,
     record_for,
     record_for_response_id,
     sse_json,

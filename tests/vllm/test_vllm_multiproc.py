@@ -17,8 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-import vllm_cpu_harness as harness
-from vllmtest_support import chat_body, completion_body, log_entries, records, verify_log, write_config
+from vllmtest_support import chat_body, completion_body, harness, log_entries, records, verify_log, write_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

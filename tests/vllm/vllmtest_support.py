@@ -15,7 +15,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "vllm-cpu"))
 
-import vllm_cpu_harness as harness  # noqa: E402
+import vllm_cpu_harness  # noqa: E402
+
+harness = vllm_cpu_harness  # re-exported: the tests import the harness from here (after the path is set)
 
 MODEL = "tiny-llama"
 API_KEY = "sk-itest-key"
