@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from vllm_audit.config import Config
 from vllm_audit.privacy import checksums as cs
 from vllm_audit.privacy import recognizers as rz
+from vllm_audit.privacy import redactor as rd
 from vllm_audit.privacy.recognizers import Finding, find
 from vllm_audit.privacy.redactor import build_redactor, redact_text
 
@@ -173,3 +174,40 @@ def test_no_pii_returns_the_same_object_and_none_fields_stay() -> None:
     assert rec["output_response"] is None and "output_response_enc" not in rec
     assert rec["redaction"] == {"policy": "default", "entities": {}}
     assert re.fullmatch(r"<API_KEY>", redact_text("AKIAABCDEFGHIJKLMNOP"))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("0123456789abcdef")), min_size=32, max_size=32), st.booleans(),
+       st.sampled_from(["", "chatcmpl-", "cmpl-"]))  # fmt: skip
+def test_uuid_id_fast_path_never_hides_a_finding(hexdigits: str, hyphens: bool, prefix: str) -> None:
+    h = hexdigits
+    body = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if hyphens else h
+    value = prefix + body
+    if rd._id_clean(value):
+        assert find(value) == []
+
+
+def test_uuid_shaped_ids_holding_a_number_are_still_scanned() -> None:
+    rid = "41111111-1111-1111-ffff-ffffffffffff"  # a Luhn-valid card in the first three groups
+    assert not rd._id_clean(rid) and find(rid)
+    assert rd._id_clean("126a1e48-cc11-d357-c30d-8b7628dbd25e")
+    assert rd._id_clean("chatcmpl-126a1e48-cc11-d357-c30d-8b7628dbd25e")
+    assert not rd._id_clean("sk-126a1e48-cc11-d357-c30d-8b7628dbd25e")  # not the id shape: full scan
+    assert find("sk-126a1e48-cc11-d357-c30d-8b7628dbd25e")
+    rec = build_redactor(Config())({"org_id": "x", "request_id": "13812345678-cc11-d357-c30d-8b7628dbd25e",
+                                    "request_id_source": "client", "response_id": f"chatcmpl-{rid}"})  # fmt: skip
+    assert "13812345678" not in rec["request_id"] and "4111" not in rec["response_id"][9:13]
+    assert rec["redaction"]["entities"] == {"CN_PHONE": 1, "CREDIT_CARD": 1}
+
+
+def test_record_plans_follow_each_shape_and_policy() -> None:
+    redact = build_redactor(Config())
+    first = redact({"org_id": "x", "route": "/v1/chat", "notes": "call 13812345678"})
+    assert first["notes"] == "call <CN_PHONE>"
+    # Same field names in another order, a new field, and a field the class table does not name.
+    second = redact({"notes": "mail bob@example.com", "org_id": "x", "route": "13912345678", "extra": "10.1.2.3"})
+    assert second["notes"] == "mail <EMAIL>" and second["route"] == "<CN_PHONE>"
+    assert second["extra"] == "<IP_ADDRESS>"
+    # An operational field is never scanned; the tenant field neither (it selects the policy).
+    third = redact({"org_id": "13812345678", "record_id": "13812345678", "notes": "13812345678"})
+    assert third["org_id"] == third["record_id"] == "13812345678" and third["notes"] == "<CN_PHONE>"

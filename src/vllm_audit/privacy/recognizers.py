@@ -110,6 +110,13 @@ def _glued(t: str, a: int) -> bool:
 _HINTS = tuple(hint for _, hint, _, _ in _SECRETS)
 _GATES = tuple(g for g, _, _, _ in _SECRETS)
 _hits = gate.make_hits(_HINTS, _GATES)
+#: (gate bit, pattern, kind) per secret pattern, and the union of their bits: a text without a
+#: secret hint skips the loop with one ``&``.
+_SECRET_SCANS = tuple((gate.secret_bit(i), pattern, kind, "s" in pattern.groupindex)
+                      for i, (_, _, pattern, kind) in enumerate(_SECRETS))  # fmt: skip
+_SECRET_MASK = sum(bit for bit, _, _, _ in _SECRET_SCANS)
+#: Texts up to this long are scanned by _SCAN in one pass (cheaper than finding seeds and runs).
+_SHORT_SCAN = 320
 
 
 def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
@@ -132,7 +139,7 @@ def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
     if not bits & ~gate.NORM:
         return found
     want = _ALL if entities is None else frozenset(entities)
-    if bits & gate.NUM and not want.isdisjoint(_SCAN_TYPES):
+    if bits & gate.NUM and (entities is None or not want.isdisjoint(_SCAN_TYPES)):
         _scan_numbers(t, found)
         if found:
             found[:] = [f for f in found if _context_ok(t, f)]
@@ -145,16 +152,17 @@ def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
             _email(t, m, found)
     if bits & gate.IPV6 and "IP_ADDRESS" in want:
         _scan_ipv6(t, found)
-    for i, (_gate, _hint, pattern, kind) in enumerate(_SECRETS):
-        if not bits & gate.secret_bit(i) or kind not in want:
-            continue
-        # Every pattern starts with its hint, so searching for the pattern visits the same matches.
-        sm = pattern.search(t)
-        while sm is not None:
-            if kind != "JWT" or jwt_header_ok(sm.group()):
-                sa, sb = sm.span("s") if "s" in pattern.groupindex else sm.span()
-                found.append((sa, sb, kind, t[sa:sb]))
-            sm = pattern.search(t, sm.end())
+    if bits & _SECRET_MASK:
+        for bit, pattern, kind, group in _SECRET_SCANS:
+            if not bits & bit or kind not in want:
+                continue
+            # Every pattern starts with its hint, so searching for the pattern visits the same matches.
+            sm = pattern.search(t)
+            while sm is not None:
+                if kind != "JWT" or jwt_header_ok(sm.group()):
+                    sa, sb = sm.span("s") if group else sm.span()
+                    found.append((sa, sb, kind, t[sa:sb]))
+                sm = pattern.search(t, sm.end())
     if entities is not None:
         found = [f for f in found if f[2] in want]
     if len(found) > 1:
@@ -189,6 +197,9 @@ def _context_ok(t: str, f: Finding) -> bool:
 
 def _scan_numbers(t: str, found: list[Finding]) -> None:
     """What ``_SCAN.finditer(t)`` over the whole text finds, visiting only runs that hold a seed."""
+    if len(t) <= _SHORT_SCAN:  # short text: one pass costs less than looking for seeds and runs
+        _scan_range(t, 0, len(t), found)
+        return
     hi = 0
     runs = 0
     seed = _SEED.search(t)
@@ -201,30 +212,35 @@ def _scan_numbers(t: str, found: list[Finding]) -> None:
             lo -= 1
         runs += 1
         hi = _span_end(_RUN, t, seed.end()) if runs <= _MAX_RUNS else len(t)
-        for m in _SCAN.finditer(t, lo, hi + 2):
-            a = m.start()
-            if a >= hi:
-                break
-            kind = m.lastgroup
-            if kind == "NUM":
-                if _glued(t, a) and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
-                    continue
-                raw = m.group()
-                if "." in raw:
-                    quad = _DOTTED_QUAD.fullmatch(raw)
-                    if quad is not None:  # "(10.1.2.3": an address after a parenthesis
-                        _ipv4(t, a + quad.start(1), a + quad.end(1), found)
-                        continue
-                _classify_run(raw, a, found)
-            elif _glued(t, a):
-                continue
-            elif kind == "IP":
-                _ipv4(t, m.start(), m.end(), found)
-            else:
-                _classify_alnum(m.group(), a, found)
+        _scan_range(t, lo, hi, found)
         if runs > _MAX_RUNS:
             break
         seed = _SEED.search(t, hi)
+
+
+def _scan_range(t: str, lo: int, hi: int, found: list[Finding]) -> None:
+    """The findings of the _SCAN matches that start in ``[lo, hi)`` (it looks two characters beyond)."""
+    for m in _SCAN.finditer(t, lo, hi + 2):
+        a = m.start()
+        if a >= hi:
+            break
+        kind = m.lastgroup
+        if kind == "NUM":
+            if a and t[a - 1] in _ASCII_LETTERS and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
+                continue
+            raw = m.group()
+            if "." in raw:
+                quad = _DOTTED_QUAD.fullmatch(raw)
+                if quad is not None:  # "(10.1.2.3": an address after a parenthesis
+                    _ipv4(t, a + quad.start(1), a + quad.end(1), found)
+                    continue
+            _classify_run(raw, a, found)
+        elif a and t[a - 1] in _ASCII_LETTERS:
+            continue
+        elif kind == "IP":
+            _ipv4(t, a, m.end(), found)
+        else:
+            _classify_alnum(m.group(), a, found)
 
 
 def _scan_ipv6(t: str, found: list[Finding]) -> None:

@@ -55,12 +55,33 @@ _TAG_RULE = FieldRule("redact", True, dict.fromkeys(ENTITY_TYPES, "tag"))
 _CLEAN_SHORT: set[str] = set()
 _CLEAN_SHORT_LEN = 64
 _CLEAN_SHORT_MAX = 4096
+#: Record shapes (policy name + field names) whose plan is cached.
+_PLAN_MAX = 256
+
+
+#: A request/response id as servers and SDKs generate them: a lower-case UUID (with or without
+#: hyphens), optionally after ``chatcmpl-`` or ``cmpl-``. Lower-case hex holds no secret prefix,
+#: no "@", no colon and no capital, so only a number can hide in it: a run of at least 7 digits
+#: (hyphens between them allowed), which every number recognizer needs (``_id_clean``).
+_UUID_ID = re.compile(
+    r"(?:chatcmpl-|cmpl-)?(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32})"
+)
+_DIGIT_OR_NOT = bytes(0x64 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))  # digit -> "d", other -> "."
+
+
+def _id_clean(s: str) -> bool:
+    """Whether ``s`` is a UUID-shaped id (``_UUID_ID``) with no run of 7 digits: no entity can be in it."""
+    if not 32 <= len(s) <= 45 or _UUID_ID.fullmatch(s) is None:
+        return False
+    return b"ddddddd" not in s.encode().translate(_DIGIT_OR_NOT, b"-")  # hyphens dropped: runs join
 
 
 def _clean_short(s: str) -> bool:
     """Whether a string of at most 64 characters holds no entity (and no lone surrogate)."""
     if s in _CLEAN_SHORT:
         return True
+    if _id_clean(s):
+        return True  # unique per request: not worth a cache entry
     if find(s) or _has_surrogate(s):
         return False
     if len(_CLEAN_SHORT) < _CLEAN_SHORT_MAX:
@@ -265,6 +286,7 @@ class Redactor:
         self.default, self.tenants = resolve_all(cfg)
         self.keys = keys
         self.max_chars = cfg.max_text_chars
+        self._plans: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def policy_for(self, org_id: str) -> Policy:
         """The policy of a tenant (the default one when the tenant has none)."""
@@ -281,18 +303,21 @@ class Redactor:
         user = record.get("user_id")
         errors: list[str] = []
         fields = policy.fields
+        identifiers = policy.identifiers
         generated_id = record.get("request_id_source") == "generated"
-        for field, value in list(record.items()):
+        for field in self._plan(policy, record):
+            value = record[field]
             if value is None or isinstance(value, bool | int | float):
                 continue  # None and numbers: every mode leaves them alone; they carry no text
-            cls = field_class(field)
-            if cls == "operational" or cls == "tenant" or (field == "request_id" and generated_id):
-                continue
             try:
                 if field in _POLICY_FIELDS:
                     self._apply(record, field, fields[field], ctx, user)
+                elif isinstance(value, str) and value in _CLEAN_SHORT:
+                    continue  # a short identifier already seen to be clean ("POST", "stop", a model name)
+                elif field == "request_id" and generated_id:
+                    continue
                 else:  # identifiers, and any field the class table does not name
-                    record[field] = self._redact(value, policy.identifiers, ctx)
+                    record[field] = self._redact(value, identifiers, ctx)
             except Exception as exc:  # never let raw text through, never fail the writer
                 record[field] = UNREDACTABLE
                 record.pop(f"{field}_enc", None)
@@ -304,6 +329,25 @@ class Redactor:
             info["errors"] = errors
         record["redaction"] = info
         return record
+
+    def _plan(self, policy: Policy, record: dict[str, Any]) -> tuple[str, ...]:
+        """The fields of a record of this shape that need work (cached per policy and key tuple).
+
+        Operational and tenant fields, and policy fields whose mode is ``keep``, are left out; the
+        cache holds at most ``_PLAN_MAX`` shapes (records of one writer have a handful).
+        """
+        shape = (policy.name, *record)
+        plan = self._plans.get(shape)
+        if plan is None:
+            plan = tuple(
+                f for f in record
+                if field_class(f) not in ("operational", "tenant")
+                and not (f in _POLICY_FIELDS and policy.fields[f].mode == "keep")
+            )  # fmt: skip
+            if len(self._plans) >= _PLAN_MAX:
+                self._plans.clear()
+            self._plans[shape] = plan
+        return plan
 
     def _apply(self, record: dict[str, Any], field: str, rule: FieldRule, ctx: _Context, user: Any) -> None:
         value = record[field]
