@@ -262,8 +262,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         drop_pg(prefix, role)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
+    """One Chromium for the console tests. Package-scoped, not session-scoped: Playwright's sync API
+    keeps an event loop marked running in this thread while it lives, which would break every
+    later test that calls ``asyncio.run``."""
     need_service(Path(CHROMIUM).is_file(), f"Chromium at {CHROMIUM} (scripts/services.d/chromium.sh)")
     try:
         from playwright.sync_api import sync_playwright
