@@ -46,18 +46,30 @@ def gateway_toml(key: Path, servers: list[str]) -> str:
 
 
 class Replica:
-    def __init__(self, root: Path, n: int, config: Path) -> None:
+    """One `vllm-audit serve` process; ``wrap`` prefixes the command (``ip netns exec NS``)."""
+
+    def __init__(
+        self, root: Path, n: int, config: Path, *, host: str = "127.0.0.1", wrap: tuple[str, ...] = ()
+    ) -> None:
         self.root, self.n, self.config = root, n, config
+        self.host, self.wrap = host, wrap
         self.port = free_port()
         self.log_dir = root / f"replica{n}"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
     def start(self) -> None:
         cmd = [
+            *self.wrap,
             sys.executable,
             "-m",
             "vllm_audit.cli",
             "serve",
+            "--host",
+            self.host,
             "--port",
             str(self.port),
             "--log-dir",
@@ -68,7 +80,7 @@ class Replica:
         logf = open(self.root / f"replica{self.n}.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
-        wait_http(f"http://127.0.0.1:{self.port}/healthz", 30, self.proc)
+        wait_http(f"{self.base}/healthz", 30, self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -27,14 +27,16 @@ NATS_BINARY = shutil.which("nats-server") or "/usr/sbin/nats-server"
 class NatsServer:
     """One nats-server with JetStream (optionally one node of a cluster) on its own ports and store."""
 
-    def __init__(self, root: Path, name: str = "n1", cluster: list[int] | None = None, cport: int = 0) -> None:
+    def __init__(
+        self, root: Path, name: str = "n1", cluster: list[int] | None = None, cport: int = 0, host: str = "127.0.0.1"
+    ) -> None:
         self.root = root
         self.name = name
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.conf = root / f"{name}.conf"
         store = root / f"js-{name}"
-        text = f'server_name: {name}\nport: {self.port}\nhost: "127.0.0.1"\njetstream {{ store_dir: "{store}" }}\n'
+        text = f'server_name: {name}\nport: {self.port}\nhost: "{host}"\njetstream {{ store_dir: "{store}" }}\n'
         if cluster is not None:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in cluster if p != cport)
             text += f'cluster {{ name: vat\n  host: "127.0.0.1"\n  port: {cport}\n  routes: [{routes}] }}\n'

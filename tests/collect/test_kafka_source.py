@@ -116,9 +116,7 @@ def test_kafka_source_stores_every_record_once_and_the_archive_verifies(
     c = kafka_collector(tmp_path, pg_prefix, broker, "audit", pub)
     try:
         c.open()
-        wait_until(
-            lambda: (c.step(0.3), all(next_seq(c, w) == n for w, n in totals.items()))[1], "both chains", 90, 0
-        )
+        wait_until(lambda: (c.step(0.3), all(next_seq(c, w) == n for w, n in totals.items()))[1], "both chains", 90, 0)
         rows = pg_rows(pg_prefix, "SELECT count(*), count(DISTINCT (writer_id, seq)) FROM {p}_records")
         print(f"kafka source: entries {sum(totals.values())}, rows {rows[0]}, duplicates {c.stats.duplicates}")
         assert [(300, 300)] == rows

@@ -76,5 +76,9 @@ def _report(config: Any, as_json: bool) -> int:
             a, b = r["waiting_for"]
             print(f"  waiting for entries {a}..{b} (later ones arrived)")
         if r["missing_if_gone"]:
-            print(f"  if this writer is gone: ({r['writer_id']}, {r['stored_through'] + 1}..) is missing centrally")
+            m = r["missing_if_gone"]
+            print(
+                f"  if this writer is gone: ({m['writer_id']}, {m['from_seq']}..) is missing centrally "
+                f"(from seq {m['from_seq']} on, end unknown: entries written after {m['after_time'] or '-'})"
+            )
     return 0

@@ -1,0 +1,285 @@
+"""Failure tests of the scale-out path: a replica partitioned from the backbone, and a replica
+whose disk is gone.
+
+Each test builds its own network namespace with two veth pairs (root is needed): a *client* link
+(the test's calls reach the replica over it) and a *backbone* link (the replica's ``nats`` sink
+reaches the JetStream server over it). The partition takes the backbone link down on the host
+side, so the replica still answers while its sink's packets go nowhere (a black hole, not a
+refused connection). Everything is removed in a finalizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from unittest.mock import ANY
+
+import orjson
+import pytest
+
+from tests.cluster.test_cluster import Replica, load
+from tests.collect.conftest import NATS_BINARY, NatsServer, collect_toml, pg_rows, wait_until
+from tests.conftest import need_service
+from vllm_audit.integrity.keys import write_keypair
+from vllm_audit.integrity.reader import LogReader
+
+STREAM = "VAC_FAIL"
+SUBJ = "vacfail"
+IP = shutil.which("ip") or "/usr/sbin/ip"
+
+
+def ip(*args: str) -> None:
+    subprocess.run([IP, *args], check=True, capture_output=True, timeout=10)
+
+
+@dataclass
+class Netns:
+    """A namespace ``name`` with a client link (host ``client_host`` ↔ ns ``client_ns``) and a
+    backbone link (host ``bb_host`` ↔ ns ``bb_ns``)."""
+
+    name: str
+    client_if: str
+    bb_if: str
+    client_host: str
+    client_ns: str
+    bb_host: str
+    bb_ns: str
+
+    def partition(self) -> None:
+        ip("link", "set", self.bb_if, "down")
+
+    def heal(self) -> None:
+        ip("link", "set", self.bb_if, "up")
+
+    @property
+    def wrap(self) -> tuple[str, ...]:
+        return (IP, "netns", "exec", self.name)
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    need_service(os.geteuid() == 0 and os.access(IP, os.X_OK), "root and iproute2 (network namespaces)")
+    tag = secrets.token_hex(3)
+    a, b = 200 + secrets.randbelow(50), secrets.randbelow(60) * 4
+    ns = Netns(f"vat{tag}", f"vc{tag}h", f"vb{tag}h", f"10.{a}.{b}.1", f"10.{a}.{b}.2", f"10.{a}.{b + 1}.1", "")
+    ns.bb_ns = f"10.{a}.{b + 1}.2"
+    made: list[str] = []
+    try:
+        ip("netns", "add", ns.name)
+        made.append("ns")
+        for host_if, ns_if, host_ip, ns_ip in (
+            (ns.client_if, f"vc{tag}n", ns.client_host, ns.client_ns),
+            (ns.bb_if, f"vb{tag}n", ns.bb_host, ns.bb_ns),
+        ):
+            ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+            made.append(host_if)
+            ip("link", "set", ns_if, "netns", ns.name)
+            ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+            ip("link", "set", host_if, "up")
+            ip("netns", "exec", ns.name, IP, "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+            ip("netns", "exec", ns.name, IP, "link", "set", ns_if, "up")
+        ip("netns", "exec", ns.name, IP, "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, OSError) as exc:
+        _teardown(ns, made)
+        err = exc.stderr.decode(errors="replace") if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        need_service(False, f"network namespaces with veth pairs ({err.strip()})")
+    try:
+        yield ns
+    finally:
+        _teardown(ns, made)
+
+
+def _teardown(ns: Netns, made: list[str]) -> None:
+    for what in reversed(made):
+        args = ("netns", "del", ns.name) if what == "ns" else ("link", "del", what)
+        subprocess.run([IP, *args], capture_output=True, timeout=10)
+
+
+@dataclass
+class Setup:
+    root: Path
+    nats: NatsServer
+    replica: Replica
+    collector: subprocess.Popen[bytes]
+    config: Path
+
+
+@pytest.fixture
+def setup(tmp_path: Path, netns: Netns, pg_prefix: str) -> Iterator[Setup]:
+    """JetStream on the host (127.0.0.1 for the collector, the backbone address for the replica),
+    one gateway replica inside the namespace, the collector on the host."""
+    need_service(os.access(NATS_BINARY, os.X_OK), f"nats-server binary ({NATS_BINARY})")
+    root = tmp_path
+    write_keypair(root / "k", "test/failures")
+    nats = NatsServer(root, "n1", host="0.0.0.0")
+    nats.start()
+    gw = root / "gateway.toml"
+    gw.write_text(
+        f'[integrity]\nsigning_key = "{root / "k.key"}"\nembed_checkpoints = true\ncheckpoint_every_seconds = 0.5\n'
+        "heartbeat_seconds = 0.5\ncheckpoint_every_records = 100\n"
+        "[ship]\nbackoff_initial_s = 0.1\nbackoff_max_s = 1\n"
+        f'[sinks.backbone]\ntype = "nats"\nservers = ["nats://{netns.bb_host}:{nats.port}"]\nstream = "{STREAM}"\n'
+        f'subject_prefix = "{SUBJ}"\nack_timeout_s = 2\nconnect_timeout_s = 2\n'
+    )
+    replica = Replica(root, 0, gw, host=netns.client_ns, wrap=netns.wrap)
+    ccfg = root / "collect.toml"
+    ccfg.write_text(
+        collect_toml(
+            pg_prefix,
+            [nats.url],
+            stream=STREAM,
+            subject_prefix=SUBJ,
+            keys=[root / "k.pub"],
+            log_dir=root / "collector-log",
+            archive=root / "archive",
+        )
+    )
+    collector: subprocess.Popen[bytes] | None = None
+    try:
+        replica.start()
+        clog = open(root / "collector.log", "ab")
+        collector = subprocess.Popen(
+            [sys.executable, "-m", "vllm_audit.cli", "collect", "--config", str(ccfg)],
+            stdout=clog,
+            stderr=subprocess.STDOUT,
+        )
+        clog.close()
+        yield Setup(root, nats, replica, collector, ccfg)
+    finally:
+        replica.kill()
+        if collector is not None and collector.poll() is None:
+            collector.terminate()
+            try:
+                collector.wait(20)
+            except subprocess.TimeoutExpired:
+                collector.kill()
+                collector.wait()
+        nats.stop()
+
+
+def stored(prefix: str) -> dict[str, int]:
+    """request id → rows in the central store ({} until the collector has created its tables)."""
+    import psycopg
+
+    try:
+        rows = pg_rows(prefix, "SELECT request_id, count(*) FROM {p}_records GROUP BY request_id")
+    except psycopg.errors.UndefinedTable:
+        return {}
+    return {str(r): int(n) for r, n in rows}
+
+
+def stream_pending(url: str) -> int:
+    """Messages of the stream the collector's consumer has not had acknowledged yet (-1: no consumer)."""
+    import nats
+
+    async def go() -> int:
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().consumer_info(STREAM, "collect")
+            return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        except Exception:
+            return -1
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def test_partitioned_replica_keeps_serving_and_catches_up(setup: Setup, netns: Netns, pg_prefix: str) -> None:
+    """Load before, during and after a partition of the replica from the backbone: every call is
+    answered (a sink being unreachable never blocks the request path), nothing of the partition
+    phase reaches the central store while the link is down, and once it is up again every
+    answered call is stored exactly once, with no gap alert."""
+    base = setup.replica.base
+    statuses: dict[str, int] = {}
+    load(base, [f"pt-a-{i:04d}" for i in range(100)], statuses)
+    wait_until(lambda: len(stored(pg_prefix)) >= 100, "phase 1 in the central store", 60, 0.2)
+    netns.partition()
+    during = [f"pt-b-{i:04d}" for i in range(150)]
+    load(base, during, statuses)
+    # The partition was real: the replica answered these, the central store has none of them.
+    wait_until(lambda: all(statuses.get(r) == 200 for r in during), "partition-phase calls answered", 5)
+    seen_during = len(set(during) & set(stored(pg_prefix)))
+    netns.heal()
+    load(base, [f"pt-c-{i:04d}" for i in range(100)], statuses)
+    answered = {r for r, st in statuses.items() if st == 200}
+    wait_until(lambda: answered <= set(stored(pg_prefix)), "every answered call stored after the heal", 120, 0.3)
+    got = stored(pg_prefix)
+    missing = answered - set(got)
+    duplicated = {r for r, n in got.items() if n > 1}
+    print(
+        f"partition: answered {len(answered)} of {len(statuses)} ({len(during)} while partitioned, "
+        f"{seen_during} of them stored during the partition), stored {len(got)}, missing {len(missing)}, "
+        f"duplicated {len(duplicated)}"
+    )
+    assert len(answered) == len(statuses) == 350
+    assert seen_during == 0
+    assert not missing and not duplicated
+    assert [] == pg_rows(pg_prefix, "SELECT kind, writer_id, message FROM {p}_collect_alerts")
+
+
+def test_lost_disk_is_reported_as_a_writer_seq_range(setup: Setup, netns: Netns, pg_prefix: str) -> None:
+    """The replica is cut from the backbone, answers more calls (they reach only its own disk), is
+    killed (SIGKILL) and its log directory deleted. Once the collector has taken everything the
+    stream holds, `vllm-audit collect --report` names the missing range: (writer, first seq never
+    shipped ..) — exactly the entry after the last one that reached the stream, open-ended — and
+    every answered call that is not stored lies inside that range."""
+    base = setup.replica.base
+    statuses: dict[str, int] = {}
+    load(base, [f"dg-a-{i:04d}" for i in range(100)], statuses)
+    wait_until(lambda: len(stored(pg_prefix)) >= 100, "phase 1 in the central store", 60, 0.2)
+    netns.partition()
+    load(base, [f"dg-b-{i:04d}" for i in range(60)], statuses)
+    setup.replica.kill()
+    # The truth, read from the disk before it goes: which seq held which call.
+    reader = LogReader(setup.replica.log_dir, limit="all")
+    [wid] = reader.writer_ids()
+    local = {e.seq: e.line for e in reader.entries(wid)}
+    shutil.rmtree(setup.replica.log_dir)
+    # The link stays down: the dead process's unsent bytes stay in the namespace's kernel.
+    wait_until(lambda: stream_pending(setup.nats.url) == 0, "the collector took all the stream holds", 60, 0.2)
+    rep = subprocess.run(
+        [sys.executable, "-m", "vllm_audit.cli", "collect", "--config", str(setup.config), "--report", "--json"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert rep.returncode == 0, rep.stderr
+    [row] = [r for r in orjson.loads(rep.stdout) if r["writer_id"] == wid]
+    text = subprocess.run(
+        [sys.executable, "-m", "vllm_audit.cli", "collect", "--config", str(setup.config), "--report"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    print(text)
+    got = stored(pg_prefix)
+    stored_seqs = {int(s) for (s,) in pg_rows(pg_prefix, "SELECT seq FROM {p}_records WHERE writer_id = %s", (wid,))}
+    lost_calls = {
+        orjson.loads(line)["request_id"]
+        for seq, line in local.items()
+        if seq > row["stored_through"] and b'"record_type":"inference"' in line
+    }
+    answered = {r for r, st in statuses.items() if st == 200}
+    missing = answered - set(got)
+    duplicated = {r for r, n in got.items() if n > 1}
+    gone = row["missing_if_gone"]
+    print(
+        f"disk gone: answered {len(answered)}, stored {len(got)}, missing {len(missing)} "
+        f"(all in ({wid}, {gone['from_seq']}..); the lost disk held up to seq {max(local)}), "
+        f"duplicated {len(duplicated)}"
+    )
+    assert len(answered) == 160
+    assert gone == {"writer_id": wid, "from_seq": row["stored_through"] + 1, "to_seq": None, "after_time": ANY}
+    # Exactly: every entry before from_seq is central, the one at from_seq existed only on the lost disk.
+    assert row["stored_through"] + 1 in local and not row["gaps"] and not row["broken"]
+    assert all(s <= row["stored_through"] for s in stored_seqs)
+    assert missing and missing == lost_calls  # the missing calls are exactly those the range holds
+    assert not duplicated
+    assert f"({wid}, {gone['from_seq']}..) is missing centrally" in text
