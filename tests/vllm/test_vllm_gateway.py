@@ -215,20 +215,6 @@ def test_log_verifies(gw: Gw, vllm_setup: harness.Setup, integrity: Integrity) -
     verify_log(vllm_setup, integrity, gw.log_dir)
 
 
-def test_upstream_down_is_recorded(gw: Gw, vllm_setup: harness.Setup, integrity: Integrity) -> None:
-    """Last in the module (it stops vLLM): the gateway answers an error and records it."""
-    gw.vllm.stop()
-    rid = _rid("down")
-    r = gw.via.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": rid})
-    assert r.status_code in (502, 503, 504), r.text
-    assert "error" in r.json(), r.text
-    rec = record_for(gw.log_dir, rid)
-    assert rec["http_status"] == r.status_code, rec
-    assert rec["status"] == "upstream_error", rec
-    assert rec["prompt_tokens"] is None, rec
-    verify_log(vllm_setup, integrity, gw.log_dir)
-
-
 # ---------------------------------------------------------------- issue 15 (#19, #20)
 
 STREAM_OPTIONS = {
@@ -276,3 +262,17 @@ def test_stream_options_and_n_reach_the_client_as_vllm_sends_them(gw: Gw, kind: 
     assert _summary(chunks_via) == _summary(chunks_direct)
     rec = record_for(gw.log_dir, rid)
     assert rec["total_tokens"], rec
+
+
+def test_upstream_down_is_recorded(gw: Gw, vllm_setup: harness.Setup, integrity: Integrity) -> None:
+    """Last in the module (it stops vLLM): the gateway answers an error and records it."""
+    gw.vllm.stop()
+    rid = _rid("down")
+    r = gw.via.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": rid})
+    assert r.status_code in (502, 503, 504), r.text
+    assert "error" in r.json(), r.text
+    rec = record_for(gw.log_dir, rid)
+    assert rec["http_status"] == r.status_code, rec
+    assert rec["status"] == "upstream_error", rec
+    assert rec["prompt_tokens"] is None, rec
+    verify_log(vllm_setup, integrity, gw.log_dir)
