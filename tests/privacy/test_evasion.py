@@ -113,3 +113,21 @@ def test_split_needs_both_parts_to_be_adjacent_values() -> None:
     messages = [{"role": "user", "content": "13812345678"}, {"role": "user", "content": "9 items"}]
     rec = build_redactor(Config())(_prompt(*messages))
     assert [m["content"] for m in rec["input_prompt"]] == ["<CN_PHONE>", "9 items"]
+
+
+@pytest.mark.parametrize("rid", ["mp-0021-08273915", "mp-0020-08273915", "req-0042-12345678", "job-0044-0001"])
+def test_request_id_shapes_are_not_international_numbers(rid: str) -> None:
+    """Client request ids like ``mp-0021-08273915`` are not "00 + country code" phone numbers (a
+    real vLLM test lost the id of one record of 300 to this false positive)."""
+    from vllm_audit.privacy.recognizers import find
+
+    assert find(rid) == []
+
+
+@pytest.mark.parametrize(
+    "text", ["0044 20 7946 0958", "+44 20 7946 0958", "+4420 7946 0958", "00 44 20 7946 0958", "0039 06 6988 4857"]
+)
+def test_written_international_numbers_are_still_found(text: str) -> None:
+    from vllm_audit.privacy.recognizers import find
+
+    assert [f[2] for f in find(text)] == ["PHONE"]

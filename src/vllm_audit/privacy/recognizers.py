@@ -339,7 +339,10 @@ def classify_number(raw: str) -> tuple[str, str] | None:
     d = _digits(raw)
     n = len(d)
     if intl:
-        return _classify_international(d[2:] if raw.startswith("00") else d)
+        hit = _classify_international(d[2:] if raw.startswith("00") else d)
+        if hit is not None and hit[0] == "PHONE" and not _intl_groups_fit(raw, hit[1][1:]):
+            return None
+        return hit
     if not 9 <= n <= 19:
         return None  # every rule below needs 9 to 19 digits
     if n == 18 and cs.is_cn_id(d):
@@ -387,6 +390,24 @@ def _is_landline(raw: str, d: str) -> bool:
         local = d[len(head.group(1)) :]
         return cs.is_cn_area_code(head.group(1)) and len(local) in (7, 8) and local[0] not in "01"
     return cs.cn_landline_split(d)
+
+
+_GROUP_SEP = re.compile(r"[ \t\r\n.\-()]+")
+
+
+def _intl_groups_fit(raw: str, d: str) -> bool:
+    """A written international number keeps its country code as a group of its own and, but in
+    Italy, no trunk 0 after it: "0044 20 7946 0958" fits, "mp-0021-08273915" (an id) does not."""
+    cc = cs.e164_country_code(d)
+    if cc is None:
+        return False
+    if d[len(cc) : len(cc) + 1] == "0" and cc != "39":
+        return False
+    groups = [g for g in _GROUP_SEP.split(raw.lstrip("+(").removeprefix("00")) if g]
+    if len(groups) < 2:
+        return True  # written without separators: nothing to check against
+    first = _digits(groups[0])
+    return first.startswith(cc)  # the code, or the code glued to the area ("+4420 7946 0958")
 
 
 def _classify_international(d: str) -> tuple[str, str] | None:
