@@ -229,6 +229,8 @@ def _scan_range(t: str, lo: int, hi: int, found: list[Finding]) -> None:
             if a and t[a - 1] in _ASCII_LETTERS and not t[max(0, a - 3) : a].endswith(_GLUE_OK):
                 continue
             raw = m.group()
+            if raw.startswith("00") and a >= 2 and t[a - 1] in "-_/:" and t[a - 2].isalnum():
+                continue  # "mp-0052-77828494": a zero-padded counter in an id, not "00" + a country code
             if "." in raw:
                 quad = _DOTTED_QUAD.fullmatch(raw)
                 if quad is not None:  # "(10.1.2.3": an address after a parenthesis
