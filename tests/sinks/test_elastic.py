@@ -366,3 +366,29 @@ def test_index_name_from_the_record_timestamp_in_utc(tmp_path: Path) -> None:
         SinkEnv(tmp_path, tmp_path, tmp_path),
     )
     assert isinstance(stream, ElasticSink) and stream.index_for("2026-07-01T12:00:00Z") == "logs-vllm-audit"
+
+
+def test_the_gateway_keeps_answering_while_the_search_server_is_down(tmp_path: Path, es: Search) -> None:
+    """A real gateway with [sinks.e] (elasticsearch, noida-db's API as the stand-in): the server goes
+    away, every call is still answered, and the documents arrive once it is back, each once."""
+    from tests.helpers import gateway
+    from tests.sinks.conftest import FAST_SHIP_TOML, post_chats, sink_status, wait_until
+
+    cfg = f'[sinks.e]\ntype = "elasticsearch"\nurl = "{es.url}"\nrecord_types = ["inference"]\n' + FAST_SHIP_TOML
+    with gateway(tmp_path, config=cfg) as (base, log_dir, _):
+        assert post_chats(base, [f"up-{i}" for i in range(20)]) == [200] * 20
+        wait_until(lambda: sink_status(log_dir, "e").get("delivered", 0) >= 20, "the first records delivered")
+        es.stop()
+        down = [f"down-{i}" for i in range(100)]
+        assert post_chats(base, down) == [200] * 100  # answered while the sink cannot deliver
+        wait_until(lambda: sink_status(log_dir, "e").get("state") == "retrying", "the sink to notice")
+        es.start()
+        wait_until(
+            lambda: (st := sink_status(log_dir, "e")).get("state") == "running" and st.get("lag_records") == 0,
+            "the sink to catch up",
+            timeout=120,
+        )
+        docs = es.docs()
+    ids = [d["_source"]["http"]["request"]["id"] for d in docs]
+    assert {f"up-{i}" for i in range(20)} | set(down) <= set(ids)
+    assert len(ids) == len(set(ids))
