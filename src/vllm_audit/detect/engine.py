@@ -22,13 +22,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from vllm_audit.detect.features import View
+from vllm_audit.detect.prefilter import Prefilter
+from vllm_audit.detect.prefilter import prefilter as make_prefilter
 from vllm_audit.detect.rules import Rule, Rules
 from vllm_audit.integrity.codec import Entry
 from vllm_audit.privacy import recognizers
 
 #: Most triggering records named in one alert (the count says how many there were).
 MAX_TRIGGERS = 20
+#: The fields of an alert entry that depend on the rule only (``reason`` too for rate / distinct).
+_STATIC = ("record_type", "schema_version", "rule", "severity", "group_by", "window_s", "detector")
 _TAG = re.compile(r"<([A-Z_]{2,20})(?::ps_[0-9a-f]{6,64})?>")
 
 Classify = Callable[[Sequence[str]], Sequence[float]]
@@ -65,10 +71,12 @@ class Candidate:
     value: float = 0.0
     triggers: list[Trigger] = dataclasses.field(default_factory=list)
     count: int = 0
+    #: The dedupe key, fixed once the batch is planned (rate and distinct candidates move ``t``).
+    dk: str = ""
 
     @property
     def dedupe_key(self) -> str:
-        return f"{self.rule.id}:{self.org}:{_k(self.key)}:{int(self.t // self.rule.dedupe_s)}"
+        return self.dk or f"{self.rule.id}:{self.org}:{_k(self.key)}:{int(self.t // self.rule.dedupe_s)}"
 
     @property
     def alert_id(self) -> str:
@@ -143,26 +151,76 @@ def robust_threshold(values: Sequence[float], k: float) -> tuple[float, float, f
     return med, mad, med + k * 1.4826 * mad
 
 
-class Engine:
-    """Evaluates :class:`Rules` over batches of records (pure: no I/O besides the lookups passed in)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Step:
+    """One rule as a tenant's program runs it: its checks resolved once, not per record."""
 
-    def __init__(self, rules: Rules, *, classify: Classify | None = None) -> None:
+    rule: Rule
+    kind: str
+    group_by: str
+    where: tuple[tuple[str, tuple[str, ...]], ...]
+    #: pattern / canary: the compiled alternation of the rule's patterns.
+    pattern: re.Pattern[str] | None
+    #: pattern: the rule's bit in its field's :class:`~vllm_audit.detect.prefilter.Prefilter`.
+    bit: int = 0
+    #: pattern: the key of the field's prefilter masks in the record's view.
+    masks: tuple[str, bool] = ("", False)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Program:
+    """A tenant's enabled rules, in file order, with one prefilter per (text field, deobfuscate)."""
+
+    rules: tuple[Rule, ...]
+    steps: tuple[_Step, ...]
+    outliers: tuple[Rule, ...]
+    prefilters: Mapping[tuple[str, bool], Prefilter]
+
+
+class Engine:
+    """Evaluates :class:`Rules` over batches of records (pure: no I/O besides the lookups passed in).
+
+    ``prefilter`` (default on) runs a pattern rule's Python regex only on texts where one
+    hyperscan pass over every pattern rule says it may match (``prefilter.py``); the decisions are
+    the same as with ``prefilter=False`` (``tests/detect/test_prefilter.py``).
+    """
+
+    def __init__(self, rules: Rules, *, classify: Classify | None = None, prefilter: bool = True) -> None:
         self.rules = rules
         self.classify = classify
-        self._tenant: dict[str, tuple[Rule, ...]] = {}
-        self._compiled: dict[tuple[str, str], re.Pattern[str] | None] = {}
+        self.prefilter = prefilter
+        self._programs: dict[str, _Program] = {}
+        self._window_start: dict[tuple[float, int], str] = {}
+        self._static: dict[tuple[str, str, str], tuple[Rule, bytes]] = {}
+        for org in ("", *rules.tenants):  # compile the prefilters now, not on the first batch
+            self._program(org)
 
     def rules_for(self, org: str) -> tuple[Rule, ...]:
-        r = self._tenant.get(org)
-        if r is None:
-            r = self._tenant[org] = self.rules.for_tenant(org)
-        return r
+        return self._program(org).rules
 
-    def _pattern(self, rule: Rule, org: str) -> re.Pattern[str] | None:
-        key = (rule.id, org)
-        if key not in self._compiled:
-            self._compiled[key] = rule.compiled()
-        return self._compiled[key]
+    def _program(self, org: str) -> _Program:
+        prog = self._programs.get(org)
+        if prog is None:
+            prog = self._programs[org] = self._compile(self.rules.for_tenant(org))
+        return prog
+
+    def _compile(self, rules: tuple[Rule, ...]) -> _Program:
+        groups: dict[tuple[str, bool], list[Rule]] = {}
+        for r in rules:
+            if r.kind == "pattern":
+                groups.setdefault((r.field, r.deobfuscate), []).append(r)
+        filters: dict[tuple[str, bool], Prefilter] = {}
+        if self.prefilter:
+            filters = {k: make_prefilter(tuple(r.patterns for r in rs)) for k, rs in groups.items()}
+        steps = []
+        for r in rules:
+            bit, masks = 0, ("", False)
+            if r.kind == "pattern":
+                masks = (r.field, r.deobfuscate)
+                bit = 1 << groups[masks].index(r) if self.prefilter else 0
+            steps.append(_Step(r, r.kind, r.group_by, tuple(r.where.items()), r.compiled(), bit, masks))
+        outliers = tuple(r for r in rules if r.kind == "outlier")
+        return _Program(rules, tuple(steps), outliers, filters)
 
     def baseline_keys(self, recs: Iterable[Mapping[str, Any]]) -> set[str]:
         """The baselines a batch's outlier rules read (fetched by the caller before :meth:`plan`)."""
@@ -171,14 +229,24 @@ class Engine:
             if rec.get("record_type") != "inference":
                 continue
             org = _str(rec.get("org_id"))
-            for rule in self.rules_for(org):
-                if rule.kind == "outlier":
-                    out.add(self._baseline_key(rule, org, rec))
+            for rule in self._program(org).outliers:
+                out.add(self._baseline_key(rule, org, rec))
         return out
 
     @staticmethod
     def _baseline_key(rule: Rule, org: str, rec: Mapping[str, Any]) -> str:
         return f"{rule.id}:{org}:{_k(_str(rec.get('model_name')) or '-')}"
+
+    def window_start(self, cand: Candidate) -> str:
+        """The ISO start of the candidate's dedupe window (cached: few windows per batch)."""
+        d = cand.rule.dedupe_s
+        w = int(cand.t // d)
+        s = self._window_start.get((d, w))
+        if s is None:
+            if len(self._window_start) > 4096:
+                self._window_start.clear()
+            s = self._window_start[(d, w)] = datetime.fromtimestamp(w * d, UTC).isoformat()
+        return s
 
     def plan(
         self, items: Sequence[tuple[Entry, Mapping[str, Any]]], baselines: Mapping[str, Sequence[float]] | None = None
@@ -190,21 +258,24 @@ class Engine:
         distinct: dict[tuple[str, str, str], int] = {}
         hits: dict[str, int] = {}  # dedupe key -> cand
         classify: list[tuple[Rule, str, str, float, Trigger, str]] = []
+        cands = plan.cands
         for entry, rec in items:
             if rec.get("record_type") != "inference":
                 continue
             plan.records += 1
             view = View(rec)
             org = _str(rec.get("org_id"))
+            prog = self._program(org)
             t = event_time(rec)
             trig = Trigger(entry.writer_id, entry.seq, _opt(rec.get("record_id")), _opt(rec.get("request_id")))
-            for rule in self.rules_for(org):
-                if rule.where and not _where_ok(rule, rec):
+            for step in prog.steps:
+                if step.where and not _where_ok(step.where, rec):
                     continue
-                key = view.value(rule.group_by)
+                key = view.value(step.group_by)
                 if key is None:
                     continue
-                kind = rule.kind
+                kind = step.kind
+                rule = step.rule
                 if kind == "rate":
                     inc = 1.0
                     if rule.sum:
@@ -217,12 +288,11 @@ class Engine:
                     rk = (rule.id, org, key, bucket)
                     i = rate.get(rk)
                     if i is None:
-                        cand = Candidate(rule, org, key, t, "")
-                        plan.cands.append(cand)
-                        rate[rk] = len(plan.rate)
+                        cands.append(Candidate(rule, org, key, t, ""))
+                        i = rate[rk] = len(plan.rate)
                         plan.rate.append(
                             RateOp(
-                                len(plan.cands) - 1,
+                                len(cands) - 1,
                                 f"r:{rule.id}:{org}:{_k(key)}",
                                 bucket,
                                 0.0,
@@ -230,11 +300,10 @@ class Engine:
                                 int(rule.window_s * 2) + 5,
                             )
                         )
-                        i = rate[rk]
                     op = plan.rate[i]
                     op.inc += inc
                     op.prev_weight = min(op.prev_weight, 1.0 - frac)
-                    c = plan.cands[op.cand]
+                    c = cands[op.cand]
                     c.t = max(c.t, t)
                     c.add(trig)
                 elif kind == "distinct":
@@ -244,16 +313,15 @@ class Engine:
                     dk = (rule.id, org, key)
                     j = distinct.get(dk)
                     if j is None:
-                        plan.cands.append(Candidate(rule, org, key, t, ""))
-                        distinct[dk] = len(plan.distinct)
+                        cands.append(Candidate(rule, org, key, t, ""))
+                        j = distinct[dk] = len(plan.distinct)
                         dkey = f"d:{rule.id}:{org}:{_k(key)}"
-                        plan.distinct.append(DistinctOp(len(plan.cands) - 1, dkey, {}, int(rule.window_s * 1000), 0))
-                        j = distinct[dk]
+                        plan.distinct.append(DistinctOp(len(cands) - 1, dkey, {}, int(rule.window_s * 1000), 0))
                     dop = plan.distinct[j]
                     ms = int(t * 1000)
                     dop.members[member] = max(dop.members.get(member, 0), ms)
                     dop.now_ms = max(dop.now_ms, ms)
-                    c = plan.cands[dop.cand]
+                    c = cands[dop.cand]
                     c.t = max(c.t, t)
                     c.add(trig)
                 elif kind == "classifier":
@@ -262,16 +330,19 @@ class Engine:
                         if text:
                             classify.append((rule, org, key, t, trig, text))
                 else:
-                    reason, value = self._hit(rule, org, view, rec, baselines, plan)
+                    if kind == "pattern":
+                        reason, value = self._match(step, prog, view)
+                    else:
+                        reason, value = self._hit(rule, org, step.pattern, view, rec, baselines, plan)
                     if reason:
                         cand = Candidate(rule, org, key, t, reason, value)
                         dkey = cand.dedupe_key
                         idx = hits.get(dkey)
                         if idx is None:
-                            plan.cands.append(cand)
-                            idx = hits[dkey] = len(plan.cands) - 1
+                            cands.append(cand)
+                            idx = hits[dkey] = len(cands) - 1
                             plan.hits.append(idx)
-                        plan.cands[idx].add(trig)
+                        cands[idx].add(trig)
         if classify and self.classify is not None:
             probs = self.classify([c[5] for c in classify])
             for (rule, org, key, t, trig, _text), p in zip(classify, probs, strict=True):
@@ -279,32 +350,72 @@ class Engine:
                     cand = Candidate(rule, org, key, t, f"classifier: attack probability {p:.2f}", round(float(p), 4))
                     idx = hits.get(cand.dedupe_key)
                     if idx is None:
-                        plan.cands.append(cand)
-                        idx = hits[cand.dedupe_key] = len(plan.cands) - 1
+                        cands.append(cand)
+                        idx = hits[cand.dedupe_key] = len(cands) - 1
                         plan.hits.append(idx)
-                    plan.cands[idx].add(trig)
+                    cands[idx].add(trig)
+        for c in cands:
+            c.dk = c.dedupe_key
         return plan
+
+    def templates(self, cands: Sequence[Candidate], *, detector: str) -> list[bytes]:
+        """The JSON of :func:`alert_entry` of each candidate, its rule's constant part serialised once."""
+        out = []
+        static = self._static
+        for c in cands:
+            rule = c.rule
+            sk = (rule.id, c.org, detector)
+            head = static.get(sk)
+            if head is None or head[0] is not rule:
+                whole = alert_entry(c, detector=detector)
+                fixed = {k: whole[k] for k in _STATIC}
+                if rule.kind in ("rate", "distinct"):
+                    fixed["reason"] = whole["reason"]
+                head = static[sk] = (rule, orjson.dumps(fixed)[:-1] + b",")
+            dyn: dict[str, Any] = {
+                "alert_id": c.alert_id,
+                "org_id": c.org or None,
+                "group_value": c.key,
+                "value": None,
+                "count": c.count,
+                "window_start": self.window_start(c),
+                "triggers": c.triggers,
+            }
+            if rule.kind not in ("rate", "distinct"):
+                dyn["reason"] = c.reason
+            if rule.group_by == "user_id":
+                dyn["user_id"] = c.key
+            out.append(head[1] + orjson.dumps(dyn)[1:])
+        return out
+
+    @staticmethod
+    def _match(step: _Step, prog: _Program, view: View) -> tuple[str, float]:
+        """A pattern rule on the record: the first (decoded) variant its regex matches."""
+        rule = step.rule
+        pat = step.pattern
+        assert pat is not None
+        texts = view.variants(rule.field) if rule.deobfuscate else [view.text(rule.field)]
+        masks = view.masks(step.masks, prog.prefilters[step.masks], texts) if step.bit else None
+        for i, text in enumerate(texts):
+            if masks is not None and not masks[i] & step.bit:
+                continue
+            m = pat.search(text)
+            if m is not None:
+                how = "" if i == 0 else " (after decoding)"
+                return f"{rule.field} matches {_snippet(m.group())}{how}", 1.0
+        return "", 0.0
 
     def _hit(
         self,
         rule: Rule,
         org: str,
+        pat: re.Pattern[str] | None,
         view: View,
         rec: Mapping[str, Any],
         baselines: Mapping[str, Sequence[float]],
         plan: Plan,
     ) -> tuple[str, float]:
         kind = rule.kind
-        if kind == "pattern":
-            pat = self._pattern(rule, org)
-            assert pat is not None
-            texts = view.variants(rule.field) if rule.deobfuscate else [view.text(rule.field)]
-            for i, text in enumerate(texts):
-                m = pat.search(text)
-                if m is not None:
-                    how = "" if i == 0 else " (after decoding)"
-                    return f"{rule.field} matches {_snippet(m.group())}{how}", 1.0
-            return "", 0.0
         if kind == "pii":
             text = view.text("output")
             if not text:
@@ -329,7 +440,6 @@ class Engine:
             for s in rule.strings:
                 if s and s in out:
                     return f"output holds the canary {_mask(s)}", 1.0
-            pat = self._pattern(rule, org)
             system = view.text("system")
             if pat is not None and system:
                 for m in pat.finditer(system):
@@ -405,8 +515,8 @@ def _opt(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def _where_ok(rule: Rule, rec: Mapping[str, Any]) -> bool:
-    for field, accepted in rule.where.items():
+def _where_ok(where: tuple[tuple[str, tuple[str, ...]], ...], rec: Mapping[str, Any]) -> bool:
+    for field, accepted in where:
         v = rec.get(field)
         if isinstance(v, bool):
             v = "true" if v else "false"

@@ -19,9 +19,10 @@ import binascii
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vllm_audit.detect.prefilter import Prefilter
 from vllm_audit.record import prompt_sha256
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff\u00ad"))
@@ -125,7 +126,7 @@ def output_text(output: Any) -> str:
 class View:
     """The parts of one record the rules use, computed on first use and kept."""
 
-    __slots__ = ("_out", "_prompt", "_system", "_variants", "rec")
+    __slots__ = ("_masks", "_out", "_prompt", "_system", "_values", "_variants", "rec")
 
     def __init__(self, rec: Mapping[str, Any]) -> None:
         self.rec = rec
@@ -133,6 +134,8 @@ class View:
         self._system = ""
         self._out: str | None = None
         self._variants: dict[str, list[str]] = {}
+        self._values: dict[str, str | None] = {}
+        self._masks: dict[tuple[str, bool], list[int]] = {}
 
     def text(self, field: str) -> str:
         if field == "output":
@@ -151,8 +154,22 @@ class View:
             self._variants[field] = v
         return v
 
+    def masks(self, key: tuple[str, bool], pf: Prefilter, texts: Sequence[str]) -> list[int]:
+        """``pf``'s mask of each of ``texts`` (the variants of one field), computed once per key."""
+        m = self._masks.get(key)
+        if m is None:
+            m = self._masks[key] = [pf.mask(t) for t in texts]
+        return m
+
     def value(self, field: str) -> str | None:
         """A grouping value as a string (None when the record has none)."""
+        try:
+            return self._values[field]
+        except KeyError:
+            v = self._values[field] = self._value(field)
+            return v
+
+    def _value(self, field: str) -> str | None:
         v = self.rec.get(field)
         if v is None and field == "prompt_sha256" and self.rec.get("input_prompt") is not None:
             v = prompt_sha256(self.rec.get("input_prompt"))

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from vllm_audit.detect.alerts import Emit, Webhook, finalize
-from vllm_audit.detect.engine import Classify, Engine, alert_entry
+from vllm_audit.detect.engine import Classify, Engine
 from vllm_audit.detect.rules import Rules
 from vllm_audit.detect.state import State
 from vllm_audit.integrity.codec import Entry, EntryError
@@ -121,7 +121,7 @@ class Detector(Projection):
         keys = self.engine.baseline_keys(rec for _, rec in items)
         baselines = state.baselines(keys) if keys else {}
         plan = self.engine.plan(items, baselines)
-        templates = [orjson.dumps(alert_entry(c, detector=self.instance)) for c in plan.cands]
+        templates = self.engine.templates(plan.cands, detector=self.instance)
         outcome = state.commit(plan, start, end, templates)
         if outcome.stale:
             raise StaleCursor(f"writer {writer_id}: the shared cursor is not at seq {first.seq}; reloading")
