@@ -86,9 +86,11 @@ def test_heavy_record_is_redacted_like_any_other(tmp_path: Path) -> None:
 
 
 def test_event_with_wait_fails_when_the_log_is_not_accepting(tmp_path: Path) -> None:
+    """An audited action (an audit read) that waits for its event learns that it was not written."""
+    (tmp_path / "log").write_text("a file where the log directory should be")
     writer = AuditWriter(_config(tmp_path, 0))
     writer.start()
-    writer.failure = "disk full (test)"
+    assert writer.failure is not None
 
     async def go() -> None:
         fut = writer.submit_event({"event": "audit_read"}, wait=True)
@@ -97,7 +99,6 @@ def test_event_with_wait_fails_when_the_log_is_not_accepting(tmp_path: Path) -> 
             await fut
 
     asyncio.run(go())
-    writer.failure = None
     writer.stop()
 
 
