@@ -35,6 +35,7 @@ from vllm_audit.privacy import recognizers
 MAX_TRIGGERS = 20
 #: The fields of an alert entry that depend on the rule only (``reason`` too for rate / distinct).
 _STATIC = ("record_type", "schema_version", "rule", "severity", "group_by", "window_s", "detector")
+_MISSING: Any = object()
 _TAG = re.compile(r"<([A-Z_]{2,20})(?::ps_[0-9a-f]{6,64})?>")
 
 Classify = Callable[[Sequence[str]], Sequence[float]]
@@ -264,14 +265,17 @@ class Engine:
                 continue
             plan.records += 1
             view = View(rec)
+            values = view.values
             org = _str(rec.get("org_id"))
-            prog = self._program(org)
+            prog = self._programs.get(org) or self._program(org)
             t = event_time(rec)
             trig = Trigger(entry.writer_id, entry.seq, _opt(rec.get("record_id")), _opt(rec.get("request_id")))
             for step in prog.steps:
                 if step.where and not _where_ok(step.where, rec):
                     continue
-                key = view.value(step.group_by)
+                key = values.get(step.group_by, _MISSING)
+                if key is _MISSING:
+                    key = view.value(step.group_by)
                 if key is None:
                     continue
                 kind = step.kind
@@ -304,8 +308,11 @@ class Engine:
                     op.inc += inc
                     op.prev_weight = min(op.prev_weight, 1.0 - frac)
                     c = cands[op.cand]
-                    c.t = max(c.t, t)
-                    c.add(trig)
+                    if t > c.t:
+                        c.t = t
+                    c.count += 1
+                    if len(c.triggers) < MAX_TRIGGERS:
+                        c.triggers.append(trig)
                 elif kind == "distinct":
                     member = view.value(rule.distinct)
                     if member is None:
@@ -322,8 +329,11 @@ class Engine:
                     dop.members[member] = max(dop.members.get(member, 0), ms)
                     dop.now_ms = max(dop.now_ms, ms)
                     c = cands[dop.cand]
-                    c.t = max(c.t, t)
-                    c.add(trig)
+                    if t > c.t:
+                        c.t = t
+                    c.count += 1
+                    if len(c.triggers) < MAX_TRIGGERS:
+                        c.triggers.append(trig)
                 elif kind == "classifier":
                     if self.classify is not None:
                         text = view.text("prompt")

@@ -126,7 +126,7 @@ def output_text(output: Any) -> str:
 class View:
     """The parts of one record the rules use, computed on first use and kept."""
 
-    __slots__ = ("_masks", "_out", "_prompt", "_system", "_values", "_variants", "rec")
+    __slots__ = ("_masks", "_out", "_prompt", "_system", "_variants", "rec", "values")
 
     def __init__(self, rec: Mapping[str, Any]) -> None:
         self.rec = rec
@@ -134,7 +134,8 @@ class View:
         self._system = ""
         self._out: str | None = None
         self._variants: dict[str, list[str]] = {}
-        self._values: dict[str, str | None] = {}
+        #: Grouping values computed so far (``value`` fills it).
+        self.values: dict[str, str | None] = {}
         self._masks: dict[tuple[str, bool], list[int]] = {}
 
     def text(self, field: str) -> str:
@@ -164,9 +165,9 @@ class View:
     def value(self, field: str) -> str | None:
         """A grouping value as a string (None when the record has none)."""
         try:
-            return self._values[field]
+            return self.values[field]
         except KeyError:
-            v = self._values[field] = self._value(field)
+            v = self.values[field] = self._value(field)
             return v
 
     def _value(self, field: str) -> str | None:
