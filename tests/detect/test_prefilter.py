@@ -167,3 +167,15 @@ def test_prefilter_skips_clean_text() -> None:
 def test_plain_syntax(pattern: str, plain: bool) -> None:
     """Only syntax both dialects read alike (or hyperscan more loosely) is handed to hyperscan."""
     assert plain == pf.plain_syntax(pattern)
+
+
+def test_templates_are_the_alert_entries() -> None:
+    """The cheap templates (constant part serialised once per rule) parse to :func:`alert_entry`'s dicts."""
+    from vllm_audit.detect.engine import alert_entry
+
+    eng = Engine(_rules())
+    plan = eng.plan(_items(_corpus()[:1500]))
+    kinds = {c.rule.kind for c in plan.cands}
+    assert {"rate", "distinct", "pattern", "pii"} <= kinds
+    for c, tpl in zip(plan.cands, eng.templates(plan.cands, detector="d"), strict=True):
+        assert alert_entry(c, detector="d") == orjson.loads(tpl)
