@@ -61,3 +61,25 @@ async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
         state["active"] = False
         watcher.cancel()
     return False
+
+
+class BodyError(Exception):
+    """A request body that could not be read: the client left, or it is over the limit."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.too_large = reason == "too_large"
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, at most ``limit`` bytes (``BodyError`` otherwise)."""
+    chunks = bytearray()
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise BodyError("disconnected")
+        chunks += msg.get("body", b"")
+        if len(chunks) > limit:
+            raise BodyError("too_large")
+        if not msg.get("more_body"):
+            return bytes(chunks)

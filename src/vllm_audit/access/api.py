@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
-from vllm_audit._asgi import lifespan
+from vllm_audit._asgi import BodyError, lifespan, read_body
 from vllm_audit.access.apikeys import KeyStore, iso, utcnow
 from vllm_audit.access.auth import Authenticator, resolve_path
 from vllm_audit.access.identity import Identity, identity_from_scope
@@ -483,16 +483,12 @@ def _int_param(p: Mapping[str, str], name: str, default: int, lo: int, hi: int) 
 
 
 async def _read_json(receive: Receive) -> dict[str, Any]:
-    chunks = bytearray()
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise HttpError(400, "client disconnected", "invalid_request")
-        chunks += msg.get("body", b"")
-        if len(chunks) > MAX_BODY:
-            raise HttpError(413, "request body too large", "too_large")
-        if not msg.get("more_body"):
-            break
+    try:
+        chunks = await read_body(receive, MAX_BODY)
+    except BodyError as exc:
+        if exc.too_large:
+            raise HttpError(413, "request body too large", "too_large") from None
+        raise HttpError(400, "client disconnected", "invalid_request") from None
     try:
         data = orjson.loads(chunks) if chunks else {}
     except orjson.JSONDecodeError:

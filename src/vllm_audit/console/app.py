@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from vllm_audit._asgi import lifespan
+from vllm_audit._asgi import BodyError, lifespan, read_body
 from vllm_audit.access.api import AuditApi
 from vllm_audit.access.apikeys import iso, utcnow
 from vllm_audit.access.auth import Authenticator
@@ -468,16 +468,12 @@ def _query(scope: Scope) -> dict[str, str]:
 
 
 async def _form(receive: Receive) -> dict[str, str]:
-    chunks = bytearray()
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise Refused(400, "error.400", "client disconnected")
-        chunks += msg.get("body", b"")
-        if len(chunks) > MAX_FORM:
-            raise Refused(413, "error.400", "form too large")
-        if not msg.get("more_body"):
-            break
+    try:
+        chunks = await read_body(receive, MAX_FORM)
+    except BodyError as exc:
+        if exc.too_large:
+            raise Refused(413, "error.400", "form too large") from None
+        raise Refused(400, "error.400", "client disconnected") from None
     try:
         parsed = parse_qs(chunks.decode("utf-8"), keep_blank_values=True, max_num_fields=64)
     except (UnicodeDecodeError, ValueError):
