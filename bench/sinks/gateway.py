@@ -70,10 +70,10 @@ def servers(work: Path) -> Iterator[dict[str, dict[str, object]]]:
         sink_bench._wait_port(nport, procs[-1])
         tables["nats"] = {"type": "nats", "servers": [f"nats://127.0.0.1:{nport}"]}
         # Kafka (noida-db) and Elasticsearch (noida-db)
-        for kind, venv, flag in (("kafka", "kafka-venv", "--kafka-port"), ("elastic", "elastic-venv", "--elasticsearch-port")):
+        for kind, venv, flag in (("kafka", "noida-venv", "--kafka-port"), ("elastic", "noida-venv", "--elasticsearch-port")):
             found = sorted((Path.home() / ".cache/vllm-audit" / venv).glob("lib/python3*/site-packages/noida_db/noida-db"))
             if not found:
-                raise SystemExit(f"run scripts/services.d/{kind}.sh first")
+                raise SystemExit("run scripts/services.d/noida.sh first")
             port = sink_bench._port()
             (work / kind).mkdir()
             only = "kafka" if kind == "kafka" else "elasticsearch"

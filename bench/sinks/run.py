@@ -62,9 +62,9 @@ def _ship(work: Path, table: dict[str, object]) -> float:
 
 def bench_elasticsearch(work: Path) -> float:
     """noida-db's Elasticsearch API (scripts/services.d/elastic.sh), 1000-document _bulk requests."""
-    found = glob.glob(str(Path.home() / ".cache/vllm-audit/elastic-venv/lib/python3*/site-packages/noida_db/noida-db"))
+    found = glob.glob(str(Path.home() / ".cache/vllm-audit/noida-venv/lib/python3*/site-packages/noida_db/noida-db"))
     if not found:
-        raise RuntimeError("run scripts/services.d/elastic.sh first")
+        raise RuntimeError("run scripts/services.d/noida.sh first")
     port = _port()
     (work / "es").mkdir()
     cmd = [found[0], "start", "--only", "elasticsearch", "--elasticsearch-port", str(port)]
@@ -96,9 +96,9 @@ def bench_kafka(work: Path) -> float:
     """noida-db's Kafka-protocol broker (scripts/services.d/kafka.sh), idempotent producer, 1000-entry batches."""
     import confluent_kafka  # noqa: F401 - a one-time process cost, not shipping
 
-    found = glob.glob(str(Path.home() / ".cache/vllm-audit/kafka-venv/lib/python3*/site-packages/noida_db/noida-db"))
+    found = glob.glob(str(Path.home() / ".cache/vllm-audit/noida-venv/lib/python3*/site-packages/noida_db/noida-db"))
     if not found:
-        raise RuntimeError("run scripts/services.d/kafka.sh first")
+        raise RuntimeError("run scripts/services.d/noida.sh first")
     port = _port()
     (work / "kafka").mkdir()
     cmd = [found[0], "start", "--only", "kafka", "--kafka-port", str(port), "--data-dir", str(work / "kafka")]

@@ -1,6 +1,6 @@
 """The collector's Kafka source against a real Kafka-protocol broker over real connections.
 
-Stand-in broker: the ``noida-db`` wheel's (see tests/sinks/test_kafka.py; scripts/services.d/kafka.sh
+Stand-in broker: the ``noida-db`` wheel's (see tests/sinks/test_kafka.py; scripts/services.d/noida.sh
 installs it). Logs are written through the real Chain and shipped by the real ``kafka`` sink; the
 hole test hand-produces entries with the sink's headers into a one-partition topic, so two writers
 share a partition.
@@ -18,8 +18,8 @@ import pytest
 from tests.collect.conftest import PG_DSN, pg_rows, wait_until
 from tests.collect.test_collector import entries, write_log
 from tests.conftest import need_service
-from tests.sinks.conftest import build_sinks
-from tests.sinks.test_kafka import VENV, Broker, _broker_binary
+from tests.sinks.conftest import NOIDA_VENV, build_sinks, noida_binary
+from tests.sinks.test_kafka import Broker
 from vllm_audit.collect.collector import Collector
 from vllm_audit.collect.source import KafkaSource
 from vllm_audit.config import load_config
@@ -34,8 +34,8 @@ FAST = ShipConfig(poll_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    binary = _broker_binary()
-    need_service(binary is not None, f"noida-db Kafka-protocol broker in {VENV} (run scripts/services.d/kafka.sh)")
+    binary = noida_binary()
+    need_service(binary is not None, f"noida-db (Kafka-protocol broker) in {NOIDA_VENV}: scripts/services.d/noida.sh")
     assert binary is not None
     data = tmp_path / "broker"
     data.mkdir()

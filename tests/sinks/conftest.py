@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,97 @@ def wait_until(cond: Any, what: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def gateway_outage(
+    tmp_path: Path,
+    config: str,
+    sink: str,
+    down: Any,
+    up: Any,
+    *,
+    n_down: int = 200,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """A real gateway with ``config`` (one ``[sinks.<sink>]``): 20 calls delivered, then ``down()``
+    takes the sink's server away, ``n_down`` more calls are answered 200 while the sink retries,
+    ``up()`` brings it back and the sink catches up (lag 0). Returns every request id sent."""
+    from tests.helpers import gateway
+
+    first = [f"up-{i}" for i in range(20)]
+    later = [f"down-{i}" for i in range(n_down)]
+    with gateway(tmp_path, config=config + FAST_SHIP_TOML, env=env) as (base, log_dir, _):
+        assert post_chats(base, first) == [200] * len(first)
+        wait_until(lambda: sink_status(log_dir, sink).get("delivered", 0) >= len(first), "the first records delivered")
+        down()
+        try:
+            assert post_chats(base, later) == [200] * n_down  # answered while the sink cannot deliver
+            wait_until(lambda: sink_status(log_dir, sink).get("state") == "retrying", "the sink to notice")
+        finally:
+            up()
+        wait_until(
+            lambda: (st := sink_status(log_dir, sink)).get("state") == "running" and st.get("lag_records") == 0,
+            "the sink to catch up",
+            timeout,
+        )
+    return first + later
+
+
+class ServerProcess:
+    """A server the tests start and stop themselves, listening on its own port."""
+
+    what = "the server"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: Any = None
+
+    def command(self) -> list[str]:  # pragma: no cover - every server names its own
+        raise NotImplementedError
+
+    def start(self, log: Path | None = None) -> None:
+        import socket
+        import subprocess
+        import time
+
+        logf = open(log, "ab") if log is not None else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT)
+        finally:
+            if log is not None:
+                logf.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"{self.what} exited at start"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError(f"{self.what} did not listen")
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM; SIGKILL after 20 s)."""
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+#: The noida-db wheel's venv (scripts/services.d/noida.sh): its static binary serves the
+#: Kafka protocol and the Elasticsearch API for the tests.
+NOIDA_VENV = Path(os.environ.get("VLLM_AUDIT_NOIDA_VENV", str(Path.home() / ".cache/vllm-audit/noida-venv")))
+
+
+def noida_binary() -> str | None:
+    import glob
+
+    found = sorted(glob.glob(str(NOIDA_VENV / "lib/python3*/site-packages/noida_db/noida-db")))
+    return found[0] if found else None

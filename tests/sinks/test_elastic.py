@@ -1,7 +1,7 @@
 """The elasticsearch sink against an Elasticsearch-API server over real HTTP connections.
 
 Stand-in: the Elasticsearch service of the ``noida-db`` wheel (``noida-db start --only
-elasticsearch``, installed into its own venv by scripts/services.d/elastic.sh), which answers as
+elasticsearch``, installed into its own venv by scripts/services.d/noida.sh), which answers as
 Elasticsearch 8.15: ``_bulk`` with the documented response (``errors`` flag, per-item ``status``,
 409 ``version_conflict_engine_exception`` on ``create`` of an existing ``_id``, 400
 ``document_parsing_exception`` / ``strict_dynamic_mapping_exception`` from its mappings),
@@ -12,10 +12,7 @@ its own server on a free port with a temporary data dir, so it can stop it for t
 
 from __future__ import annotations
 
-import glob
-import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,7 +26,16 @@ import pytest
 
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, inference, shipper_argv
+from tests.sinks.conftest import (
+    NOIDA_VENV,
+    LiveLog,
+    ServerProcess,
+    build_sinks,
+    gateway_outage,
+    inference,
+    noida_binary,
+    shipper_argv,
+)
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import Entry
 from vllm_audit.integrity.reader import Cursor, LogReader
@@ -43,49 +49,26 @@ from vllm_audit.sinks.registry import parse_sinks
 pytestmark = pytest.mark.service
 
 FAST = ShipConfig(poll_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5, status_interval_s=0.1)
-VENV = Path(os.environ.get("VLLM_AUDIT_ELASTIC_VENV", str(Path.home() / ".cache/vllm-audit/elastic-venv")))
 INDEX = "vllm-audit-2026.07.01"  # the records' day (conftest.inference); events land in today's index
 
 
-def _binary() -> str | None:
-    found = sorted(glob.glob(str(VENV / "lib/python3*/site-packages/noida_db/noida-db")))
-    return found[0] if found else None
-
-
-class Search:
+class Search(ServerProcess):
     """One noida-db process serving only the Elasticsearch API, on its own port and data dir."""
 
+    what = "the Elasticsearch-API server"
+
     def __init__(self, binary: str, data_dir: Path) -> None:
+        super().__init__(free_port())
         self.binary = binary
         self.data_dir = data_dir
-        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        cmd = [self.binary, "start", "--only", "elasticsearch", "--elasticsearch-port", str(self.port)]
-        logf = open(self.data_dir.parent / "search.log", "ab")
-        self.proc = subprocess.Popen([*cmd, "--data-dir", str(self.data_dir)], stdout=logf, stderr=subprocess.STDOUT)
-        logf.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "the Elasticsearch-API server exited at start"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise TimeoutError("the Elasticsearch-API server did not listen")
+    def command(self) -> list[str]:
+        return [self.binary, "start", "--only", "elasticsearch", "--elasticsearch-port", str(self.port),
+                "--data-dir", str(self.data_dir)]  # fmt: skip
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def start(self, log: Path | None = None) -> None:
+        super().start(log or self.data_dir.parent / "search.log")
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else orjson.dumps(body)
@@ -106,8 +89,8 @@ class Search:
 
 @pytest.fixture
 def es(tmp_path: Path) -> Iterator[Search]:
-    binary = _binary()
-    need_service(binary is not None, f"noida-db Elasticsearch-API server in {VENV} (run scripts/services.d/elastic.sh)")
+    binary = noida_binary()
+    need_service(binary is not None, f"noida-db (Elasticsearch API) in {NOIDA_VENV}: scripts/services.d/noida.sh")
     assert binary is not None
     data = tmp_path / "search"
     data.mkdir()
@@ -369,26 +352,10 @@ def test_index_name_from_the_record_timestamp_in_utc(tmp_path: Path) -> None:
 
 
 def test_the_gateway_keeps_answering_while_the_search_server_is_down(tmp_path: Path, es: Search) -> None:
-    """A real gateway with [sinks.e] (elasticsearch, noida-db's API as the stand-in): the server goes
+    """A real gateway with an elasticsearch sink (noida-db's API as the stand-in): the server goes
     away, every call is still answered, and the documents arrive once it is back, each once."""
-    from tests.helpers import gateway
-    from tests.sinks.conftest import FAST_SHIP_TOML, post_chats, sink_status, wait_until
-
-    cfg = f'[sinks.e]\ntype = "elasticsearch"\nurl = "{es.url}"\nrecord_types = ["inference"]\n' + FAST_SHIP_TOML
-    with gateway(tmp_path, config=cfg) as (base, log_dir, _):
-        assert post_chats(base, [f"up-{i}" for i in range(20)]) == [200] * 20
-        wait_until(lambda: sink_status(log_dir, "e").get("delivered", 0) >= 20, "the first records delivered")
-        es.stop()
-        down = [f"down-{i}" for i in range(100)]
-        assert post_chats(base, down) == [200] * 100  # answered while the sink cannot deliver
-        wait_until(lambda: sink_status(log_dir, "e").get("state") == "retrying", "the sink to notice")
-        es.start()
-        wait_until(
-            lambda: (st := sink_status(log_dir, "e")).get("state") == "running" and st.get("lag_records") == 0,
-            "the sink to catch up",
-            timeout=120,
-        )
-        docs = es.docs()
-    ids = [d["_source"]["http"]["request"]["id"] for d in docs]
-    assert {f"up-{i}" for i in range(20)} | set(down) <= set(ids)
+    cfg = f'[sinks.e]\ntype = "elasticsearch"\nurl = "{es.url}"\nrecord_types = ["inference"]\n'
+    sent = gateway_outage(tmp_path, cfg, "e", es.stop, es.start, n_down=100, timeout=120)
+    ids = [d["_source"]["http"]["request"]["id"] for d in es.docs()]
+    assert set(sent) <= set(ids)
     assert len(ids) == len(set(ids))

@@ -1,7 +1,7 @@
 """The kafka sink against a real Kafka-protocol broker over real connections.
 
 Stand-in: the broker of the ``noida-db`` wheel (installed into its own venv by
-scripts/services.d/kafka.sh; no Java, no Kafka jars). Each test starts its own broker process
+scripts/services.d/noida.sh; no Java, no Kafka jars). Each test starts its own broker process
 on a free port with a temporary data dir, so it can stop it for the outage test. It speaks the
 Kafka protocol that confluent-kafka (librdkafka) uses, including the idempotent producer's
 InitProducerId and ``acks=all``. It keeps its data across a SIGTERM restart, except produce
@@ -10,10 +10,7 @@ requests acknowledged while it shuts down (see the restart test); a real broker 
 
 from __future__ import annotations
 
-import glob
-import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +24,7 @@ import pytest
 
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, shipper_argv
+from tests.sinks.conftest import NOIDA_VENV, LiveLog, ServerProcess, build_sinks, noida_binary, shipper_argv
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import ZERO_HASH, leaf_hash
 from vllm_audit.integrity.reader import Cursor, LogReader
@@ -40,56 +37,32 @@ pytestmark = pytest.mark.service
 
 FAST = ShipConfig(poll_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5, status_interval_s=0.1)
 TOPIC = "audit"
-VENV = Path(os.environ.get("VLLM_AUDIT_KAFKA_VENV", str(Path.home() / ".cache/vllm-audit/kafka-venv")))
 
 
-def _broker_binary() -> str | None:
-    found = sorted(glob.glob(str(VENV / "lib/python3*/site-packages/noida_db/noida-db")))
-    return found[0] if found else None
+class Broker(ServerProcess):
+    """One noida-db process serving only Kafka, on its own port and data dir. ``stop`` is
+    graceful (SIGTERM): the broker saves what it acknowledged."""
 
-
-class Broker:
-    """One noida-db process serving only Kafka, on its own port and data dir."""
+    what = "the Kafka-protocol broker"
 
     def __init__(self, binary: str, data_dir: Path) -> None:
+        super().__init__(free_port())
         self.binary = binary
         self.data_dir = data_dir
-        self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         port, data = str(self.port), str(self.data_dir)
-        cmd = [self.binary, "start", "--only", "kafka", "--kafka-port", port, "--data-dir", data]
-        logf = open(self.data_dir.parent / "broker.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
-        logf.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "the Kafka-protocol broker exited at start"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise TimeoutError("the Kafka-protocol broker did not listen")
+        return [self.binary, "start", "--only", "kafka", "--kafka-port", port, "--data-dir", data]
 
-    def stop(self) -> None:
-        """Graceful stop (SIGTERM): the broker saves what it acknowledged."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def start(self, log: Path | None = None) -> None:
+        super().start(log or self.data_dir.parent / "broker.log")
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    binary = _broker_binary()
-    need_service(binary is not None, f"noida-db Kafka-protocol broker in {VENV} (run scripts/services.d/kafka.sh)")
+    binary = noida_binary()
+    need_service(binary is not None, f"noida-db (Kafka-protocol broker) in {NOIDA_VENV}: scripts/services.d/noida.sh")
     assert binary is not None
     data = tmp_path / "broker"
     data.mkdir()

@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, inference, make_tls_files, shipper_argv
+from tests.sinks.conftest import LiveLog, build_sinks, gateway_outage, inference, make_tls_files, shipper_argv
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import Entry
 from vllm_audit.integrity.reader import Cursor, LogReader
@@ -348,26 +348,12 @@ def test_config_errors_name_the_key() -> None:
 
 
 def test_the_gateway_keeps_answering_while_rsyslog_is_down(tmp_path: Path, rsyslog: Rsyslog) -> None:
-    from tests.helpers import gateway
-    from tests.sinks.conftest import FAST_SHIP_TOML, post_chats, sink_status, wait_until
-
     cfg = (
         f'[sinks.s]\ntype = "syslog"\nhost = "localhost"\nport = {rsyslog.tls_port}\nca_file = "{rsyslog.ca}"\n'
-        'record_types = ["inference"]\nreplay_window_s = 0.5\n' + FAST_SHIP_TOML
+        'record_types = ["inference"]\nreplay_window_s = 0.5\n'
     )
-    with gateway(tmp_path, config=cfg) as (base, log_dir, _):
-        assert post_chats(base, [f"up-{i}" for i in range(20)]) == [200] * 20
-        wait_until(lambda: sink_status(log_dir, "s").get("delivered", 0) >= 20, "the first records delivered")
-        rsyslog.stop()
-        down = [f"down-{i}" for i in range(200)]
-        assert post_chats(base, down) == [200] * 200  # answered while the sink cannot deliver
-        wait_until(lambda: sink_status(log_dir, "s").get("state") == "retrying", "the sink to notice")
-        rsyslog.start()
-        wait_until(
-            lambda: (st := sink_status(log_dir, "s")).get("state") == "running" and st.get("lag_records") == 0,
-            "the sink to catch up",
-        )
-    rows = rsyslog.wait_for(220)
+    sent = gateway_outage(tmp_path, cfg, "s", rsyslog.stop, rsyslog.start)
+    rows = rsyslog.wait_for(len(sent))
     ids = [orjson.loads(r["msg"].encode()[3:])["request_id"] for r in rows]
-    assert {f"up-{i}" for i in range(20)} | set(down) <= set(ids)
+    assert set(sent) <= set(ids)
     print(f"syslog behind a gateway: {len(ids) - len(set(ids))} duplicates")

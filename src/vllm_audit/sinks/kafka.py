@@ -16,7 +16,7 @@
   again by a new producer: consumers dedupe by the ``writer_id`` + ``seq`` headers (or the leaf
   hash). Nothing is lost: the cursor only moves after the broker acknowledged.
 
-Tested against the Kafka-protocol broker of the ``noida-db`` wheel (scripts/services.d/kafka.sh).
+Tested against the Kafka-protocol broker of the ``noida-db`` wheel (scripts/services.d/noida.sh).
 """
 
 from __future__ import annotations
