@@ -22,8 +22,7 @@ def build_projections(config: Config) -> list[Projection]:
     """The built-in projections (query store, quota charging, when configured) and every sink."""
     from vllm_audit import access
 
-    builtin = getattr(access, "build_projections", None)
-    out: list[Projection] = list(builtin(config)) if builtin is not None else []
+    out: list[Projection] = list(access.build_projections(config))
     env = sink_env(config)
     for spec in config.sinks.values():
         out.append(build_sink(spec, env))
