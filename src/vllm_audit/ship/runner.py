@@ -135,17 +135,18 @@ class Runner:
         next_status = 0.0
         while not self._stop.is_set():
             try:
-                if cursors is None:
-                    status.state = "starting"
+                if cursors is None:  # (re)open; while retrying, the state stays "retrying"
+                    if not failures:
+                        status.state = "starting"
                     p.open()
                     cursors = p.load_cursors()
-                    status.state = "running"
+                    if not failures:
+                        status.state = "running"
                 known = cursors
                 before = status.delivered
                 progressed, lag = self._pass(p, reader, cursors, ctx, status)
                 failures = 0
-                if status.state == "retrying":
-                    status.state = "running"
+                status.state = "running"  # a pass went through
             except Exception as exc:
                 failures += 1
                 status.retried += 1
