@@ -109,9 +109,15 @@ def test_stream_identical_to_direct(gw: Gw, kind: str, sampling: str, include_us
     body = _body(kind, stream=True, **SAMPLING[sampling])
     if include_usage:
         body["stream_options"] = {"include_usage": True}
-    rd, raw_direct = _stream(gw.direct, PATHS[kind], body, _rid("direct"))
-    rid = _rid("via")
-    rv, raw_via = _stream(gw.via, PATHS[kind], body, rid)
+    # vLLM may coalesce tokens into fewer chunks when the machine is loaded; that is the engine's
+    # doing, not the gateway's, so a pair whose chunk counts differ is taken again (at most 3 times)
+    # and the comparison below stays chunk by chunk.
+    for _attempt in range(3):
+        rd, raw_direct = _stream(gw.direct, PATHS[kind], body, _rid("direct"))
+        rid = _rid("via")
+        rv, raw_via = _stream(gw.via, PATHS[kind], body, rid)
+        if len(sse_events(raw_direct)) == len(sse_events(raw_via)):
+            break
     assert rd.status_code == rv.status_code == 200, raw_via[:500]
     assert rv.headers["content-type"] == rd.headers["content-type"]
 
