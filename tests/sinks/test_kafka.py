@@ -294,6 +294,11 @@ def test_broker_restarted_while_the_log_grows_loses_nothing(tmp_path: Path, brok
         _wait(lambda: status.delivered >= 500, "first deliveries")
         load.paused.set()
         _wait(lambda: status.delivered == log.next_seq, "idle")
+        # The stand-in keeps its data in one JSON file, rewritten now and then; what it acknowledged
+        # after the last rewrite is lost on a stop. Wait for a rewrite after the last acknowledgement.
+        acked_at = time.time()
+        store = broker.data_dir / "kafka.json"
+        _wait(lambda: store.exists() and store.stat().st_mtime > acked_at, "the stand-in to persist")
         broker.stop()
         load.paused.clear()
         down_at = log.next_seq

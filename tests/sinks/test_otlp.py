@@ -267,7 +267,7 @@ def test_receiver_down_under_load_then_back_loses_nothing(tmp_path: Path, tap: R
         time.sleep(0.01)
     runner.stop()
     while len({r["attrs"]["vllm_audit.record_hash"] for r in tap.records()}) < log.next_seq:
-        assert time.monotonic() < deadline + 20
+        assert time.monotonic() < deadline + 60  # oteltap prints what it acknowledged at its own pace
         time.sleep(0.02)
     dups = _check(tap.records(), tmp_path)
     print(f"otlp outage: {log.next_seq} entries, {dups} duplicates")
