@@ -165,3 +165,52 @@ def test_record_id_is_unique_per_exchange() -> None:
     a = finalize(exchange("/v1/completions", {"prompt": "p"}, [], b""))
     b = finalize(exchange("/v1/completions", {"prompt": "p"}, [], b""))
     assert a["request_id"] == b["request_id"] and a["record_id"] != b["record_id"]
+
+
+def test_records_of_one_caller_own_their_identity_fields() -> None:
+    """The identity fields are computed once per caller; each record still gets lists and dicts of its own."""
+    from vllm_audit.access.identity import Identity
+    from vllm_audit.access.quota import quota_subject
+
+    alice = Identity("alice", "acme", ("admin",), "authenticated", "api_key", "key-1")
+    records = []
+    for _ in range(2):
+        ex = exchange("/v1/completions", {"prompt": "p"}, [], b"")
+        ex.identity = Identity("alice", "acme", ("admin",), "authenticated", "api_key", "key-1")  # equal, not the same
+        records.append(finalize(ex))
+    a, b = records
+    assert quota_subject("alice", "acme", "key-1") == a["quota_subject"] == b["quota_subject"]
+    a["roles"].append("mutated")
+    a["quota_subject"]["user"] = "mutated"
+    assert ["admin"] == b["roles"] and quota_subject("alice", "acme", "key-1") == b["quota_subject"]
+    ex = exchange("/v1/completions", {"prompt": "p"}, [], b"")
+    ex.identity = alice
+    again = finalize(ex)
+    assert (["admin"], "alice", "acme", "key-1") == (again["roles"], again["user_id"], again["org_id"], again["key_id"])
+    # Another caller, a failed one and one whose roles are (wrongly) a list are their own.
+    bob = Identity.failed("jwt", "bad signature")
+    ex.identity = bob
+    rec = finalize(ex)
+    assert ("anonymous", "failed", "bad signature", "authentication_error") == (
+        rec["user_id"], rec["auth_status"], rec["error_message"], rec["error_type"]
+    )  # fmt: skip
+    ex.identity = Identity("carol", "acme", ["r"], "authenticated", "jwt")  # type: ignore[arg-type]
+    rec = finalize(ex)
+    assert ("carol", ["r"]) == (rec["user_id"], rec["roles"])
+
+
+def test_event_stream_lines_are_read_as_the_spec_says() -> None:
+    """``data:`` with or without a space, CRLF line ends, other fields and ``[DONE]``; choice 0 and 1 apart."""
+    body = (
+        b": a comment\r\n"
+        b'data:{"id":"r","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}\r\n\r\n'
+        b"event: ignored\n"
+        b'data: \t{"choices":[{"index":1,"delta":{"content":"x"}},{"index":0,"delta":{"content":"b"}}]} \n\n'
+        b' data: {"choices":[{"index":0,"delta":{"content":"not a data line"}}]}\n\n'
+        b'data: {"choices":[{"index":"0","delta":{"content":"c"},"finish_reason":"stop"}]}\n\n'
+        b"data:\n\n"
+        b"data: [DONE]\n\n"
+    )
+    rec = finalize(exchange("/v1/chat/completions", {"model": "m", "stream": True}, [body], b"text/event-stream"))
+    assert ["abc", "x"] == rec["output_response"]  # a non-integer index counts as choice 0, as the upstream's
+    assert ("stop", "r", "m") == (rec["finish_reason"], rec["response_id"], rec["model_name"])

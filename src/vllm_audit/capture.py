@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import orjson
 
+from vllm_audit.access.identity import Identity
 from vllm_audit.ids import uuid7
 from vllm_audit.record import SCHEMA_VERSION
 
@@ -261,8 +262,45 @@ def outcome(ex: Exchange) -> str:
     return UPSTREAM_ERROR
 
 
+#: The identity fields of a record, per caller: ``(user_id, org_id, auth_status, auth_method,
+#: key_id, quota_subject, roles, failure_reason)``. ``quota_subject`` hashes three strings and an
+#: identity is frozen, so the fields are computed once per distinct identity (bounded: cleared
+#: when full). Callers that pass something other than an ``Identity`` take the getattr path.
+_IDENT_CACHE: dict[Any, tuple[Any, ...]] = {}
+_IDENT_CACHE_MAX = 4096
+
+
+def _identity_fields(ident: Any) -> tuple[Any, ...]:
+    cacheable = type(ident) is Identity
+    if cacheable:
+        try:
+            got = _IDENT_CACHE.get(ident)
+        except TypeError:  # a field that is not hashable (roles given as a list): not cached
+            cacheable = False
+        else:
+            if got is not None:
+                return got
+    fields = (
+        getattr(ident, "user_id", "anonymous"),
+        getattr(ident, "org_id", "unknown"),
+        getattr(ident, "auth_status", "anonymous"),
+        getattr(ident, "auth_method", "none"),
+        getattr(ident, "key_id", None),
+        # One-way hashes naming the caller's quota counters (from the raw identity, so charging
+        # from the redacted record charges the caller the check counted).
+        getattr(ident, "quota_subject", None),
+        tuple(getattr(ident, "roles", ())),
+        getattr(ident, "failure_reason", None),
+    )
+    if cacheable:
+        if len(_IDENT_CACHE) >= _IDENT_CACHE_MAX:
+            _IDENT_CACHE.clear()
+        _IDENT_CACHE[ident] = fields
+    return fields
+
+
 def _base(ex: Exchange) -> dict[str, Any]:
-    ident = ex.identity
+    user_id, org_id, auth_status, auth_method, key_id, quota, roles, failure = _identity_fields(ex.identity)
     t_end = ex.t_end if ex.t_end is not None else time.perf_counter()
     rec: dict[str, Any] = {
         "record_type": "inference",
@@ -274,15 +312,13 @@ def _base(ex: Exchange) -> dict[str, Any]:
         "client_ip": ex.client_ip,
         "peer_ip": ex.peer_ip,
         "forwarded_ignored": ex.forwarded_ignored,
-        "user_id": getattr(ident, "user_id", "anonymous"),
-        "org_id": getattr(ident, "org_id", "unknown"),
-        "auth_status": getattr(ident, "auth_status", "anonymous"),
-        "auth_method": getattr(ident, "auth_method", "none"),
-        "key_id": getattr(ident, "key_id", None),
-        # One-way hashes naming the caller's quota counters (from the raw identity, so charging
-        # from the redacted record charges the caller the check counted).
-        "quota_subject": getattr(ident, "quota_subject", None),
-        "roles": list(getattr(ident, "roles", ())),
+        "user_id": user_id,
+        "org_id": org_id,
+        "auth_status": auth_status,
+        "auth_method": auth_method,
+        "key_id": key_id,
+        "quota_subject": dict(quota) if type(quota) is dict else quota,  # each record owns its dict
+        "roles": list(roles),
         "method": ex.method,
         "route": ex.route,
         "model_name": None,
@@ -312,15 +348,11 @@ def _base(ex: Exchange) -> dict[str, Any]:
         "error_type": ex.error_type,
         "error_message": ex.error_message,
     }
-    notes = []
-    if ex.request_id_note:
-        notes.append(ex.request_id_note)
-    failure = getattr(ident, "failure_reason", None)
     if failure:
         rec["error_message"] = rec["error_message"] or failure
         rec["error_type"] = rec["error_type"] or "authentication_error"
-    if notes:
-        rec["notes"] = notes
+    if ex.request_id_note:
+        rec["notes"] = [ex.request_id_note]
     return rec
 
 
@@ -517,14 +549,13 @@ def _apply_responses_output(obj: dict[str, Any], rec: dict[str, Any]) -> None:
     _apply_usage(obj.get("usage"), rec, "response")
 
 
+#: A ``data:`` field line of an event stream (its value: the rest of the line).
+_DATA_LINE = re.compile(rb"^data:([^\n]*)", re.M)
+
+
 def _sse_payloads(body: bytes) -> list[bytes]:
-    out = []
-    for line in body.split(b"\n"):
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-            if data and data != b"[DONE]":
-                out.append(data)
-    return out
+    """The non-empty ``data:`` values of an event stream, ``[DONE]`` left out (whitespace stripped)."""
+    return [p for p in [v.strip() for v in _DATA_LINE.findall(body)] if p and p != b"[DONE]"]
 
 
 def _load_events(payloads: list[bytes]) -> list[Any]:
@@ -545,7 +576,9 @@ def _load_events(payloads: list[bytes]) -> list[Any]:
 
 
 def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> None:
-    texts: dict[int, list[str]] = {}
+    texts: dict[int, list[str]] = {}  # pieces per choice index other than 0
+    first: list[str] = []  # pieces of choice 0 (most streams have no other)
+    add_first = first.append
     reasons: dict[int, str] = {}
     events = _load_events(_sse_payloads(body))
     injected = _load_events(_sse_payloads(usage_chunk)) if usage_chunk else []
@@ -569,11 +602,14 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> N
                 delta = ch.get("delta")
                 piece = delta.get("content") if type(delta) is dict else ch.get("text")
                 if type(piece) is str and piece:
-                    bucket = texts.get(idx)
-                    if bucket is None:
-                        texts[idx] = [piece]
+                    if idx == 0:
+                        add_first(piece)
                     else:
-                        bucket.append(piece)
+                        bucket = texts.get(idx)
+                        if bucket is None:
+                            texts[idx] = [piece]
+                        else:
+                            bucket.append(piece)
                 fr = ch.get("finish_reason")
                 if fr is not None and type(fr) is str:
                     reasons[idx] = fr
@@ -592,7 +628,7 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> N
         etype = obj.get("type")
         if isinstance(etype, str) and etype.startswith("response."):  # /v1/responses events
             if etype == "response.output_text.delta" and isinstance(obj.get("delta"), str):
-                texts.setdefault(0, []).append(obj["delta"])
+                add_first(obj["delta"])
             elif etype in ("response.completed", "response.incomplete", "response.failed"):
                 resp = obj.get("response")
                 if isinstance(resp, dict):
@@ -621,6 +657,8 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> N
                 rec["model_revision"] = fp
             if obj.get("usage"):
                 _apply_usage(obj["usage"], rec, "injected")
+    if first:
+        texts[0] = first
     if texts:
         joined = ["".join(texts[i]) for i in sorted(texts)]
         rec["output_response"] = joined[0] if len(joined) == 1 else joined
