@@ -54,6 +54,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _common(p)
     p.add_argument("--status", action="store_true", help="list what the archive index holds")
     p.set_defaults(func=_archive)
+    sub = p.add_subparsers(dest="archive_command", metavar="ACTION")
+    r = sub.add_parser("restore", help="restore archived segments into a log directory (each object verified)")
+    _common(r)
+    r.add_argument("--writer", required=True, help="writer id")
+    r.add_argument("--from-seq", type=int, required=True, help="first entry wanted")
+    r.add_argument("--to-seq", type=int, default=None, help="entries before this one (default: all sealed)")
+    r.add_argument("--into", required=True, help="directory to lay the log out in (must be empty or new)")
+    r.add_argument("--public-key", action="append", default=[], help="also verify checkpoint signatures (.pub)")
+    r.set_defaults(func=_archive_restore)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -217,4 +226,29 @@ def _archive(args: argparse.Namespace) -> int:
     except (AuditError, OSError) as exc:
         return _fail(str(exc))
     print(f"archived {done} segment(s)")
+    return 0
+
+
+def _archive_restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vllm_audit.archive.restore import restore
+    from vllm_audit.integrity.keys import load_public_keys
+
+    into = Path(args.into)
+    if into.exists() and (not into.is_dir() or any(into.iterdir())):
+        return _fail(f"--into {args.into}: not an empty directory")
+    try:
+        config = _config(args)
+        keys = load_public_keys(args.public_key) if args.public_key else []
+        res = restore(config, args.writer, args.from_seq, args.to_seq, into, keys=keys)
+    except (AuditError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    segs = res.segments
+    mb = res.archive_bytes / 1e6
+    print(
+        f"restored {len(segs)} segment(s) of {args.writer}, entries {segs[0].first_seq}..{segs[-1].last_seq} "
+        f"({mb:.1f} MB) into {into} in {res.seconds:.2f} s; {res.entries} entries linked, "
+        f"{res.checkpoints} checkpoint root(s) recomputed" + (" and signatures verified" if keys else "")
+    )
     return 0

@@ -1,8 +1,12 @@
 """``vllm-audit export`` and ``vllm-audit verify-bundle``.
 
 The export is itself an audited event (``export.created``, with who, what and the bundle's
-manifest hash). ``verify-bundle`` runs the same single-file verifier that is written into every
-bundle (:mod:`vllm_audit.export.standalone`): exit 0 intact, 1 a problem (each one named), 2 usage.
+manifest hash). When the window of a writer begins in a range that retention pruned and the
+configuration has an ``[archive]``, the pruned segments are first restored from it into a temporary
+directory (:func:`vllm_audit.archive.restore.restore_view`, every object verified) and the bundle
+is built from there; ``--no-archive`` refuses instead. ``verify-bundle`` runs the same single-file
+verifier that is written into every bundle (:mod:`vllm_audit.export.standalone`): exit 0 intact,
+1 a problem (each one named), 2 usage.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import getpass
 import hashlib
 import sys
+import tempfile
 from pathlib import Path
 
 from vllm_audit.config import Config, config_from_env, load_config
@@ -34,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the window ends at the first checkpoint this long after --to (long requests are sealed late)",
     )
     p.add_argument("--reason", default="", help="why (recorded in the audit event)")
+    p.add_argument(
+        "--no-archive",
+        action="store_true",
+        help="refuse a range that retention pruned instead of restoring it from the [archive] (the default)",
+    )
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser("verify-bundle", help="verify an export bundle offline")
@@ -94,11 +104,34 @@ def _export(args: argparse.Namespace) -> int:
     from vllm_audit.export.bundle import build_bundle
     from vllm_audit.writer import append_events
 
+    restored: list[dict[str, object]] = []
+    tmp: tempfile.TemporaryDirectory[str] | None = None
     try:
         config = _config(args)
         keys = _keys(config, args.public_key)
+        source = config
+        need = {}
+        if config.archive.enabled and not args.no_archive:
+            from vllm_audit.archive.restore import pruned_from, restore_view
+
+            need = pruned_from(config, args.time_from)
+        if need:
+            tmp = tempfile.TemporaryDirectory(prefix="vllm-audit-restore-")
+            for r in restore_view(config, tmp.name, need, keys=keys):  # type: ignore[arg-type]
+                got = [s for s in r.segments if s.source == "archive"]
+                if got:
+                    restored.append(
+                        {
+                            "writer_id": got[0].writer_id,
+                            "first_seq": got[0].first_seq,
+                            "last_seq": got[-1].last_seq,
+                            "segments": len(got),
+                            "bytes": sum(s.bytes for s in got),
+                        }
+                    )
+            source = config.replace(log=dataclasses.replace(config.log, dir=tmp.name))
         res = build_bundle(
-            config,
+            source,
             args.org,
             args.time_from,
             args.time_to,
@@ -124,12 +157,21 @@ def _export(args: argparse.Namespace) -> int:
                         "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
                         "operator": getpass.getuser(),
                         "reason": args.reason,
+                        "restored_from_archive": restored,
                     },
                 }
             ],
         )
     except (AuditError, OSError, ValueError) as exc:
         return _fail(str(exc))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    for done in restored:
+        print(
+            f"restored {done['segments']} pruned segment(s) of {done['writer_id']} "
+            f"(entries {done['first_seq']}..{done['last_seq']}) from the archive, each verified"
+        )
     print(
         f"exported {res.records} record(s) of {args.org!r} from {res.writers} writer(s) to {args.out} "
         f"({res.bytes} bytes); the export is recorded in the log"
