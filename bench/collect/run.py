@@ -19,6 +19,7 @@ the others.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import secrets
 import sys
@@ -57,6 +58,38 @@ class ListSource:
     def close(self) -> None: ...
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process (the postmaster's children: backends, WAL writer, checkpointer...)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def all_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for p in pids:
+        try:
+            total += proc_cpu(p)
+        except OSError:
+            continue
+    return total
+
+
 def drop(prefix: str) -> None:
     import psycopg
 
@@ -73,6 +106,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=50_000)
     ap.add_argument("--archive", action="store_true")
     ap.add_argument("--skip-nats", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="write cProfile stats of the collector loop to FILE.<mode>")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     write_keypair(tmp / "k", "bench/collect")
@@ -116,12 +150,25 @@ def main() -> None:
         try:
             c.open()
             os.sched_setaffinity(0, {cpus[0]})
+            prof = cProfile.Profile() if a.profile else None
+            backend = c.store.connect().info.backend_pid
+            pg_all = postgres_pids()
+            b0, a0 = proc_cpu(backend), all_cpu(pg_all)
+            n0 = proc_cpu(server.proc.pid) if server is not None and server.proc is not None else 0.0
             t0 = time.perf_counter()
             c0 = time.process_time()
+            if prof is not None:
+                prof.enable()
             while c.stats.stored_entries < len(lines):
                 c.step(1.0)
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(f"{a.profile}.{mode}")
             wall = time.perf_counter() - t0
             cpu = time.process_time() - c0
+            pg_backend = proc_cpu(backend) - b0
+            pg_total = all_cpu(pg_all) - a0
+            nats_cpu = proc_cpu(server.proc.pid) - n0 if server is not None and server.proc is not None else 0.0
         finally:
             os.sched_setaffinity(0, set(cpus))
             c.close()
@@ -133,7 +180,10 @@ def main() -> None:
         print(
             f"{mode:>8}: {a.records} records ({len(lines)} entries) verified and stored in {wall:.2f}s: "
             f"{rate:,.0f} records/s wall, {a.records / cpu:,.0f} records per CPU-second "
-            f"(archive {'on' if a.archive else 'off'})"
+            f"(archive {'on' if a.archive else 'off'})\n"
+            f"{'':>10}CPU per record: collector {cpu / a.records * 1e6:.1f} us, PostgreSQL backend "
+            f"{pg_backend / a.records * 1e6:.1f} us (all PostgreSQL processes {pg_total / a.records * 1e6:.1f} us, "
+            f"including other clients'), nats-server {nats_cpu / a.records * 1e6:.1f} us"
         )
 
 

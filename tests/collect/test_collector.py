@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from tests.collect.conftest import PG_DSN, NatsServer, collect_toml, pg_rows, publish, wait_until
 from tests.sinks.conftest import inference
 from vllm_audit.collect.collector import Collector, report
+from vllm_audit.collect.source import Message
 from vllm_audit.config import load_config
 from vllm_audit.integrity.chain import Chain
 from vllm_audit.integrity.config import IntegrityConfig
@@ -259,3 +261,75 @@ def test_fork_gap_and_bad_signature_raise_alerts(
         (a["rule"], a["target_writer_id"]) for a in _alerts_in_own_log(tmp_path / "c2-log")
     }
     _ = PG_DSN
+
+
+class ListSource:
+    """Hands out the batches the test gives it; records what the collector acknowledged and retried."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Message]] = []
+        self.acked: list[int] = []
+        self.retried: list[int] = []
+
+    def open(self) -> None: ...
+
+    def fetch(self, max_messages: int, timeout: float) -> list[Message]:
+        return self.batches.pop(0) if self.batches else []
+
+    def ack(self, messages: Sequence[Message]) -> None:
+        self.acked += [m.seq for m in messages]
+
+    def retry(self, messages: Sequence[Message], delay: float) -> None:
+        self.retried += [m.seq for m in messages]
+
+    def close(self) -> None: ...
+
+
+def test_a_gap_ends_at_the_lowest_entry_seen_ahead_of_it(
+    tmp_path: Path, pg_prefix: str, keypair: tuple[Path, Path]
+) -> None:
+    """Entries 40..49 arrive ahead of a hole at 30; when the gap timeout passes, the batch at hand
+    holds only 70..79 (40..69 are on their way back after their delay). The gap is 30..39 — the
+    entries that never arrived — and 40..69, when they come back, are stored, not dropped as old."""
+    key, pub = keypair
+    wid = write_log(tmp_path / "r1", key, 120)
+    lines = dict(entries(tmp_path / "r1", wid))
+    src = ListSource()
+    now = [1000.0]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        collect_toml(
+            pg_prefix,
+            ["nats://127.0.0.1:1"],
+            stream=STREAM,
+            subject_prefix=SUBJ,
+            keys=[pub],
+            log_dir=tmp_path / "own",
+            extra="gap_timeout_s = 5\n",
+        )
+    )
+    c = Collector(load_config(cfg), src, clock=lambda: now[0])
+
+    def batch(seqs: range | list[int]) -> list[Message]:
+        return [Message(wid, s, lines[s]) for s in seqs]
+
+    try:
+        c.open()
+        src.batches = [batch([*range(30), *range(40, 50)])]
+        c.step()
+        now[0] += 6  # past gap_timeout_s
+        src.batches = [batch(range(70, 80)), batch(range(40, 70)), batch(range(70, len(lines)))]
+        for _ in range(3):
+            c.step()
+        [gap] = [a for a in c.store.alert_rows() if a.kind == "gap"]
+        st, hole = c.store.states()[wid]
+        stored_seqs = {s for (s,) in pg_rows(pg_prefix, "SELECT seq FROM {p}_records")}
+        print(f"gap alert {gap.first_seq}..{gap.last_seq}; stored through {st.next_seq - 1}; rows {len(stored_seqs)}")
+        assert (gap.first_seq, gap.last_seq) == (30, 39)
+        assert st.next_seq == len(lines) and hole is None and not st.broken
+        inference = {s for s, ln in lines.items() if b'"record_type":"inference"' in ln}
+        assert stored_seqs == inference - set(range(30, 40))
+        assert set(range(40, 50)) | set(range(70, 80)) <= set(src.retried)
+        assert set(src.acked) == set(lines) - set(range(30, 40))  # nothing acknowledged that is not stored
+    finally:
+        c.close()

@@ -169,20 +169,25 @@ class Collector:
                     self.stats.dropped += len(rest)
                     continue
                 since = hole.since if hole is not None else now
+                # The lowest entry ever seen ahead of the hole (this batch may hold only later ones:
+                # the earlier ones are on their way back after their delay).
+                seen = hole.ahead if hole is not None and hole.ahead > state.next_seq else None
                 if rest and rest[0] > state.next_seq:
                     if now - since >= self.cc.gap_timeout_s:
+                        end = rest[0] if seen is None else min(seen, rest[0])
                         alerts.append(
                             Alert(
                                 wid,
                                 "gap",
                                 state.next_seq,
-                                rest[0] - 1,
-                                f"writer {wid} entries {state.next_seq}..{rest[0] - 1} never arrived "
+                                end - 1,
+                                f"writer {wid} entries {state.next_seq}..{end - 1} never arrived "
                                 f"(waited {now - since:.0f} s); the chain continues after them unverified "
                                 "against its Merkle roots",
                             )
                         )
-                        state.next_seq, state.last_leaf, state.tree = rest[0], "", None
+                        state.next_seq, state.last_leaf, state.tree = end, "", None
+                        since, seen = now, None  # waiting for entries end.. (if not here) starts now
                 run: list[int] = []
                 for s in rest:
                     if s != state.next_seq + len(run):
@@ -212,12 +217,18 @@ class Collector:
                     self.stats.stored_entries += len(good)
                     if self.archive is not None and good:
                         self.archive.write(wid, [(s, got[s].line) for s in good], out.checkpoints, out.sealed)
-                if ahead:
-                    # Waiting for the hole before ``ahead[0]``; progress restarts the clock.
-                    hole = Hole(ahead[0], now if run else since)
+                if seen is not None and seen <= state.next_seq:
+                    seen = None  # the run reached it
+                if state.broken:
+                    hole = None
+                elif ahead or seen is not None:
+                    # Waiting for the hole before the lowest entry seen ahead of it; progress
+                    # restarts the clock.
+                    first = min(x for x in (seen, ahead[0] if ahead else None) if x is not None)
+                    hole = Hole(first, now if run else since)
                     later += [got[s] for s in ahead]
                     self.stats.deferred += len(ahead)
-                elif run or state.broken:
+                elif run:
                     hole = None
                 tx.save(state, hole)
             if self.archive is not None:

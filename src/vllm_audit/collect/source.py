@@ -7,18 +7,16 @@ Both hand out :class:`Message` batches; the collector acknowledges a message onl
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
+
+import orjson
 
 from vllm_audit.collect.config import CollectKafkaConfig, CollectNatsConfig
-
-if TYPE_CHECKING:
-    from nats.aio.client import Client
-    from nats.js.client import JetStreamContext
+from vllm_audit.collect.natsclient import Connection, NatsError, header_value, status_of
 
 log = logging.getLogger("vllm_audit.collect")
 
@@ -63,133 +61,165 @@ def _identify(headers: Any, line: bytes) -> tuple[str, int] | None:
 
 
 class NatsSource:
-    """A durable pull consumer on ``<subject_prefix>.>`` of the stream (nats-py, private loop)."""
+    """A durable pull consumer on ``<subject_prefix>.>`` of the stream (:mod:`.natsclient`).
+
+    ``fetch`` asks for up to ``max_messages`` with ``no_wait`` (the server sends what it has, then
+    a 404/408 status); only when nothing came does it send a waiting request (``expires`` =
+    ``timeout``) and return as soon as its first messages are in. Messages a waiting request
+    delivers later stay in the socket buffer and are handed out by the next ``fetch``.
+
+    Acknowledgements are explicit, one ``+ACK`` per message, all of a batch in one write. The
+    consumer's ``AckPolicy.ALL`` (acknowledge the last message, and with it every earlier one)
+    would save that write but is not correct here: collectors sharing a durable split its
+    messages, so one collector's "all before this" covers messages another has not stored yet,
+    and a message offered again after a hole (``-NAK`` with a delay) has an earlier stream
+    sequence than the ones stored after it, so acknowledging those would drop it.
+    """
 
     def __init__(self, cfg: CollectNatsConfig) -> None:
         self.cfg = cfg
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
-        self._sub: Any = None
+        self._conn: Connection | None = None
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{cfg.stream}.{cfg.durable}".encode()
         #: Messages without the sinks' headers (acknowledged and counted, never stored).
         self.unattributed = 0
 
-    def _run(self, coro: Any) -> Any:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(coro)
-
     def open(self) -> None:
-        if self._nc is None:
-            self._run(self._connect())
-
-    async def _connect(self) -> None:
-        import nats
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        c = self.cfg
-
-        async def quiet(exc: Exception) -> None:
-            log.debug("collect: nats: %s", exc)
-
-        nc = await nats.connect(
-            servers=list(c.servers),
-            name="vllm-audit-collect",
-            connect_timeout=c.connect_timeout_s,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=quiet,
-        )
+        if self._conn is not None:
+            return
+        conn = Connection(self.cfg.servers, name="vllm-audit-collect", connect_timeout=self.cfg.connect_timeout_s)
         try:
-            js = nc.jetstream(timeout=10.0)
-            sub = await js.pull_subscribe(
-                f"{c.subject_prefix}.>",
-                durable=c.durable,
-                stream=c.stream,
-                config=ConsumerConfig(
-                    durable_name=c.durable,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_wait=c.ack_wait_s,
-                    max_ack_pending=c.max_ack_pending,
-                    max_waiting=64,
-                ),
-            )
+            conn.connect()
+            self._ensure_consumer(conn)
         except BaseException:
-            await nc.close()
+            conn.close()
             raise
-        self._nc, self._js, self._sub = nc, js, sub
+        self._conn = conn
+
+    def _api(self, conn: Connection, subject: str, payload: bytes = b"") -> dict[str, Any]:
+        _, data = conn.request(subject, payload, _API_TIMEOUT_S)
+        try:
+            resp = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise NatsError(f"{subject}: the reply is not JSON: {data[:80]!r}") from None
+        if not isinstance(resp, dict):
+            raise NatsError(f"{subject}: unexpected reply {data[:80]!r}")
+        return resp
+
+    def _ensure_consumer(self, conn: Connection) -> None:
+        c = self.cfg
+        info = self._api(conn, f"$JS.API.CONSUMER.INFO.{c.stream}.{c.durable}")
+        err = info.get("error")
+        if err is None:
+            return
+        if not isinstance(err, dict) or err.get("err_code") != _JS_CONSUMER_NOT_FOUND:
+            raise NatsError(f"JetStream consumer {c.stream}/{c.durable}: {_describe(err)}")
+        config = {
+            "durable_name": c.durable,
+            "ack_policy": "explicit",
+            "deliver_policy": "all",
+            "filter_subject": f"{c.subject_prefix}.>",
+            "ack_wait": int(c.ack_wait_s * 1e9),
+            "max_ack_pending": c.max_ack_pending,
+            "max_waiting": 64,
+        }
+        resp = self._api(
+            conn,
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{c.stream}.{c.durable}",
+            orjson.dumps({"stream_name": c.stream, "config": config}),
+        )
+        if resp.get("error") is not None:
+            raise NatsError(f"creating JetStream consumer {c.stream}/{c.durable}: {_describe(resp['error'])}")
 
     def fetch(self, max_messages: int, timeout: float) -> list[Message]:
-        if self._sub is None:
+        conn = self._conn
+        if conn is None:
             raise RuntimeError("nats source is not open")
-        out: list[Message] = self._run(self._fetch(max_messages, timeout))
-        return out
-
-    async def _fetch(self, max_messages: int, timeout: float) -> list[Message]:
-        import nats.errors
-
-        try:
-            msgs = await self._sub.fetch(max_messages, timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
+        conn.replies.clear()  # statuses of earlier requests
+        conn.drain_ready()
+        if len(conn.delivered) < max_messages:
+            token = conn.new_token()
+            want = max_messages - len(conn.delivered)
+            conn.publish(self._next, b'{"batch":%d,"no_wait":true}' % want, conn.inbox + b"." + token)
+            if not conn.wait(time.monotonic() + _API_TIMEOUT_S, token, max_messages) and not conn.delivered:
+                raise NatsError(f"no reply to a pull request from {conn.server} in {_API_TIMEOUT_S:.0f} s")
+            _check_status(conn, token)
+        if not conn.delivered and timeout > 0:
+            token = conn.new_token()
+            payload = b'{"batch":%d,"expires":%d}' % (max_messages, int(timeout * 1e9))
+            conn.publish(self._next, payload, conn.inbox + b"." + token)
+            if not conn.wait(time.monotonic() + timeout + _API_TIMEOUT_S, token, 1) and not conn.delivered:
+                raise NatsError(f"no reply to a pull request from {conn.server} in {timeout + _API_TIMEOUT_S:.0f} s")
+            _check_status(conn, token)
+            conn.drain_ready()
+        got, conn.delivered = conn.delivered[:max_messages], conn.delivered[max_messages:]
         out: list[Message] = []
-        bad = []
-        for m in msgs:
-            ident = _identify(m.headers, m.data)
-            if ident is None:
-                bad.append(m)
+        bad: list[bytes] = []
+        for d in got:
+            h = d.headers
+            wid = header_value(h, b"Vllm-Audit-Writer-Id") or header_value(h, b"writer_id")
+            seq = header_value(h, b"Vllm-Audit-Seq") or header_value(h, b"seq")
+            if not wid or not seq or not seq.isdigit():
+                bad.append(d.reply)
                 continue
-            out.append(Message(ident[0], ident[1], m.data, m))
+            out.append(Message(wid.decode("utf-8", "replace"), int(seq), d.data, d.reply))
         if bad:
             self.unattributed += len(bad)
             log.warning("collect: %d message(s) without writer id / seq headers acknowledged and skipped", len(bad))
-            await self._send([m.reply for m in bad], b"+ACK")
+            conn.publish_many([r for r in bad if r], b"+ACK")
         return out
-
-    async def _send(self, replies: Sequence[str], payload: bytes) -> None:
-        nc = self._nc
-        assert nc is not None
-        for r in replies:
-            if r:
-                await nc.publish(r, payload)
-        await nc.flush(10)
 
     def ack(self, messages: Sequence[Message]) -> None:
         if messages:
-            self._run(self._send([m.handle.reply for m in messages], b"+ACK"))
+            self._open_conn().publish_many([m.handle for m in messages], b"+ACK")
 
     def retry(self, messages: Sequence[Message], delay: float) -> None:
         if messages:
             payload = b'-NAK {"delay": %d}' % int(delay * 1e9)
-            self._run(self._send([m.handle.reply for m in messages], payload))
+            self._open_conn().publish_many([m.handle for m in messages], payload)
 
     def pending(self) -> int:
         """Messages of the stream the consumer has not delivered yet (plus unacknowledged)."""
-        if self._sub is None:
-            return 0
-        info = self._run(self._sub.consumer_info())
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        c = self.cfg
+        info = self._api(self._open_conn(), f"$JS.API.CONSUMER.INFO.{c.stream}.{c.durable}")
+        return int(info.get("num_pending") or 0) + int(info.get("num_ack_pending") or 0)
+
+    def _open_conn(self) -> Connection:
+        if self._conn is None:
+            raise RuntimeError("nats source is not open")
+        return self._conn
 
     def close(self) -> None:
-        nc, self._nc, self._js, self._sub = self._nc, None, None, None
-        loop, self._loop = self._loop, None
-        if loop is None:
+        conn, self._conn = self._conn, None
+        if conn is None:
             return
         try:
-            if nc is not None:
-                try:
-                    loop.run_until_complete(asyncio.wait_for(nc.close(), 5.0))
-                except Exception as exc:
-                    log.debug("collect: nats close: %s", exc)
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for t in pending:
-                t.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if conn.connected:
+                conn.flush(2.0)  # the acknowledgements sent last reach the server
+        except NatsError as exc:
+            log.debug("collect: nats close: %s", exc)
         finally:
-            loop.close()
+            conn.close()
+
+
+#: Seconds to wait for a JetStream API reply (consumer info / create, a no_wait pull).
+_API_TIMEOUT_S = 5.0
+#: JetStream's "consumer not found".
+_JS_CONSUMER_NOT_FOUND = 10014
+
+
+def _describe(err: object) -> str:
+    if isinstance(err, dict):
+        return f"{err.get('description', 'error')} (code {err.get('code')}, err_code {err.get('err_code')})"
+    return repr(err)
+
+
+def _check_status(conn: Connection, token: bytes) -> None:
+    """A pull request's end: 404 (no messages), 408 (expired) and 409 (e.g. leadership change)
+    are normal; 503 (no responders: JetStream or the consumer is not available) with nothing
+    delivered is an error (the collector reconnects with its backoff instead of spinning)."""
+    reply = conn.replies.pop(token, None)
+    if reply is not None and status_of(reply[0]) == b"503" and not conn.delivered:
+        raise NatsError(f"{conn.server}: no JetStream consumer answers the pull request (503)")
 
 
 class KafkaSource:

@@ -12,8 +12,9 @@ central store exactly as they read a replica's. Two tables are the collector's:
 
 One transaction per fetched batch: lock the batch's writers' chain rows (``FOR UPDATE``, in
 writer-id order, so concurrent collectors serialise per writer and never deadlock), insert the
-rows (``ON CONFLICT DO NOTHING``: a row keyed by its record id / ``(writer_id, seq)`` exists
-once), update the chain rows, add the alerts, commit. Only then are the messages acknowledged.
+rows (copied straight in; through ``ON CONFLICT DO NOTHING`` when one is there already: a row keyed
+by its record id / ``(writer_id, seq)`` exists once), update the chain rows, add the alerts,
+commit. Only then are the messages acknowledged.
 """
 
 from __future__ import annotations
@@ -183,11 +184,26 @@ class Tx:
         return {str(r[0]): _state(r) for r in rows}
 
     def insert_rows(self, rows: Sequence[tuple[Any, ...]]) -> int:
-        """Insert records-table rows, skipping any already present; returns how many were new."""
+        """Insert records-table rows, skipping any already present; returns how many were new.
+
+        The rows are the entries past each writer's ``next_seq``, taken under its row lock, so
+        normally none is in the table yet: they are copied straight in, inside a savepoint. When
+        one is there after all (the same record id stored by another path), the savepoint is
+        rolled back and the batch goes through a temporary table and ``INSERT … ON CONFLICT DO
+        NOTHING`` instead."""
+        import psycopg
+
         if not rows:
             return 0
         s = self.store
         cols = ", ".join(COLUMNS)
+        try:
+            with self.conn.transaction(), self.conn.cursor().copy(f"COPY {s.records} ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return len(rows)
+        except psycopg.errors.UniqueViolation:
+            pass
         tmp = f"{s.records}_incoming"
         self.conn.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {s.records} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
