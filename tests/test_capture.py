@@ -214,3 +214,22 @@ def test_event_stream_lines_are_read_as_the_spec_says() -> None:
     rec = finalize(exchange("/v1/chat/completions", {"model": "m", "stream": True}, [body], b"text/event-stream"))
     assert ["abc", "x"] == rec["output_response"]  # a non-integer index counts as choice 0, as the upstream's
     assert ("stop", "r", "m") == (rec["finish_reason"], rec["response_id"], rec["model_name"])
+
+
+def test_an_exchange_pickles_with_every_slot() -> None:
+    """The prepare processes receive exchanges pickled as one tuple: every slot comes back, a new slot too."""
+    import pickle
+
+    ex = Exchange("rid-p", "POST", "/v1/chat/completions")
+    for i, name in enumerate(Exchange.__slots__):
+        setattr(ex, name, (name, i))  # a distinct value per slot
+    back = pickle.loads(pickle.dumps([ex, ex], protocol=pickle.HIGHEST_PROTOCOL))
+    assert back[0] is back[1]  # shared within one batch, as pickle memoises
+    assert [(name, i) for i, name in enumerate(Exchange.__slots__)] == [
+        getattr(back[0], name) for name in Exchange.__slots__
+    ]
+    real = exchange("/v1/chat/completions", {"model": "m", "messages": []}, [b'{"choices": []}'], b"application/json")
+    real.t_end = real.t0 + 0.25
+    copy = pickle.loads(pickle.dumps(real))
+    assert finalize(real) | {"record_id": None} == finalize(copy) | {"record_id": None}
+    assert real.record_id == copy.record_id

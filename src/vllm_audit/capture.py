@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -221,6 +223,35 @@ class Exchange:
         self.upstream: str | None = None
         self.disconnected = False
         self.completed = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as one tuple of its slots (batches of exchanges go to the prepare processes):
+        about five times cheaper each way than the default, a state dict set slot by slot."""
+        return _exchange_from_state, (_exchange_state(self),)
+
+
+_exchange_state = operator.attrgetter(*Exchange.__slots__)
+
+
+def _slot_setter(names: tuple[str, ...]) -> Callable[[Exchange, tuple[Any, ...]], None]:
+    """``set(ex, values)``: one unpacking assignment to every slot (generated from the names)."""
+    for name in names:
+        if not name.isidentifier():  # pragma: no cover - slot names are identifiers
+            raise ValueError(name)
+    src = "def set_slots(ex, values):\n    (" + ", ".join(f"ex.{n}" for n in names) + ",) = values\n"
+    scope: dict[str, Any] = {}
+    exec(src, scope)  # the code is built from the class's own slot names
+    setter: Callable[[Exchange, tuple[Any, ...]], None] = scope["set_slots"]
+    return setter
+
+
+_set_exchange_state = _slot_setter(Exchange.__slots__)
+
+
+def _exchange_from_state(state: tuple[Any, ...]) -> Exchange:
+    ex: Exchange = object.__new__(Exchange)
+    _set_exchange_state(ex, state)
+    return ex
 
 
 def finalize(ex: Exchange) -> dict[str, Any]:
