@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ls = sub.add_parser("list", help="list holds")
     _common(ls)
     ls.add_argument("--all", action="store_true", help="include released holds")
+    ls.add_argument(
+        "--repair", action="store_true", help="rewrite the holds file from the audit chain's hold events first"
+    )
     ls.set_defaults(func=_hold_list)
     r = sub.add_parser("release", help="release a hold")
     _common(r)
@@ -83,11 +86,14 @@ def _fail(message: str) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from vllm_audit.archive.holds import HoldMismatch
     from vllm_audit.archive.prune import execute, plan, ranges
 
     try:
         config = _config(args)
         decisions = plan(config)
+    except HoldMismatch as exc:
+        return _fail(f"prune refused, nothing was removed: {exc}")
     except (AuditError, OSError, ValueError) as exc:
         return _fail(str(exc))
     if args.json and args.dry_run:
@@ -126,12 +132,12 @@ def _sync_legal_holds(config: Config) -> int:
         return 0
     from pathlib import Path
 
-    from vllm_audit.archive.holds import HoldStore, holds_path
+    from vllm_audit.archive.holds import checked_holds
     from vllm_audit.archive.projection import ArchiveIndex, held_by, index_path, scan_records
     from vllm_audit.archive.s3 import ObjectStore
     from vllm_audit.ship.config import state_dir
 
-    holds = HoldStore(holds_path(config)).active()
+    holds = checked_holds(config)
     index = ArchiveIndex(index_path(state_dir(config.ship, config.log.dir))).load()
     store = ObjectStore(config.archive)
     changed = 0
@@ -173,10 +179,14 @@ def _hold_add(args: argparse.Namespace) -> int:
 
 
 def _hold_list(args: argparse.Namespace) -> int:
-    from vllm_audit.archive.holds import HoldStore, holds_path
+    from vllm_audit.archive.holds import HoldStore, holds_path, repair_holds_file
 
     try:
-        holds = HoldStore(holds_path(_config(args))).load()
+        config = _config(args)
+        if args.repair:
+            repair_holds_file(config)
+            print(f"rewrote {holds_path(config)} from the audit chain's hold events")
+        holds = HoldStore(holds_path(config)).load()
     except (AuditError, OSError) as exc:
         return _fail(str(exc))
     for h in holds:

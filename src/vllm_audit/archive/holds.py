@@ -4,8 +4,13 @@ A hold names any combination of tenant (``org_id``), user, request id and time r
 criteria must match a record). Held data is never pruned locally, and the archive objects of
 every segment holding a matching record carry an Object Lock legal hold until the last hold on
 them is released. Each placement and release is an event in the chain (``hold.placed`` /
-``hold.released``, with who and why); the current set lives in a small JSON file beside the log
-(``[retention] holds_file``) so that prune does not have to search the whole chain for them.
+``hold.released``, with who and why), and those events are the authority: prune derives the hold
+set from the chain (:func:`chain_holds`, incremental: a cursor per writer in
+``<state dir>/holds/chain.json``, so each run reads only the entries appended since) and treats
+the JSON file beside the log (``[retention] holds_file``) as a cache that must agree with it
+(:func:`checked_holds`). A hold deleted from, altered in or added to the file without its event
+makes prune refuse, naming the hold. Each ``retention.pruned`` event carries the whole hold set it
+honoured, so a rescan of a chain whose hold events were themselves pruned still finds every hold.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import orjson
 from vllm_audit._fs import replace_file
 from vllm_audit.config import Config
 from vllm_audit.errors import AuditError
+from vllm_audit.integrity.reader import ChainBreak, Cursor, LogReader
+from vllm_audit.ship.config import state_dir
 
 
 class HoldError(AuditError):
@@ -167,3 +174,156 @@ class HoldStore:
 def hold_event(hold: Hold, kind: str) -> dict[str, Any]:
     """The audit event for placing (``hold.placed``) or releasing (``hold.released``) a hold."""
     return {"record_type": "event", "event": kind, "org_id": hold.org_id or None, "detail": hold.to_json()}
+
+
+#: Events whose ``detail`` is one hold (placed or released), and the prune event whose
+#: ``detail.holds`` lists every hold known when it ran.
+HOLD_EVENTS = (b'"event":"hold.placed"', b'"event":"hold.released"')
+PRUNE_EVENT = b'"event":"retention.pruned"'
+
+
+class HoldMismatch(HoldError):
+    """The holds file does not agree with the hold events in the audit chain (the message names each hold)."""
+
+
+def _hold(obj: object, where: str) -> Hold:
+    names = {f.name for f in dataclasses.fields(Hold)}
+    if not isinstance(obj, dict) or set(obj) - names or not all(isinstance(v, str) for v in obj.values()):
+        raise HoldError(f"{where}: malformed hold")
+    try:
+        return Hold(**obj)
+    except TypeError:
+        raise HoldError(f"{where}: a hold lacks a required field") from None
+
+
+def _merge(holds: dict[str, Hold], hold: Hold) -> None:
+    """A release is final: once any source says released, the hold stays released."""
+    old = holds.get(hold.hold_id)
+    if old is None or (old.active and not hold.active):
+        holds[hold.hold_id] = hold
+
+
+@dataclasses.dataclass(slots=True)
+class ChainHolds:
+    """The hold set as the chain states it, with how far each writer's chain was read."""
+
+    holds: dict[str, Hold]
+    cursors: dict[str, Cursor]
+    #: Where each hold was last stated (``writer:seq``), for messages.
+    where: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "holds": {k: h.to_json() for k, h in sorted(self.holds.items())},
+            "cursors": {w: c.to_json() for w, c in sorted(self.cursors.items())},
+            "where": dict(sorted(self.where.items())),
+        }
+
+    @classmethod
+    def load(cls, path: Path) -> ChainHolds:
+        try:
+            raw = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls({}, {}, {})
+        except orjson.JSONDecodeError:
+            raise HoldError(f"hold state {str(path)!r} is not valid JSON (delete it to rescan the chain)") from None
+        try:
+            return cls(
+                {k: _hold(v, str(path)) for k, v in raw["holds"].items()},
+                {w: Cursor.from_json(c) for w, c in raw["cursors"].items()},
+                {k: str(v) for k, v in raw["where"].items()},
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise HoldError(f"hold state {str(path)!r} is malformed ({exc}; delete it to rescan the chain)") from None
+
+
+def chain_state_path(config: Config) -> Path:
+    return state_dir(config.ship, config.log.dir) / "holds" / "chain.json"
+
+
+def chain_holds(config: Config, *, rescan: bool = False) -> ChainHolds:
+    """Every hold the audit chain states (placed, released, or listed by a prune), read incrementally.
+
+    Entries are read up to each writer's durable position (``LogReader(limit="durable")``); only
+    event lines naming a hold or a prune are parsed. ``rescan`` ignores the saved state.
+    """
+    path = chain_state_path(config)
+    state = ChainHolds({}, {}, {}) if rescan else ChainHolds.load(path)
+    reader = LogReader(config.log.dir, limit="durable")
+    changed = False
+    for wid in reader.writer_ids():
+        cur = state.cursors.get(wid, Cursor(wid))
+        while True:
+            try:
+                got = reader.read(cur, 4096)
+            except ChainBreak as exc:
+                raise HoldError(f"cannot read the hold events of the audit chain: {exc}") from None
+            if not got:
+                break
+            for e in got:
+                if e.record_type != "event":
+                    continue
+                line = e.line
+                if any(n in line for n in HOLD_EVENTS):
+                    detail = e.record().get("detail")
+                    h = _hold(detail, f"writer {wid} entry {e.seq}")
+                    _merge(state.holds, h)
+                    state.where[h.hold_id] = e.key
+                elif PRUNE_EVENT in line:
+                    detail = e.record().get("detail")
+                    listed = detail.get("holds", []) if isinstance(detail, dict) else []
+                    for n, obj in enumerate(listed if isinstance(listed, list) else []):
+                        h = _hold(obj, f"writer {wid} entry {e.seq} hold {n}")
+                        _merge(state.holds, h)
+                        state.where.setdefault(h.hold_id, e.key)
+            cur = cur.after(got[-1])
+            state.cursors[wid] = cur
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(path, orjson.dumps(state.to_json()))
+    return state
+
+
+def checked_holds(config: Config) -> list[Hold]:
+    """The active holds, from the chain, after checking that the holds file agrees with it.
+
+    Raises :class:`HoldMismatch` naming every hold that the file lacks, has in another state or
+    with other criteria, or has without a ``hold.placed`` event in the chain.
+    """
+    chain = chain_holds(config)
+    path = holds_path(config)
+    try:
+        cached = {h.hold_id: h for h in HoldStore(path).load()}
+    except HoldError as exc:
+        raise HoldMismatch(f"{exc}; the audit chain states {len(chain.holds)} hold(s)") from None
+    problems = []
+    for hid, h in sorted(chain.holds.items()):
+        c = cached.get(hid)
+        at = f"writer {chain.where.get(hid, '?').replace(':', ' entry ')}"
+        if c is None:
+            problems.append(f"{h.describe()} is in the audit chain ({at}) but missing from the holds file")
+        elif c.active != h.active:
+            state = "active" if h.active else f"released {h.released_at}"
+            problems.append(f"{h.describe()} is {state} in the audit chain ({at}) but not in the holds file")
+        elif c.criteria() != h.criteria():
+            problems.append(f"{h.describe()}: the holds file has other criteria ({c.criteria()}) than the chain ({at})")
+    for hid, c in sorted(cached.items()):
+        if hid not in chain.holds:
+            problems.append(
+                f"{c.describe()} is in the holds file but no hold.placed event in the audit chain states it"
+            )
+    if problems:
+        raise HoldMismatch(
+            f"the holds file {str(path)!r} does not agree with the audit chain: "
+            + "; ".join(problems)
+            + " (restore the file, or rewrite it from the chain: `vllm-audit hold list --repair`)"
+        )
+    return [h for h in chain.holds.values() if h.active]
+
+
+def repair_holds_file(config: Config) -> list[Hold]:
+    """Rewrite the holds file from the audit chain (the cache made to agree with the authority)."""
+    holds = sorted(chain_holds(config).holds.values(), key=lambda h: (h.placed_at, h.hold_id))
+    HoldStore(holds_path(config))._save(holds)
+    return holds

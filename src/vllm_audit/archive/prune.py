@@ -7,7 +7,9 @@ A sealed segment goes only when all of these hold (otherwise it stays, and the d
 3. it is archived (``[retention] require_archive``): the archive index names its three objects and
    each is present in the bucket, with the same SHA-256, under Object Lock until a date still to
    come;
-4. no active legal hold matches any record in it.
+4. no active legal hold matches any record in it. The holds are those the chain's
+   ``hold.placed`` / ``hold.released`` events (and earlier prune events) state; the holds file must
+   agree with them, or prune refuses and names the hold (see :mod:`vllm_audit.archive.holds`).
 
 The newest segment of a writer is never removed. Consecutive removable segments form a range
 ``[start, end)``. Before deleting anything, one ``retention.pruned`` event is appended to the chain
@@ -33,7 +35,7 @@ from typing import Any
 import orjson
 
 from vllm_audit._fs import fsync_dir, write_all
-from vllm_audit.archive.holds import HoldStore, holds_path
+from vllm_audit.archive.holds import chain_holds, checked_holds
 from vllm_audit.archive.projection import ArchiveIndex, index_path, parse_time, scan_records
 from vllm_audit.archive.s3 import ObjectStore
 from vllm_audit.config import Config
@@ -78,7 +80,7 @@ def plan(config: Config, *, now: dt.datetime | None = None, store: ObjectStore |
     days = config.retention.days
     need_archive = config.retention.require_archive
     index = ArchiveIndex(index_path(state_dir(config.ship, config.log.dir))).load()
-    holds = HoldStore(holds_path(config)).active()
+    holds = checked_holds(config)  # from the chain's hold events; the holds file must agree
     if need_archive and config.archive.enabled and store is None:
         store = ObjectStore(config.archive)
     root = Path(config.log.dir) / "writers"
@@ -201,6 +203,9 @@ def execute(config: Config, decisions: list[Decision], *, reason: str = "", oper
         "operator": operator or getpass.getuser(),
         "reason": reason,
         "retention_days": config.retention.days,
+        # Every hold known (active or released) when this ran: what was honoured, and what a
+        # rescan still finds if the segments holding the hold events are pruned later.
+        "holds": [h.to_json() for h in sorted(chain_holds(config).holds.values(), key=lambda h: h.hold_id)],
         "ranges": detail_ranges,
         "entries": sum(int(r["end"]) - int(r["start"]) for r in detail_ranges),
     }
