@@ -7,6 +7,7 @@ lets COMPLIANCE retention be shortened, so it cannot show WORM behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -29,12 +30,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def localstack(data: Path) -> Iterator[str]:
+    """A LocalStack-core S3 on a free port with its data in ``data``; yields its URL (also for bench/)."""
     py = VENV / "bin" / "python"
     need_service(py.exists(), f"LocalStack venv {VENV} (run scripts/services.d/localstack.sh)")
     port = _free_port()
-    data = tmp_path_factory.mktemp("localstack")
     env = dict(
         os.environ,
         SERVICES="s3",
@@ -61,16 +62,24 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if ready:
             break
         time.sleep(0.2)  # polling the server's health endpoint with a deadline
-    if not ready:
-        proc.kill()
-        need_service(False, f"LocalStack did not start: {(data / 'localstack.log').read_text()[-500:]}")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        if not ready:
+            proc.kill()
+            need_service(False, f"LocalStack did not start: {(data / 'localstack.log').read_text()[-500:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with localstack(tmp_path_factory.mktemp("localstack")) as url:
+        yield url
 
 
 @pytest.fixture
