@@ -1,12 +1,16 @@
 """Writer bench (helper of bench/run.py): records/s made durable by ``AuditWriter``.
 
-Real :class:`vllm_audit.capture.Exchange` objects for realistic chat requests (half streamed with
-20 tokens + usage chunk, half not; one in ten prompts carries an e-mail and a phone number so the
-redactor has something to do) go through the real writer thread: finalize (JSON + SSE parsing),
+Real :class:`vllm_audit.capture.Exchange` objects for realistic chat requests (a ~1 KB user
+prompt of prose, code and log lines from ``bench/redaction/realistic.py``, a different one per
+exchange; half streamed with 20 tokens + usage chunk, half not; one in ten prompts also carries an
+e-mail and a phone number so the redactor has something to do; every exchange holds bytes objects
+of its own, as the edge's would) go through the real writer thread: finalize (JSON + SSE parsing),
 redaction (default ``[privacy]`` policy), hash chain, group commit (one fdatasync per batch).
-Timed from the first submit to the last record on disk (``writer.stop()`` drains and joins).
+Timed from the first submit to the last record on disk (``writer.stop()`` drains and joins), after
+the writer (and its prepare processes, if any) started. CPU time is reported for this process
+and, separately, for the prepare processes (``/proc/PID/stat`` of each, read before they stop).
 
-``python bench/_writer.py N [BATCH_MAX]`` prints one JSON object.
+``python bench/_writer.py N [BATCH_MAX] [PREPARE_PROCESSES]`` prints one JSON object.
 ``python bench/_writer.py --profile N`` prints a cProfile of the same per-record work, in-thread.
 """
 
@@ -22,50 +26,53 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "redaction"))
 
-import _upstream  # noqa: E402
-import orjson  # noqa: E402
+import _upstream
+import orjson
+from realistic import prompts
 
-from vllm_audit import hooks  # noqa: E402
-from vllm_audit.capture import Exchange  # noqa: E402
-from vllm_audit.config import load_config  # noqa: E402
-from vllm_audit.demo import DemoEngine  # noqa: E402
-from vllm_audit.ids import accept_request_id  # noqa: E402
-from vllm_audit.writer import AuditWriter  # noqa: E402
+from vllm_audit import hooks
+from vllm_audit.capture import Exchange
+from vllm_audit.config import load_config
+from vllm_audit.demo import DemoEngine
+from vllm_audit.ids import accept_request_id
+from vllm_audit.writer import AuditWriter
+
+PROMPT_CHARS = 1000
 
 
-def _bodies() -> dict[str, Any]:
-    async def go() -> dict[str, Any]:
+def _bodies(n: int) -> list[tuple[bytes, Any, bytes, list[bytes]]]:
+    """``n`` distinct (request body, parsed request for streams, content type, response chunks)."""
+    texts = prompts(seed=20261202, n=max(1, n))
+
+    async def go() -> list[tuple[bytes, Any, bytes, list[bytes]]]:
         app = DemoEngine()
-        out: dict[str, Any] = {}
-        for pii in (False, True):
-            msgs = list(_upstream.MESSAGES)
+        out = []
+        for i in range(n):
+            pii, stream = i % 10 == 0, i % 2 == 1
+            text = texts[i][:PROMPT_CHARS]
             if pii:
-                msgs = msgs[:-1] + [
-                    {"role": "user", "content": "Mail jane.doe@example.com or call +1 415 555 0134 about ticket 4711."}
-                ]
-            for stream in (False, True):
-                req: dict[str, Any] = {"model": "demo-model", "messages": msgs, "max_tokens": 20}
-                if stream:
-                    req["stream"] = True
-                    req["stream_options"] = {"include_usage": True}
-                body = orjson.dumps(req)
-                status, headers, chunks = await _upstream.capture(app, body)
-                ctype = dict(headers).get(b"content-type", b"")
-                out[(pii, stream)] = (body, req if stream else None, ctype, chunks)
+                text += " Mail jane.doe@example.com or call +1 415 555 0134 about ticket 4711."
+            msgs = [_upstream.MESSAGES[0], {"role": "user", "content": text}]
+            req: dict[str, Any] = {"model": "demo-model", "messages": msgs, "max_tokens": 20}
+            if stream:
+                req["stream"] = True
+                req["stream_options"] = {"include_usage": True}
+            body = orjson.dumps(req)
+            _status, headers, chunks = await _upstream.capture(app, body)
+            ctype = dict(headers).get(b"content-type", b"")
+            out.append((body, req if stream else None, ctype, chunks))
         return out
 
     return asyncio.run(go())
 
 
 def make_exchanges(n: int) -> list[Exchange]:
-    variants = _bodies()
     anon = hooks.anonymous()
     out = []
-    for i in range(n):
-        pii = i % 10 == 0
+    for i, (body, req_json, ctype, chunks) in enumerate(_bodies(n)):
         stream = i % 2 == 1
-        body, req_json, ctype, chunks = variants[(pii, stream)]
         rid, _ = accept_request_id(None, 128)
         ex = Exchange(rid, "POST", "/v1/chat/completions")
         ex.client_ip = ex.peer_ip = "127.0.0.1"
@@ -91,6 +98,18 @@ def make_exchanges(n: int) -> list[Exchange]:
     return out
 
 
+def _proc_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def count_lines(log_dir: str) -> dict[str, int]:
     inference = events = 0
     for seg in Path(log_dir).glob("writers/*/seg-*.jsonl"):
@@ -110,27 +129,35 @@ def run(n: int, batch_max: int, procs: int = 0) -> dict[str, Any]:
         cfg = load_config(None, {"log": log_cfg, "ship": {"in_process": False}})
         w = AuditWriter(cfg)
         w.start()
-        c0 = time.process_time()
+        pids = w.prepare_pids(wait=60.0) if procs else []
+        c0, p0 = time.process_time(), _proc_cpu(pids)
         t0 = time.perf_counter()
         for ex in exchanges:
             w.submit(ex)
-        w.stop(timeout=600)
+        w.drain(timeout=600)
         t1 = time.perf_counter()
-        c1 = time.process_time()
+        c1, p1 = time.process_time(), _proc_cpu(pids)
+        w.stop(timeout=600)
         lines = count_lines(tmp)
         m = w.metrics
+        main_us = (c1 - c0) / n * 1e6
+        prep_us = (p1 - p0) / n * 1e6
         return {
             "n": n,
             "batch_max": batch_max,
             "prepare_processes": procs,
             "seconds": round(t1 - t0, 3),
             "records_per_s": round(n / (t1 - t0)),
-            "cpu_us_per_record": round((c1 - c0) / n * 1e6, 1),
+            "cpu_us_per_record": round(main_us, 1),
+            "prepare_cpu_us_per_record": round(prep_us, 1),
+            "total_cpu_us_per_record": round(main_us + prep_us, 1),
+            "prepared_in_processes": m.prepared_in_processes_total,
             "fsyncs": m.batches_total,
             "mean_batch": round(m.records_written_total / max(1, m.batches_total), 1),
             "lines_inference": lines["inference"],
             "lines_other": lines["other"],
             "failure": w.failure,
+            "load_avg": round(os.getloadavg()[0], 2),
         }
 
 

@@ -177,9 +177,37 @@ def test_prepare_processes_write_the_same_records_as_the_writer_thread(tmp_path:
         reader = LogReader(tmp_path / f"log{procs}", limit="all")
         (wid,) = reader.writer_ids()
         recs = [e.record() for e in reader.entries(wid) if e.record_type == "inference"]
-        volatile = ("seq", "prev", "writer_id", "record_id", "timestamp", "latency_ms", "ttft_ms")
+        volatile = ("seq", "prev", "writer_id", "record_id", "timestamp", "latency_ms", "ttft_ms", "org_tag")
         return sorted(({k: v for k, v in r.items() if k not in volatile} for r in recs), key=lambda r: str(r))
 
     inline, parallel = run(0), run(2)
     assert len(parallel) == 40 and parallel == inline
     assert all("example.com" not in str(r.get("input_prompt")) for r in parallel)
+
+
+def test_prepare_processes_start_with_the_writer_and_drain_waits_for_the_records(tmp_path: Path) -> None:
+    """The prepare processes are running before the first batch (which would otherwise wait for them
+    to import and build a redactor); ``drain`` returns once everything submitted is on disk."""
+    import os
+
+    cfg = Config(
+        log=LogConfig(dir=str(tmp_path / "log"), prepare_processes=1, prepare_min_batch=1),
+        ship=ShipConfig(in_process=False),
+    )
+    writer = AuditWriter(cfg)
+    writer.start()
+    try:
+        pids = writer.prepare_pids(wait=60.0)
+        assert len(pids) == 1 and pids[0] != os.getpid()
+        assert Path(f"/proc/{pids[0]}").exists()
+        assert 0 == writer.metrics.prepared_in_processes_total  # nothing submitted yet: started with the writer
+        for i in range(30):
+            writer.submit(_exchange(f"d{i}", f"call 138{i:08d} now"))
+        assert writer.drain(timeout=60.0)
+        reader = LogReader(tmp_path / "log", limit="all")
+        (wid,) = reader.writer_ids()
+        recs = [e.record() for e in reader.entries(wid) if e.record_type == "inference"]
+        assert [f"d{i}" for i in range(30)] == [r["request_id"] for r in recs]
+        assert all("138" not in str(r["input_prompt"]) for r in recs)
+    finally:
+        writer.stop()

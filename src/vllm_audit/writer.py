@@ -77,6 +77,13 @@ def _heavy_prepare(ex: Exchange) -> dict[str, Any]:
     return _prepare_exchange(ex, _worker_redactor)
 
 
+def _worker_pid() -> int:
+    """A prepare process's warm-up task: its initializer (the redactor) has run; its pid."""
+    import os
+
+    return os.getpid()
+
+
 def _prepare_many(exchanges: list[Exchange]) -> list[bytes]:
     """In a prepare process: finalize, redact and encode a slice of a batch (JSON bytes each)."""
     assert _worker_redactor is not None
@@ -142,6 +149,8 @@ class AuditWriter:
         self._heavy_pending = 0
         self._prepare_procs: Any = None
         self._prepare_failed = False
+        self._prepare_warm: list[Any] = []
+        self._done = threading.Condition()  # notified when entries were written or failed
         self.metrics.queue_depth = self.depth
         self.metrics.log_ok = lambda: self.failure is None
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -264,6 +273,8 @@ class AuditWriter:
         if chain is not None:
             self._commit(chain, [], [])  # start-up / recovery events
         self._ready.set()
+        if self.config.log.prepare_processes > 0:
+            self._start_prepare_processes()
         q = self._q
         batch_max = self.config.log.batch_max
         stopping = False
@@ -409,6 +420,35 @@ class AuditWriter:
         self.metrics.prepared_in_processes_total += len(out)
         return out
 
+    def _start_prepare_processes(self) -> None:
+        """Start the prepare processes with the writer (not on the first batch, which would wait
+        for them to import and build their redactor): one warm-up task per process."""
+        pool = self._prepare_pool()
+        if pool is None:
+            return
+        try:
+            self._prepare_warm = [pool.submit(_worker_pid) for _ in range(self.config.log.prepare_processes)]
+        except Exception as exc:
+            log.warning("prepare processes unavailable (%s); preparing records in the writer thread", exc)
+            self._prepare_failed = True
+
+    def prepare_pids(self, wait: float = 30.0) -> list[int]:
+        """The prepare processes' pids once each has started (for benchmarks and tests)."""
+        import concurrent.futures
+
+        deadline = time.monotonic() + wait
+        while not self._prepare_warm and not self._prepare_failed and time.monotonic() < deadline:
+            with self._done:
+                self._done.wait(0.05)  # the writer thread submits the warm-up tasks right after start
+        done, _pending = concurrent.futures.wait(self._prepare_warm, max(0.0, deadline - time.monotonic()))
+        return sorted({f.result() for f in done if f.exception() is None})
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every entry submitted so far is written (or failed); True when it is."""
+        target = self._submitted
+        with self._done:
+            return self._done.wait_for(lambda: self._processed >= target, timeout)
+
     def _prepare_pool(self) -> Any:
         if self._prepare_procs is None:
             self._prepare_procs = self._new_pool(self.config.log.prepare_processes)
@@ -470,7 +510,9 @@ class AuditWriter:
             return
         self.failure = None
         self.durable_seq = chain.next_seq
-        self._processed += len(items)
+        with self._done:
+            self._processed += len(items)
+            self._done.notify_all()
         m = self.metrics
         m.records_written_total += len(entries)
         m.batches_total += 1
@@ -504,7 +546,9 @@ class AuditWriter:
             runner.notify()
 
     def _fail(self, items: list[Item], exc: Exception) -> None:
-        self._processed += len(items)
+        with self._done:
+            self._processed += len(items)
+            self._done.notify_all()
         self.metrics.dropped_total += len(items)
         _resolve(items, exc)
 
