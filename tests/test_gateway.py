@@ -351,6 +351,37 @@ def test_client_leaving_a_proxied_stream_is_cancelled_upstream_and_recorded(tmp_
     assert "cancelled" == up_rec["status"]
 
 
+def test_client_leaving_a_slow_unstreamed_request_stops_it_in_time(tmp_path: Path) -> None:
+    """A client that gives up on a non-streamed request while the upstream is still working: the
+    proxy's disconnect watcher (started WATCH_AFTER_S into a request, so fast requests need none)
+    sees it, stops the upstream request and records 'cancelled' at once, not when the upstream
+    answers seconds later."""
+    slow = {**CHAT, "max_tokens": 8}  # 8 tokens x 1 s of demo delay: the upstream answers after ~8 s
+
+    async def drop(base: str) -> float:
+        async with aiohttp.ClientSession() as s:
+            with contextlib.suppress(TimeoutError):
+                await post(
+                    s,
+                    base + "/v1/chat/completions",
+                    slow,
+                    headers={"x-request-id": "ns-gone"},
+                    timeout=aiohttp.ClientTimeout(total=0.5),
+                )
+        return time.monotonic()
+
+    with gateway(tmp_path, config="[gateway]\ndemo_token_delay_ms = 1000\n", log_dir=tmp_path / "uplog") as (up, _, _):
+        with gateway(tmp_path, "--upstream", up, log_dir=tmp_path / "gwlog") as (base, gw_log, _):
+            left = asyncio.run(drop(base))
+            recs: list[dict[str, Any]] = []
+            while not recs and time.monotonic() < left + 4.0:  # well before the upstream's answer
+                recs = [r for r in read_records(gw_log) if r["request_id"] == "ns-gone"]
+                time.sleep(0.05)
+    assert recs, "the gateway did not notice the client leaving before the upstream answered"
+    assert "cancelled" == recs[0]["status"]
+    assert recs[0]["latency_ms"] < 3000
+
+
 # -- issue 15 -------------------------------------------------------------------------------------
 
 

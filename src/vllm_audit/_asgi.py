@@ -32,35 +32,59 @@ async def send_bytes(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+async def until_disconnect(work: Awaitable[None], receive: Receive, watch_after: float = 0.0) -> bool:
     """Run ``work`` in the current task; cancel it if the client disconnects meanwhile.
 
     Returns True when the client went away (``work`` was stopped), False when ``work`` finished.
     One watcher task per call reads ``receive`` (as starlette's StreamingResponse does); the
-    work itself is not wrapped in a task of its own.
+    work itself is not wrapped in a task of its own. With ``watch_after`` > 0 the watcher is
+    started only once the work has run that long: a request that is over sooner costs no task
+    (most of a fast proxied request's scheduling), and a client that left meanwhile is still
+    seen then, since ``receive`` reports a disconnect that has already happened.
     """
     task = asyncio.current_task()
     assert task is not None
-    state = {"active": True, "gone": False}
-
-    async def watch() -> None:
-        msg = await receive()
-        if msg["type"] == "http.disconnect" and state["active"]:
-            state["gone"] = True
-            task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
+    watch = _Watcher(task, receive)
+    timer = asyncio.get_running_loop().call_later(watch_after, watch.start) if watch_after > 0 else None
+    if timer is None:
+        watch.start()
     try:
         await work
     except asyncio.CancelledError:
-        if state["gone"]:
+        if watch.gone:
             task.uncancel()
             return True
         raise
     finally:
-        state["active"] = False
-        watcher.cancel()
+        watch.active = False
+        if timer is not None:
+            timer.cancel()
+        if watch.task is not None:
+            watch.task.cancel()
     return False
+
+
+class _Watcher:
+    """Reads ``receive`` for :func:`until_disconnect`; cancels the work's task on a disconnect."""
+
+    __slots__ = ("active", "gone", "receive", "target", "task")
+
+    def __init__(self, target: asyncio.Task[object], receive: Receive) -> None:
+        self.target = target
+        self.receive = receive
+        self.active = True
+        self.gone = False
+        self.task: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        if self.active and self.task is None:
+            self.task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        msg = await self.receive()
+        if msg["type"] == "http.disconnect" and self.active:
+            self.gone = True
+            self.target.cancel()
 
 
 class BodyError(Exception):

@@ -83,7 +83,12 @@ class GuardedHttpTools(HttpToolsProtocol):
                 self._disarm()
                 self.send_400_response("Request head too large.")
                 return
-            self._arm()
+            super().data_received(data)
+            # Armed only when this data left the head incomplete (a head that arrives whole in
+            # one read, the usual case, costs no timer); the deadline runs from its first bytes.
+            if self._in_head and self._head_bytes and not self.transport.is_closing():
+                self._arm()
+            return
         super().data_received(data)
 
     def on_headers_complete(self) -> None:

@@ -159,6 +159,10 @@ class _Conn(asyncio.Protocol):
             await self._wait("_wake", timeout)
             if not self.chunks and not self.complete and self.error is None:
                 self._fail(ReadTimeout("the upstream went silent"))
+        return self.take()
+
+    def take(self) -> bytes | None:
+        """The body bytes received so far (joined), None at the end of the body; raises a failure."""
         if self.chunks:
             data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
             self.chunks.clear()
@@ -205,6 +209,11 @@ class Response:
             yield data
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if conn.complete and conn.error is None:  # the whole body came with the head: no waiting
+            data = conn.take()
+            self.release()
+            return data or b""
         parts = [c async for c in self.iter_chunks()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
