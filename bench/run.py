@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import hashlib
 import json
 import os
 import re
@@ -100,10 +99,12 @@ def wait_port(port: int, p: subprocess.Popen[bytes], log: Path, timeout: float =
     raise SystemExit(f"server on port {port} did not come up; log {log}")
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user+sys) of pid and its direct children (nginx workers)."""
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user+sys) of pid alone, and of pid with all its descendants (nginx workers,
+    gateway workers, prepare processes, the projections' child), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    cpu: dict[int, float] = {}
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -112,10 +113,14 @@ def proc_cpu(pid: int) -> float:
         except OSError:
             continue
         fields = raw[raw.rfind(")") + 2 :].split()
-        ppid = int(fields[1])
-        if int(d.name) == pid or ppid == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / tick
+        children.setdefault(int(fields[1]), []).append(int(d.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo.extend(children.get(p, ()))
+    return cpu.get(pid, 0.0), total
 
 
 # -- wrk ----------------------------------------------------------------------------------------
@@ -135,9 +140,7 @@ def lua_script(tmp: Path, stream: bool) -> Path:
     assert "'" not in body and "\\" not in body
     p = tmp / f"post_{'stream' if stream else 'json'}.lua"
     p.write_text(
-        f"wrk.method = \"POST\"\nwrk.body = '{body}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        "local bad = 0\n"
+        f'wrk.method = "POST"\nwrk.body = \'{body}\'\nwrk.headers["Content-Type"] = "application/json"\nlocal bad = 0\n'
     )
     return p
 
@@ -182,8 +185,15 @@ def nginx_start(tmp: Path, port: int, up_port: int) -> subprocess.Popen[bytes]:
 
 
 def gateway_start(
-    tmp: Path, port: int, up_port: int, extra_env: dict[str, str] | None = None, workers: int = 1, cpu: str = PROXY_CPU
+    tmp: Path,
+    port: int,
+    up_port: int,
+    extra_env: dict[str, str] | None = None,
+    workers: int = 1,
+    cpu: str = PROXY_CPU,
+    config: str = "",
 ) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``vllm-audit serve --upstream`` (``config``: extra TOML, e.g. ``[log] prepare_processes``)."""
     d = tmp / "gateway"
     d.mkdir(parents=True, exist_ok=True)
     log_dir = d / "audit-log"
@@ -193,6 +203,9 @@ def gateway_start(
     env.update(extra_env or {})
     cmd = [str(BIN / "vllm-audit"), "serve", "--upstream", f"http://127.0.0.1:{up_port}", "--port", str(port),
            "--log-dir", str(log_dir), "--workers", str(workers)]  # fmt: skip
+    if config:
+        (d / "gateway.toml").write_text(config)
+        cmd += ["--config", str(d / "gateway.toml")]
     p = start(cmd, cpu, d / "gateway.log", env)
     wait_port(port, p, d / "gateway.log")
     return p, log_dir
@@ -212,121 +225,128 @@ def demo_start(tmp: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def log_records(log_dir: Path) -> dict[str, Any]:
-    """Count inference records by status and check the hash chain (seq, prev = leaf hash)."""
+    """Count inference records by status and check every writer's hash chain, through the
+    package's own reader (``LogReader``: it link-checks seq and prev for each entry it returns)."""
+    from vllm_audit.integrity.reader import ChainBreak, LogReader
+
     counts: dict[str, int] = {}
     inference = other = 0
     chain_ok = True
     problems: list[str] = []
-    for wdir in sorted(log_dir.glob("writers/*")):
-        segs = sorted(wdir.glob("seg-*.jsonl"))
-        prev = "0" * 64
-        seq = None
-        for seg in segs:
-            with open(seg, "rb") as f:
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        problems.append(f"{seg.name}: torn last line")
-                        chain_ok = False
-                        break
-                    line = line[:-1]
-                    head = json.loads(line[: line.find(b',"writer_id"')] + b"}")
-                    if seq is not None and head["seq"] != seq + 1:
-                        chain_ok = False
-                        problems.append(f"seq gap at {head['seq']}")
-                    if head["prev"] != prev and not (seq is None and head["seq"] > 0):
-                        chain_ok = False
-                        problems.append(f"prev mismatch at seq {head['seq']}")
-                    seq = head["seq"]
-                    prev = hashlib.sha256(b"\x00" + line).hexdigest()
-                    if b'"record_type":"inference"' in line[:300]:
-                        inference += 1
-                        m = re.search(rb'"status":"(\w+)"', line)
-                        st = m.group(1).decode() if m else "?"
-                        counts[st] = counts.get(st, 0) + 1
-                    else:
-                        other += 1
+    if not (log_dir / "writers").is_dir():
+        return {"inference": 0, "by_status": counts, "other": 0, "chain_ok": True, "problems": []}
+    reader = LogReader(log_dir, limit="all")
+    for wid in reader.writer_ids():
+        try:
+            for entry in reader.entries_all(wid):
+                if entry.record_type != "inference":
+                    other += 1
+                    continue
+                inference += 1
+                st = str(entry.record().get("status", "?"))  # the outcome: ok, cancelled, ...
+                counts[st] = counts.get(st, 0) + 1
+        except ChainBreak as exc:
+            chain_ok = False
+            problems.append(str(exc))
     return {"inference": inference, "by_status": counts, "other": other, "chain_ok": chain_ok, "problems": problems[:5]}
 
 
 # -- the runs -----------------------------------------------------------------------------------
 
 
-def http_bench(tmp: Path, seconds: float, with_demo: bool) -> dict[str, Any]:
+#: The extra configuration of the gateway variant that moves the record work out of its process.
+OFFLOAD_TOML = '[log]\nprepare_processes = 1\n\n[ship]\nisolation = "process"\n'
+ALL_CELLS = [(stream, c) for stream in (False, True) for c in CONCURRENCY]
+
+
+def http_bench(tmp: Path, seconds: float, with_demo: bool, variants: bool) -> dict[str, Any]:
     scripts = {False: lua_script(tmp, False), True: lua_script(tmp, True)}
     up_port = free_port()
     up_log = tmp / "upstream.log"
     up = start([PY, str(HERE / "_upstream.py"), str(up_port)], LOAD_CPU, up_log)
     wait_port(up_port, up, up_log)
-    results: dict[str, Any] = {"rows": {}, "records": {}}
+    results: dict[str, Any] = {"rows": {}, "records": {}, "ttft": {}}
 
-    def run_system(name: str, port: int, pid: int | None, log_dir: Path | None) -> None:
+    def run_system(
+        name: str,
+        port: int,
+        pid: int | None,
+        log_dir: Path | None,
+        cells: list[tuple[bool, int]] = ALL_CELLS,
+        one_process: bool = True,
+    ) -> None:
+        """``one_process``: the server's own process does the work (else only "all" is shown:
+        nginx's master and uvicorn's supervisor only watch their workers)."""
         wrk(port, scripts[True], 16, min(1.0, seconds))  # warm-up (connections, JIT-free caches)
         wrk(port, scripts[False], 16, min(1.0, seconds))
         time.sleep(0.3)
-        for stream in (False, True):
-            for c in CONCURRENCY:
-                before = log_records(log_dir) if log_dir else None
-                cpu0 = proc_cpu(pid) if pid else 0.0
-                r = wrk(port, scripts[stream], c, seconds)
-                cpu1 = proc_cpu(pid) if pid else 0.0
-                r["cpu_ms_per_req"] = (cpu1 - cpu0) * 1000 / r["requests"] if pid and r["requests"] else None
-                key = f"{'stream' if stream else 'json'}_c{c}"
-                if log_dir is not None and before is not None:
-                    time.sleep(0.5)  # cancelled exchanges are submitted without waiting
-                    after = log_records(log_dir)
-                    ok = after["by_status"].get("ok", 0) - before["by_status"].get("ok", 0)
-                    results["records"][key] = {
-                        "completed": r["requests"],
-                        "records": after["inference"] - before["inference"],
-                        "ok_records": ok,
-                        "lost": max(0, r["requests"] - r["non2xx"] - ok),
-                    }
-                results["rows"].setdefault(name, {})[key] = {k: v for k, v in r.items() if k != "raw"}
-                line = f"  {name:8s} {key:10s} {r['rps']:9.0f} req/s  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
-                if r["non2xx"] or r["socket_errors"]:
-                    line += f"  non2xx={r['non2xx']} errors=[{r['socket_errors']}]"
-                print(line, flush=True)
+        for stream, c in cells:
+            before = log_records(log_dir) if log_dir else None
+            own0, all0 = proc_cpu(pid) if pid else (0.0, 0.0)
+            r = wrk(port, scripts[stream], c, seconds)
+            own1, all1 = proc_cpu(pid) if pid else (0.0, 0.0)
+            n = r["requests"]
+            r["cpu_ms_per_req"] = (own1 - own0) * 1000 / n if pid and n and one_process else None
+            r["cpu_all_ms_per_req"] = (all1 - all0) * 1000 / n if pid and n else None
+            key = f"{'stream' if stream else 'json'}_c{c}"
+            if log_dir is not None and before is not None:
+                time.sleep(0.5)  # cancelled exchanges are submitted without waiting
+                after = log_records(log_dir)
+                ok = after["by_status"].get("ok", 0) - before["by_status"].get("ok", 0)
+                results["records"][f"{name} {key}"] = {
+                    "completed": n,
+                    "records": after["inference"] - before["inference"],
+                    "ok_records": ok,
+                    "lost": max(0, n - r["non2xx"] - ok),
+                }
+            results["rows"].setdefault(name, {})[key] = {k: v for k, v in r.items() if k != "raw"}
+            line = f"  {name:10s} {key:10s} {r['rps']:9.0f} req/s  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
+            if r["cpu_all_ms_per_req"] is not None:
+                line += f"  CPU ms/req: {_fmt(r['cpu_ms_per_req'], '.3f')} own, {r['cpu_all_ms_per_req']:.3f} all processes"
+            if r["non2xx"] or r["socket_errors"]:
+                line += f"  non2xx={r['non2xx']} errors=[{r['socket_errors']}]"
+            print(line, flush=True)
+
+    def gateway(
+        name: str, sub: str, label: str, workers: int, cpu: str, config: str, cells: list[tuple[bool, int]]
+    ) -> None:
+        port = free_port()
+        gw, log_dir = gateway_start(tmp / sub, port, up_port, workers=workers, cpu=cpu, config=config)
+        print(f"HTTP: {label}", flush=True)
+        try:
+            run_system(name, port, gw.pid, log_dir, cells, one_process=workers == 1)
+            results["ttft"][name] = ttft(port)
+        finally:
+            stop(gw)  # SIGTERM: uvicorn shuts down, the writers drain and close their chains
+        results.setdefault("final_log", {})[name] = log_records(log_dir)
 
     try:
         print("HTTP: bare upstream (wrk -> fake upstream, both on CPU 0)", flush=True)
         run_system("bare", up_port, None, None)
-        results["ttft"] = {"bare": ttft(up_port)}
+        results["ttft"]["bare"] = ttft(up_port)
 
         port = free_port()
         ng = nginx_start(tmp, port, up_port)
         print("HTTP: nginx pass-through on CPU 1", flush=True)
         try:
-            run_system("nginx", port, ng.pid, None)
+            run_system("nginx", port, ng.pid, None, one_process=False)
+            results["ttft"]["nginx"] = ttft(port)
         finally:
             stop(ng, signal.SIGQUIT)
         access = tmp / "nginx" / "access.jsonl"
         results["nginx_log_lines"] = sum(1 for _ in open(access, "rb")) if access.exists() else 0
 
-        port = free_port()
-        gw, log_dir = gateway_start(tmp, port, up_port)
-        print("HTTP: audited gateway on CPU 1", flush=True)
-        try:
-            run_system("gateway", port, gw.pid, log_dir)
-            results["ttft"]["gateway"] = ttft(port)
-        finally:
-            stop(gw)  # SIGTERM: uvicorn shuts down, the writer drains and closes the chain
-        results["final_log"] = log_records(log_dir)
-        results["gateway_log"] = str(log_dir)
-
+        gateway("gateway", "w1", "audited gateway, 1 worker on CPU 1", 1, PROXY_CPU, "", ALL_CELLS)
+        if variants:
+            # The same gateway with finalize + redaction in a prepare process and the projections
+            # (query store) in their child: its own process does less, its processes in all do not.
+            cells = [(s, c) for s in (False, True) for c in (16, 64)]
+            gateway("offload", "off", "audited gateway, record work in other processes (all on CPU 1)", 1, PROXY_CPU,
+                    OFFLOAD_TOML, cells)  # fmt: skip
         # Two workers on both CPUs (wrk and the upstream share CPU 0 with one of them: on a
         # 2-core machine the load generator cannot have a core of its own here).
-        port = free_port()
-        gw2, _ = gateway_start(tmp / "w2", port, up_port, workers=2, cpu="0,1")
-        print("HTTP: audited gateway, 2 workers on CPUs 0-1", flush=True)
-        try:
-            wrk(port, scripts[False], 64, min(1.0, seconds))
-            results["workers2"] = {}
-            for stream in (False, True):
-                r = wrk(port, scripts[stream], 64, seconds)
-                results["workers2"]["stream" if stream else "json"] = r["rps"]
-                print(f"  gateway×2 {'stream' if stream else 'json'}_c64 {r['rps']:9.0f} req/s", flush=True)
-        finally:
-            stop(gw2)
+        cells = [(s, c) for s in (False, True) for c in (16, 64)]
+        gateway("gateway2", "w2", "audited gateway, 2 workers on CPUs 0-1", 2, "0,1", "", cells)
 
         if with_demo:
             port = free_port()
@@ -363,7 +383,11 @@ def ttft(port: int, n: int = 300) -> dict[str, float]:
                 if not data:
                     raise RuntimeError("connection closed")
                 buf += data
-                if first is None and b'"content":"' in buf and b'"content":""' not in buf.split(b'"content":"', 1)[0][-5:]:
+                if (
+                    first is None
+                    and b'"content":"' in buf
+                    and b'"content":""' not in buf.split(b'"content":"', 1)[0][-5:]
+                ):
                     if buf.count(b"data: {") >= 2:  # the role chunk, then the first content chunk
                         first = time.perf_counter() - t0
                 if buf.endswith(b"0\r\n\r\n") or b"data: [DONE]" in buf and buf.endswith(b"\r\n\r\n"):
@@ -395,14 +419,54 @@ def fsync_probe(tmp: Path, n: int = 300) -> dict[str, float]:
     return {"p50": lat[len(lat) // 2], "p90": lat[int(len(lat) * 0.9)], "p99": lat[int(len(lat) * 0.99)]}
 
 
-def run_helper(args: list[str], timeout: float) -> dict[str, Any]:
+def run_helper(args: list[str], timeout: float, cpu: str | None = PROXY_CPU) -> dict[str, Any]:
+    """Run a bench script (pinned to ``cpu`` unless None); its result is the JSON object it prints last."""
+    cmd = ["taskset", "-c", cpu, PY, *args] if cpu else [PY, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    text = out.stdout
+    start_at = text.rfind("\n{") + 1 if not text.startswith("{") or "\n{" in text else 0
+    try:
+        result: dict[str, Any] = json.loads(text[start_at:])
+    except ValueError:
+        raise SystemExit(f"{args[0]} failed (rc {out.returncode}):\n{out.stderr[-3000:]}{text[-1000:]}") from None
+    return result
+
+
+def redaction_bench(python: str, timeout: float = 900) -> dict[str, Any]:
+    """bench/redaction/run.py (owned by the privacy area), its figures taken from what it prints.
+
+    ``python``: an interpreter with presidio-analyzer (bench-only) for the comparison; the package
+    itself comes from this checkout's src/. Its exit code says whether its own targets were met.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     out = subprocess.run(
-        ["taskset", "-c", PROXY_CPU, PY, *args], capture_output=True, text=True, timeout=timeout, cwd=str(ROOT)
+        [python, str(HERE / "redaction" / "run.py")],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
+        env=env,
     )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"{args[0]} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    text = out.stdout
+    res: dict[str, Any] = {"presidio": "not installed" not in text, "targets_met": out.returncode == 0}
+    m = re.search(r"^ratio \(i\) 15 types / Presidio\s+([\d.]+)x\s+([\d.]+)x\s+([\d.]+)x", text, re.M)
+    if m:
+        res["x_presidio_one"], res["x_presidio_fifty"], res["x_presidio_prose"] = map(float, m.groups())
+    m = re.search(r"^vllm-audit, 15 types\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
+    if m:
+        res["mb_s_one"], res["mb_s_fifty"], res["mb_s_prose"] = map(float, m.groups())
+    m = re.search(r"^Presidio, 5 types\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
+    if m:
+        res["presidio_mb_s_one"], res["presidio_mb_s_fifty"], res["presidio_mb_s_prose"] = map(float, m.groups())
+    m = re.search(r"([\d,]+) records/s\s+without PII", text)
+    if m:
+        res["records_per_s_clean"] = int(m.group(1).replace(",", ""))
+    m = re.search(r"clean ~2 KB record: ([\d.]+) us", text)
+    if m:
+        res["us_clean_2kb"] = float(m.group(1))
+    if len(res) <= 2:
+        res["error"] = (out.stderr or text)[-1500:]
+    return res
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -412,8 +476,24 @@ def _fmt(v: float | None, spec: str) -> str:
     return "—" if v is None or v != v else format(v, spec)
 
 
+#: (row name, label) in the order of the HTTP table.
+SYSTEMS = (
+    ("bare", "bare upstream (fake, CPU 0)"),
+    ("nginx", "nginx 1.22 + JSON log"),
+    ("gateway", "**vllm-audit gateway**, 1 worker (strict)"),
+    ("offload", "gateway, 1 worker, prepare_processes=1 + projections' child"),
+    ("gateway2", "**vllm-audit gateway**, 2 workers (CPUs 0-1)"),
+    ("uvicorn", "DemoEngine on uvicorn, no audit"),
+)
+
+
 def report(
-    http: dict[str, Any] | None, mw: dict[str, Any], wr: list[dict[str, Any]], seconds: float, fs: dict[str, float]
+    http: dict[str, Any] | None,
+    mw: dict[str, Any],
+    wr: list[dict[str, Any]],
+    seconds: float,
+    fs: dict[str, float],
+    others: dict[str, Any],
 ) -> str:
     out: list[str] = [
         f"Disk: 4 KiB append + fdatasync p50 {fs['p50']:.2f} ms, p90 {fs['p90']:.2f} ms, p99 {fs['p99']:.2f} ms "
@@ -422,20 +502,34 @@ def report(
     ]
     if http:
         rows = http["rows"]
-        out.append(f"### HTTP ({seconds:g} s per cell; wrk -t1; wrk + upstream on CPU {LOAD_CPU}, system under test on CPU {PROXY_CPU})")
+        out.append(
+            f"### HTTP ({seconds:g} s per cell; wrk -t1; wrk + upstream on CPU {LOAD_CPU}, system under test on CPU {PROXY_CPU})"
+        )
         out.append("")
-        out.append("| system | mode | c | req/s | p50 ms | p99 ms | CPU ms/req (CPU 1) |")
-        out.append("|---|---|---:|---:|---:|---:|---:|")
-        for name, label in (("bare", "bare upstream (fake, CPU 0)"), ("nginx", "nginx 1.22 + JSON log"),
-                            ("gateway", "**vllm-audit gateway** (strict)"), ("uvicorn", "DemoEngine on uvicorn, no audit")):  # fmt: skip
-            if name not in rows:
-                continue
-            for key, r in rows[name].items():
+        out.append(
+            "CPU ms/req: the server's main process; \"all\": with every process it started (nginx's worker, gateway"
+        )
+        out.append("workers, prepare processes, the projections' child) — the figure to compare.")
+        out.append("")
+        out.append("| system | mode | c | req/s | p50 ms | p99 ms | CPU ms/req | CPU ms/req, all |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for name, label in SYSTEMS:
+            for key, r in rows.get(name, {}).items():
                 mode, c = key.split("_c")
                 out.append(
                     f"| {label} | {mode} | {c} | {r['rps']:,.0f} | {_fmt(r['p50'], '.3f')} | {_fmt(r['p99'], '.3f')} | "
-                    f"{_fmt(r['cpu_ms_per_req'], '.3f')} |"
+                    f"{_fmt(r['cpu_ms_per_req'], '.3f')} | {_fmt(r['cpu_all_ms_per_req'], '.3f')} |"
                 )
+        out.append("")
+        out.append("### Time to first token (c=1, streamed chat, raw-socket client, keep-alive)")
+        out.append("")
+        out.append("| system | TTFT p50 ms | TTFT p99 ms | added p50 vs bare |")
+        out.append("|---|---:|---:|---:|")
+        bare = http["ttft"]["bare"]
+        for name, label in SYSTEMS:
+            t = http["ttft"].get(name)
+            if t:
+                out.append(f"| {label} | {t['p50']:.3f} | {t['p99']:.3f} | {t['p50'] - bare['p50']:+.3f} |")
         out.append("")
     out.append("### Middleware mode (in-process, no sockets; loop-thread CPU via time.thread_time())")
     out.append("")
@@ -449,14 +543,18 @@ def report(
         ("non-stream, c=64, durability=strict", "bare_ns_c64", "strict_ns_c64"),
         ("stream 20 tokens, c=64, durability=strict", "bare_s20_c64", "strict_s20_c64"),
     ):
-        out.append(f"| {label} | {raw[b]['cpu_us']:.1f} | {raw[a]['cpu_us']:.1f} | {raw[a]['cpu_us'] - raw[b]['cpu_us']:.1f} |")
+        out.append(
+            f"| {label} | {raw[b]['cpu_us']:.1f} | {raw[a]['cpu_us']:.1f} | {raw[a]['cpu_us'] - raw[b]['cpu_us']:.1f} |"
+        )
     out.append("")
     out.append(f"Per streamed chunk (slope 20 -> 200 tokens): **{mw['added_us_per_chunk']:.2f} µs**; fixed part of a "
                f"stream: {mw['added_us_per_request_stream_fixed']:.1f} µs.")  # fmt: skip
     out.append("")
     out.append("### Writer (AuditWriter thread: finalize + redact + hash chain + group commit)")
     out.append("")
-    out.append("| records | batch_max | seconds | records/s | CPU µs/record | fdatasyncs | mean batch | lines on disk |")
+    out.append(
+        "| records | batch_max | seconds | records/s | CPU µs/record | fdatasyncs | mean batch | lines on disk |"
+    )
     out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in wr:
         out.append(
@@ -464,8 +562,8 @@ def report(
             f"{w['fsyncs']} | {w['mean_batch']:.0f} | {w['lines_inference']:,} |"
         )
     out.append("")
+    out.extend(_others_table(wr, others))
 
-    # ratios vs targets
     out.append("### Ratios vs targets")
     out.append("")
     out.append("| metric | measured | target | |")
@@ -479,10 +577,26 @@ def report(
         for mode in ("json", "stream"):
             g, n = rows["gateway"][f"{mode}_c64"]["rps"], rows["nginx"][f"{mode}_c64"]["rps"]
             ratio = g / n if n else 0.0
-            out.append(f"| gateway / nginx req/s, {mode}, c=64 | {ratio:.1%} ({g:,.0f} / {n:,.0f}) | ≥ 10 % | {verdict(ratio >= 0.10)} |")
+            out.append(
+                f"| gateway / nginx req/s, {mode}, c=64 | {ratio:.1%} ({g:,.0f} / {n:,.0f}) | ≥ 10 % | {verdict(ratio >= 0.10)} |"
+            )
+        for mode, target in (("json", 0.3), ("stream", 0.5)):
+            for c in (16, 64):
+                v = rows["gateway"][f"{mode}_c{c}"]["cpu_all_ms_per_req"]
+                out.append(f"| gateway CPU per request (all processes), {mode}, c={c} | {_fmt(v, '.3f')} ms | ≤ {target} ms | "
+                           f"{verdict(v is not None and v <= target)} |")  # fmt: skip
         for mode in ("json", "stream"):
             add = rows["gateway"][f"{mode}_c1"]["p50"] - rows["bare"][f"{mode}_c1"]["p50"]
             out.append(f"| gateway p50 − bare p50, {mode}, c=1 | {add:.3f} ms | ≤ 1 ms | {verdict(add <= 1.0)} |")
+        t = http["ttft"]
+        add = t["gateway"]["p50"] - t["bare"]["p50"]
+        out.append(f"| time to first token added (p50, c=1) | {add:.3f} ms | ≤ 1 ms | {verdict(add <= 1.0)} |")
+        if "gateway2" in rows:
+            for mode in ("json", "stream"):
+                one, two = rows["gateway"][f"{mode}_c64"]["rps"], rows["gateway2"][f"{mode}_c64"]["rps"]
+                out.append(
+                    f"| 2 workers / 1 worker req/s, {mode}, c=64 | {two / one:.2f}× | ≥ 1.8× | {verdict(two / one >= 1.8)} |"
+                )
     a = mw["added_us_per_request_nonstream"]
     out.append(f"| middleware CPU per request (non-stream, async) | {a:.1f} µs | ≤ 50 µs | {verdict(a <= 50)} |")
     a = mw["added_us_strict_c64_nonstream"]
@@ -490,13 +604,35 @@ def report(
     a = mw["added_us_per_chunk"]
     out.append(f"| middleware CPU per streamed chunk | {a:.2f} µs | ≤ 2 µs | {verdict(a <= 2.0)} |")
     w = wr[0]
-    out.append(f"| writer records/s durable ({w['n']:,} records) | {w['records_per_s']:,} | ≥ 50,000 | {verdict(w['records_per_s'] >= 50000)} |")
+    out.append(
+        f"| writer records/s durable ({w['n']:,} records) | {w['records_per_s']:,} | ≥ 50,000 | {verdict(w['records_per_s'] >= 50000)} |"
+    )
+    v = others.get("verify")
+    if v and "verify_records_per_s" in v:
+        out.append(f"| verifier records/s ({v['records']:,} records, {v['log_mb']} MB) | {v['verify_records_per_s']:,} | ≥ 500,000 | "
+                   f"{verdict(v['verify_records_per_s'] >= 500_000)} |")  # fmt: skip
+    pr = others.get("proofs")
+    if pr and "verify_proofs_per_s_per_core" in pr:
+        n = pr["verify_proofs_per_s_per_core"]
+        out.append(f"| inclusion proofs verified per second per core | {n:,} | ≥ 20,000 | {verdict(n >= 20_000)} |")
+    rd = others.get("redaction")
+    if rd and "x_presidio_one" in rd:
+        x = min(rd["x_presidio_one"], rd["x_presidio_fifty"])
+        out.append(
+            f"| redaction throughput / Presidio (lower of 1 and 50 texts per call) | {x:.1f}× | ≥ 20× | {verdict(x >= 20)} |"
+        )
+    if rd and "us_clean_2kb" in rd:
+        out.append(
+            f"| redaction of a clean 2 KB record | {rd['us_clean_2kb']:.1f} µs | ≤ 25 µs | {verdict(rd['us_clean_2kb'] <= 25)} |"
+        )
     out.append("")
 
     if http:
-        out.append("### Records written by the gateway during the HTTP run")
+        out.append("### Records written by the gateways during the HTTP run")
         out.append("")
-        out.append("| cell | responses completed (wrk) | inference records | status ok | completed without an ok record |")
+        out.append(
+            "| cell | responses completed (wrk) | inference records | status ok | completed without an ok record |"
+        )
         out.append("|---|---:|---:|---:|---:|")
         tc = tr = tl = 0
         for key, r in http["records"].items():
@@ -504,17 +640,72 @@ def report(
             tc += r["completed"]
             tr += r["records"]
             tl += r["lost"]
-        fl = http["final_log"]
         out.append("")
         out.append(
             f"Total: {tc:,} responses completed in the measured cells, {tr:,} records; {tl} completed responses without "
-            f"a record. Whole log after shutdown (incl. warm-up): {fl['inference']:,} inference records "
-            f"{fl['by_status']}, {fl['other']} event entries; hash chain (seq + prev) "
-            f"{'OK' if fl['chain_ok'] else 'BROKEN: ' + '; '.join(fl['problems'])}. "
-            f"nginx access log: {http.get('nginx_log_lines', 0):,} lines."
+            f"a record. nginx access log: {http.get('nginx_log_lines', 0):,} lines."
         )
+        for name, fl in http["final_log"].items():
+            out.append(
+                f"Whole log of `{name}` after shutdown (incl. warm-up): {fl['inference']:,} inference records "
+                f"{fl['by_status']}, {fl['other']} event entries; hash chains "
+                f"{'OK' if fl['chain_ok'] else 'BROKEN: ' + '; '.join(fl['problems'])}."
+            )
         out.append("")
     return "\n".join(out)
+
+
+def _others_table(wr: list[dict[str, Any]], others: dict[str, Any]) -> list[str]:
+    """The writer, verifier, proof and redaction figures beside their baselines."""
+    out = ["### Writer, verifier, proofs and redaction beside their baselines", ""]
+    out.append("| bench | measured | baseline | target |")
+    out.append("|---|---:|---:|---:|")
+    w = wr[0]
+    out.append(f"| writer: records/s durable, {w['n']:,} records (bench/_writer.py) | {w['records_per_s']:,} "
+               f"({w['cpu_us_per_record']:.1f} µs CPU/record) | 9,632 (issue 10's first landing) | 50,000 |")  # fmt: skip
+    v = others.get("verify")
+    if v and "verify_records_per_s" in v:
+        out.append(
+            f"| verifier: records/s over {v['log_mb']} MB (bench/verify/run.py, {v['verify_workers']}) | "
+            f"{v['verify_records_per_s']:,} ({v['verify_mb_per_s']} MB/s; {v['verify_cpu_us_per_record']} µs CPU/record) | "
+            f"~200,000 (issue 10's first landing) | 500,000 |"
+        )
+        out.append(
+            f"| chain append per record: serialise + write alone / with chain + Merkle | "
+            f"{v['append_cpu_us_per_record']} µs | {v['serialize_write_only_cpu_us_per_record']} µs (plain JSON lines) | — |"
+        )
+    elif v:
+        out.append(f"| verifier | failed: {str(v.get('error', ''))[:200]} | | |")
+    pr = others.get("proofs")
+    if pr and "verify_proofs_per_s_per_core" in pr:
+        out.append(
+            f"| inclusion proofs verified / s / core, signed checkpoint + path (bench/_proofs.py, {pr['proofs']} proofs) | "
+            f"{pr['verify_proofs_per_s_per_core']:,} ({pr['verify_us_per_proof']} µs each) | "
+            f"Merkle path alone: {pr['merkle_only_per_s_per_core']:,} ({pr['merkle_only_us_per_proof']} µs) | 20,000 |"
+        )
+    rd = others.get("redaction")
+    if rd and "mb_s_one" in rd:
+        if rd.get("presidio_mb_s_one"):
+            out.append(
+                f"| redaction MB/s (CPU), one text / 50 texts per call (bench/redaction/run.py) | "
+                f"{rd['mb_s_one']:.2f} / {rd['mb_s_fifty']:.2f} | Presidio {rd['presidio_mb_s_one']:.2f} / "
+                f"{rd['presidio_mb_s_fifty']:.2f} ({rd['x_presidio_one']:.1f}× / {rd['x_presidio_fifty']:.1f}×) | 20× |"
+            )
+        else:
+            out.append(f"| redaction MB/s (CPU), one / 50 texts per call | {rd['mb_s_one']:.2f} / {rd['mb_s_fifty']:.2f} | "
+                       "Presidio not installed (--redaction-python) | 20× |")  # fmt: skip
+        if "us_clean_2kb" in rd:
+            out.append(
+                f"| redaction: clean ~2 KB record | {rd['us_clean_2kb']:.1f} µs | 73.2 µs (issue 10's first round) | 25 µs |"
+            )
+        if "records_per_s_clean" in rd:
+            out.append(
+                f"| redaction: ~1 KB records/s without PII, one core | {rd['records_per_s_clean']:,} | — | 50,000 |"
+            )
+    elif rd:
+        out.append(f"| redaction | failed: {str(rd.get('error', ''))[:200]} | | |")
+    out.append("")
+    return out
 
 
 def main() -> int:
@@ -523,7 +714,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, help="seconds per HTTP cell (default 5, --quick 2)")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--no-uvicorn-row", action="store_true", help="skip the DemoEngine-on-uvicorn reference row")
+    ap.add_argument("--no-variants", action="store_true", help="skip the gateway variant with record work offloaded")
     ap.add_argument("--writer-records", type=int, help="records for the writer bench (default 50000, --quick 20000)")
+    ap.add_argument(
+        "--verify-records", type=int, help="records for the verifier bench (default 300000, --quick 100000)"
+    )
+    ap.add_argument("--skip-others", action="store_true", help="skip the verifier, proof and redaction benches")
+    ap.add_argument(
+        "--redaction-python",
+        default=PY,
+        help="interpreter for bench/redaction/run.py: one with presidio-analyzer installed gives the baseline",
+    )
     ap.add_argument("--json", help="also write all raw results to this file")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
@@ -535,41 +736,42 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="vllm-audit-bench-"))
     t0 = time.time()
+    load0 = os.getloadavg()[0]
     try:
         fs = fsync_probe(tmp)
         print(f"fdatasync probe: p50 {fs['p50']:.2f} ms p99 {fs['p99']:.2f} ms", flush=True)
-        http = None if args.skip_http else http_bench(tmp, seconds, not args.no_uvicorn_row)
+        http = None if args.skip_http else http_bench(tmp, seconds, not args.no_uvicorn_row, not args.no_variants)
         print("middleware mode (in-process) ...", flush=True)
         mw = run_helper([str(HERE / "_inproc.py"), str(5000 if args.quick else 20000)], 600)
         n = args.writer_records or (20000 if args.quick else 50000)
         print(f"writer ({n:,} records) ...", flush=True)
         wr = [run_helper([str(HERE / "_writer.py"), str(n)], 900)]
         wr.append(run_helper([str(HERE / "_writer.py"), str(max(2000, n // 10)), "64"], 900))
-        text = report(http, mw, wr, seconds, fs)
+        others: dict[str, Any] = {}
+        if not args.skip_others:
+            nv = args.verify_records or (100_000 if args.quick else 300_000)
+            print(f"verifier ({nv:,} records, processes on every CPU) ...", flush=True)
+            others["verify"] = run_helper(
+                [str(HERE / "verify" / "run.py"), "--records", str(nv), "--dir", str(tmp / "verify")], 900, None
+            )
+            print("inclusion proofs ...", flush=True)
+            others["proofs"] = run_helper([str(HERE / "_proofs.py")], 600)
+            print("redaction (vs Presidio) ...", flush=True)
+            others["redaction"] = redaction_bench(args.redaction_python)
+        text = report(http, mw, wr, seconds, fs, others)
         print()
         print(text)
-        if http and "ttft" in http:
-            b, g = http["ttft"]["bare"], http["ttft"].get("gateway")
-            print("\n### Time to first token (c=1, streamed chat, raw-socket client)\n")
-            print("| system | TTFT p50 ms | TTFT p99 ms |\n|---|---:|---:|")
-            print(f"| bare upstream | {b['p50']:.3f} | {b['p99']:.3f} |")
-            if g:
-                print(f"| gateway | {g['p50']:.3f} | {g['p99']:.3f} |")
-                added = g["p50"] - b["p50"]
-                print(f"\nTTFT added by the gateway (p50): **{added:.3f} ms** (target ≤ 1 ms: {'met' if added <= 1 else 'missed'})")
-        if http and "workers2" in http:
-            one = {k: http["rows"]["gateway"][f"{k}_c64"]["rps"] for k in ("json", "stream")}
-            print("\n### Two workers (CPUs 0-1, sharing CPU 0 with wrk and the upstream)\n")
-            print("| mode | 1 worker req/s | 2 workers req/s | ratio (target ≥ 1.8×) |\n|---|---:|---:|---:|")
-            for k in ("json", "stream"):
-                two = http["workers2"][k]
-                print(f"| {k} c=64 | {one[k]:,.0f} | {two:,.0f} | {two / one[k]:.2f}× |")
         print(f"(total bench time {time.time() - t0:.0f} s; python {sys.version.split()[0]}; "
-              f"{os.cpu_count()} CPUs; load avg at end {os.getloadavg()[0]:.2f})")  # fmt: skip
+              f"{os.cpu_count()} CPUs; load avg at start {load0:.2f}, at end {os.getloadavg()[0]:.2f})")  # fmt: skip
         if args.json:
-            Path(args.json).write_text(json.dumps({"http": http, "middleware": mw, "writer": wr, "fsync": fs}, indent=1, default=str))
+            Path(args.json).write_text(
+                json.dumps(
+                    {"http": http, "middleware": mw, "writer": wr, "fsync": fs, "others": others}, indent=1, default=str
+                )
+            )
         lost = sum(r["lost"] for r in http["records"].values()) if http else 0
-        return 1 if lost or (http and not http["final_log"]["chain_ok"]) else 0
+        broken = bool(http) and not all(fl["chain_ok"] for fl in http["final_log"].values())
+        return 1 if lost or broken else 0
     finally:
         _cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
