@@ -164,3 +164,51 @@ def test_a_tampered_archived_object_is_refused_and_named(
         )
         == ""
     )
+
+
+def test_a_consistent_forgery_of_segment_manifest_and_index_fails_against_what_follows(
+    tmp_path: Path, archive_table: dict[str, Any]
+) -> None:
+    """The segment re-chained after a changed record, its manifest recomputed and the index pointed at
+    both: every hash agrees, so only the signed checkpoint / the next entry's link can refuse it."""
+    from vllm_audit.integrity import codec
+    from vllm_audit.integrity.merkle import CompactRange
+
+    config, log, wid = _pruned_log(tmp_path, archive_table)
+    store = ObjectStore(config.archive)
+    path = index_path(_state(config))
+    raw = orjson.loads(path.read_bytes())
+    items = sorted(raw[wid].values(), key=lambda v: v["first_seq"])
+    k = next(n for n, v in enumerate(items) if v["first_seq"] <= 100 <= v["last_seq"])
+    item, prev_item = items[k], items[k - 1]
+    data = store.get(item["segment_object"]["key"], item["segment_object"]["version_id"])
+    entries = [codec.decode(line, codec.writer_tail(wid), wid) for line in codec.split_lines(data)]
+    bodies = [{k2: v for k2, v in e.record().items() if k2 not in ("seq", "prev", "writer_id")} for e in entries]
+    first = entries[0].seq
+    same, _ = codec.encode_entries(bodies, wid, first, entries[0].prev.encode())
+    assert bytes(same) == data  # re-encoding reproduces the sealed bytes: the forgery is exact
+    j = next(n for n, b in enumerate(bodies) if b.get("org_id") == "acme")
+    bodies[j] = {**bodies[j], "input_prompt": "nothing to see here"}
+    forged, leaves = codec.encode_entries(bodies, wid, first, entries[0].prev.encode())
+    prev_m = orjson.loads(store.get(prev_item["manifest_object"]["key"], prev_item["manifest_object"]["version_id"]))
+    tree = CompactRange(first, [bytes.fromhex(h) for h in prev_m["compact_range"]])
+    tree.extend(leaves)
+    m = orjson.loads(store.get(item["manifest_object"]["key"], item["manifest_object"]["version_id"]))
+    m.update(
+        sha256=hashlib.sha256(forged).hexdigest(),
+        bytes=len(forged),
+        last_leaf=leaves[-1].hex(),
+        compact_range=[h.hex() for h in tree.hashes],
+        merkle_root=tree.root().hex(),
+    )
+    man = codec.encode_manifest(m)
+    for obj, body in ((item["segment_object"], bytes(forged)), (item["manifest_object"], man)):
+        put = store.client.put_object(Bucket=store.bucket, Key=obj["key"], Body=body)
+        obj.update(version_id=put["VersionId"], sha256=hashlib.sha256(body).hexdigest())
+    item["sha256"] = m["sha256"]
+    raw[wid][item["segment"]] = item
+    path.write_bytes(orjson.dumps(raw))
+    # Restoring exactly that segment: its own hashes all agree; what follows it does not.
+    with pytest.raises(RestoreError, match="refused") as exc:
+        restore(config, wid, first, item["last_seq"] + 1, tmp_path / "restored", keys=load_public_keys([log.pub]))
+    assert wid in str(exc.value)

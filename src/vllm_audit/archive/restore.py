@@ -259,12 +259,13 @@ def restore(
     wdir.mkdir(parents=True, exist_ok=True)
     out: list[RestoredSegment] = []
     cps: dict[bytes, int] = {}
-    for ref in wanted:
-        if local and ref.local is not None:
+
+    def lay_out(ref: SegmentRef, *, prefer_local: bool, allow_local: bool) -> None:
+        if ref.local is not None and (prefer_local or (allow_local and ref.archived is None)):
             _link(ref.local, wdir / ref.segment)
             _link(ref.local.with_name(codec.manifest_name(ref.segment)), wdir / codec.manifest_name(ref.segment))
             out.append(RestoredSegment(writer_id, ref.segment, ref.first_seq, ref.last_seq, "local", 0))
-            continue
+            return
         if ref.archived is None or fetch is None:
             raise RestoreError(f"{writer_id}/{ref.segment} (entries {ref.first_seq}..{ref.last_seq}) is not archived")
         seg, man, cp = fetch.segment(writer_id, ref.archived)
@@ -273,15 +274,43 @@ def restore(
         for size, raw in _checkpoint_lines(cp):
             cps.setdefault(raw, size)
         out.append(RestoredSegment(writer_id, ref.segment, ref.first_seq, ref.last_seq, "archive", len(seg)))
+
+    for ref in wanted:
+        lay_out(ref, prefer_local=local, allow_local=local)
     live = Path(config.log.dir) / "writers" / writer_id / CHECKPOINTS_FILE
     if local and live.exists():
         for size, raw in _checkpoint_lines(live.read_bytes()):
             cps.setdefault(raw, size)
+    # The last restored segment is checked against the first signed checkpoint at or after its
+    # end; when that lies further on, the segments up to it are laid out too (archived, or linked
+    # from the local disk; the active segment last), so no restored entry rests on its manifest alone.
+    checked_refs = list(wanted)
+    tail = wanted[-1].last_seq + 1
+    cover = min((size for size in cps.values() if size >= tail), default=None)
+    if cover is None:
+        raise RestoreError(f"writer {writer_id}: no signed checkpoint covers entry {tail - 1} (refused)")
+    following = iter([r for r in refs if r.first_seq >= tail])
+    while tail < cover:
+        nxt = next(following, None)
+        if nxt is None or nxt.first_seq != tail:
+            active = Path(config.log.dir) / "writers" / writer_id / codec.segment_name(tail)
+            if not active.exists():
+                raise RestoreError(
+                    f"writer {writer_id}: entries {wanted[-1].first_seq}..{tail - 1} cannot be checked against "
+                    f"the signed checkpoint of size {cover}: entries from {tail} are neither archived nor local"
+                )
+            _link(active, wdir / active.name)
+            break
+        if nxt.archived is None and nxt.local is None:
+            raise RestoreError(f"{writer_id}/{nxt.segment} is neither archived nor local")
+        lay_out(nxt, prefer_local=local, allow_local=True)
+        checked_refs.append(nxt)
+        tail = nxt.last_seq + 1
     (wdir / CHECKPOINTS_FILE).write_bytes(b"".join(raw + b"\n" for raw, _ in sorted(cps.items(), key=lambda x: x[1])))
     before = _prefix_before(config, writer_id, refs, wanted[0].first_seq, fetch)
     pruned = wdir / PRUNED_FILE
     pruned.write_bytes(orjson.dumps(before.to_json()) + b"\n" if before is not None else b"")
-    entries, checked = _check(wdir.parent.parent, writer_id, wanted, before, cps, keys)
+    entries, checked = _check(wdir.parent.parent, writer_id, checked_refs, before, cps, keys, cover)
     return RestoreResult(Path(into), tuple(out), entries, checked, time.perf_counter() - t0)
 
 
@@ -292,9 +321,12 @@ def _check(
     before: PrunedRange | None,
     cps: Mapping[bytes, int],
     keys: Sequence[VerifierKey],
+    cover: int,
 ) -> tuple[int, int]:
-    """Read the restored entries back (links) and rebuild the tree (manifests, checkpoint roots)."""
-    first, last = wanted[0].first_seq, wanted[-1].last_seq
+    """Read the restored entries back (links) and rebuild the tree (manifests, checkpoint roots) up
+    to ``cover``, the size of the first signed checkpoint at or after the last restored entry."""
+    first = wanted[0].first_seq
+    last = max(wanted[-1].last_seq, cover - 1)
     tree = CompactRange(first, [bytes.fromhex(h) for h in before.compact_range]) if before else CompactRange()
     prev_leaf = before.last_leaf if before else codec.ZERO_HASH
     ends = {}
@@ -352,9 +384,10 @@ def _check(
     except ChainBreak as exc:
         seg = next((r.segment for r in wanted if r.first_seq <= exc.seq <= r.last_seq), "?")
         raise RestoreError(f"restored segment {writer_id}/{seg} refused: the chain does not link: {exc}") from None
-    if tree.size != last + 1:
+    if tree.size < last + 1:
         raise RestoreError(
-            f"writer {writer_id}: restored {tree.size - first} entries, the manifests say {last + 1 - first}"
+            f"writer {writer_id}: restored entries end at {tree.size - 1}; {last} was expected (the manifests "
+            "and the checkpoint after them)"
         )
     return n, checked
 
