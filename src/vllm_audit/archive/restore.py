@@ -14,7 +14,9 @@ Each archived object is refused, by name, unless it is what was recorded:
    links across segments, from the leaf before the first one), the Merkle tree is rebuilt from
    the preceding compact range plus every leaf, and must give each manifest's compact range and
    the root of every checkpoint whose size falls in the restored range; with public keys given,
-   each of those checkpoints' signatures must verify.
+   each of those checkpoints' signatures must verify. The segments up to the first signed
+   checkpoint at or after the last restored entry are laid out and checked too, so the last
+   segment does not rest on its own manifest.
 
 So an object changed in the archive (or a forged index that points at another version) is named,
 and a consistent forgery of segment, manifest and index still fails against the signed roots.
