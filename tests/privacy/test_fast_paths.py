@@ -6,7 +6,7 @@ import random
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vllm_audit.config import Config
@@ -98,6 +98,61 @@ def test_ipv6_seeds_find_what_a_scan_from_every_colon_finds(text: str) -> None:
     found: list[Finding] = []
     rz._scan_ipv6(text, found)
     assert found == ref_scan_ipv6(text)
+
+
+def ref_classify_run(raw: str, start: int) -> list[Finding]:
+    """Every sub-run of 7 or more digits tried, longest first (no shortcut by digit count)."""
+    found: list[Finding] = []
+    if raw[0] == "(" and ")" not in raw:
+        raw, start = raw[1:], start + 1
+    hit = rz.classify_number(raw)
+    if hit is not None:
+        return [(start, start + len(raw), *hit)]
+    chunks = [m.span() for m in rz._CHUNK.finditer(raw)]
+    if raw.isdigit() or len(chunks) < 2 or len(chunks) > 24:
+        return found
+    gap = [False] + ["." in raw[chunks[k - 1][1] : chunks[k][0]] for k in range(1, len(chunks))] + [False]
+    i = 0
+    while i < len(chunks):
+        if not gap[i]:
+            for j in range(len(chunks), i, -1):
+                sub = raw[chunks[i][0] : chunks[j - 1][1]]
+                if j - i == len(chunks) or gap[j]:
+                    continue
+                if len(rz._digits(sub)) < 7:
+                    break
+                hit = rz.classify_number(sub)
+                if hit is not None:
+                    found.append((start + chunks[i][0], start + chunks[j - 1][1], *hit))
+                    i = j - 1
+                    break
+        i += 1
+    return found
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["", "", "+", "00", "(+", "(", "0"]),
+            st.text(alphabet=st.sampled_from(list("0123456789")), min_size=1, max_size=11),
+            st.sampled_from([" ", "-", " - ", ".", "\n", ") ", "x "]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+@example([("", "2025", " "), ("", "536", "-"), ("", "90", "-"), ("", "4399", "")])  # a year, then an SSN (9 digits)
+@example([("", "2025", " "), ("+", "44", " "), ("", "20", " "), ("", "7946", " "), ("", "0958", "")])
+def test_sub_runs_shorter_than_any_number_are_not_tried(groups: list[tuple[str, str, str]]) -> None:
+    """A run of digit groups (a date before a phone, "+44 20 ..." after an order number) gives what
+    trying every sub-run gives: the digit-count shortcut only skips sub-runs that classify as nothing."""
+    raw = "".join(p + d + sep for p, d, sep in groups).rstrip(" -.\n)x")
+    if not raw or not raw[-1].isdigit():
+        return
+    found: list[Finding] = []
+    rz._classify_run(raw, 5, found)
+    assert found == ref_classify_run(raw, 5)
 
 
 def test_dense_text_beyond_the_run_limit() -> None:

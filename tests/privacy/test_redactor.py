@@ -161,3 +161,15 @@ def test_redactor_never_raises_on_garbage(prompt: Any, output: Any, err: Any, or
 def test_redact_text_never_raises_on_digit_soup(text: str) -> None:
     """Dense digit and separator soup is handled without errors."""
     assert isinstance(redact_text(text), str)
+
+
+def test_short_message_parts_known_clean_still_join_into_a_value() -> None:
+    """Short parts seen clean before skip their own scan, never the scan across their boundary."""
+    redact = build_redactor(Config())
+    parts = ["You are helpful.", "call 138 1234", " 5678 today"]
+    for _ in range(3):  # later rounds: every part is in the clean-short cache
+        rec = redact(record(input_prompt=[{"role": "user", "content": p} for p in parts]))
+        stored = orjson.dumps(rec["input_prompt"]).decode()
+        assert "1234" not in stored and "5678" not in stored, stored
+        assert {"CN_PHONE": 1} == rec["redaction"]["entities"]
+        assert "You are helpful." == rec["input_prompt"][0]["content"]

@@ -84,12 +84,13 @@ class _Scanner:
         except UnicodeEncodeError:  # lone surrogates: hyperscan needs valid UTF-8
             data = text.encode("utf-8", "replace")
         bits = [0]
-
-        def on_match(i: int, _a: int, _b: int, _f: int, _c: object) -> None:
-            bits[0] |= 1 << i
-
-        self.db.scan(data, match_event_handler=on_match, scratch=self.scratch())
+        self.db.scan(data, match_event_handler=_on_match, context=bits, scratch=self.scratch())
         return bits[0]
+
+
+def _on_match(i: int, _a: int, _b: int, _f: int, bits: list[int]) -> None:
+    """Hyperscan's match callback: sets pattern ``i``'s bit in the scan's context (no closure per scan)."""
+    bits[0] |= 1 << i
 
 
 @functools.cache

@@ -319,6 +319,7 @@ _NON_DIGIT = re.compile(r"[^0-9]+")
 _LANDLINE_HEAD = re.compile(r"(0[0-9]{2,3})[ \t\r\n.\-]")
 _DIGIT_GROUP = re.compile(r"[0-9]+")
 _DOTTED_QUAD = re.compile(r"\(?([0-9]{1,3}(?:\.[0-9]{1,3}){3})")
+_INTL_PREFIXES = ("+", "00", "(+")
 _CHUNK = re.compile(r"\(?\+?([0-9]+)\)?[Xx]?")
 _DROP_SEPARATORS = dict.fromkeys(map(ord, " -+()Xx.\t\r\n"))
 
@@ -334,7 +335,7 @@ def classify_number(raw: str) -> tuple[str, str] | None:
     """The entity type and canonical value of one digit run (with separators), or None."""
     if "." in raw and not _dots_ok(raw):
         return None  # a decimal, a version or an OID, not a number written with dots
-    intl = raw.startswith(("+", "00", "(+"))
+    intl = raw.startswith(_INTL_PREFIXES)
     if raw[-1] in "Xx":
         d = _digits(raw) + "X"
         return ("CN_ID", d) if not intl and cs.is_cn_id(d) else None
@@ -452,10 +453,13 @@ def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
         if dot_gap[i]:
             i += 1
             continue
+        # Fewer than 9 digits classify as nothing unless written as international (+, 00, (+):
+        # those sub-runs are not tried (the count falls as the sub-run shrinks).
+        need = 7 if raw.startswith(_INTL_PREFIXES, chunks[i][0]) else 9
         for j in range(len(chunks), i, -1):
             if j - i == len(chunks) or dot_gap[j]:
                 continue
-            if cum[j] - cum[i] < 7:
+            if cum[j] - cum[i] < need:
                 break
             sub = raw[chunks[i][0] : chunks[j - 1][1]]
             hit = classify_number(sub)

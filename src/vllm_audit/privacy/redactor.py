@@ -172,8 +172,9 @@ def redact_texts(texts: list[str], rule: FieldRule, ctx: _Context, max_chars: in
     spans: list[tuple[int, int, str, str]] = []
     too_long = [len(t) > max_chars for t in texts]
     for i, t in enumerate(texts):
-        if not too_long[i]:
-            spans.extend((starts[i] + a, starts[i] + b, e, c) for a, b, e, c in find(t))
+        if too_long[i] or (len(t) <= _CLEAN_SHORT_LEN and _clean_short(t)):
+            continue  # a short string known clean (a system prompt, "ok") holds nothing of its own
+        spans.extend((starts[i] + a, starts[i] + b, e, c) for a, b, e, c in find(t))
     seen = {(a, b) for a, b, _, _ in spans}
     joined_spans: list[tuple[int, int, str, str]] = []
     for i in range(1, len(texts)):
