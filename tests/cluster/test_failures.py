@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from unittest.mock import ANY
 import orjson
 import pytest
 
+from tests.cluster.conftest import Netns
 from tests.cluster.test_cluster import Replica, load
 from tests.collect.conftest import NATS_BINARY, NatsServer, collect_toml, pg_rows, wait_until
 from tests.conftest import need_service
@@ -32,74 +32,6 @@ from vllm_audit.integrity.reader import LogReader
 
 STREAM = "VAC_FAIL"
 SUBJ = "vacfail"
-IP = shutil.which("ip") or "/usr/sbin/ip"
-
-
-def ip(*args: str) -> None:
-    subprocess.run([IP, *args], check=True, capture_output=True, timeout=10)
-
-
-@dataclass
-class Netns:
-    """A namespace ``name`` with a client link (host ``client_host`` ↔ ns ``client_ns``) and a
-    backbone link (host ``bb_host`` ↔ ns ``bb_ns``)."""
-
-    name: str
-    client_if: str
-    bb_if: str
-    client_host: str
-    client_ns: str
-    bb_host: str
-    bb_ns: str
-
-    def partition(self) -> None:
-        ip("link", "set", self.bb_if, "down")
-
-    def heal(self) -> None:
-        ip("link", "set", self.bb_if, "up")
-
-    @property
-    def wrap(self) -> tuple[str, ...]:
-        return (IP, "netns", "exec", self.name)
-
-
-@pytest.fixture
-def netns() -> Iterator[Netns]:
-    need_service(os.geteuid() == 0 and os.access(IP, os.X_OK), "root and iproute2 (network namespaces)")
-    tag = secrets.token_hex(3)
-    a, b = 200 + secrets.randbelow(50), secrets.randbelow(60) * 4
-    ns = Netns(f"vat{tag}", f"vc{tag}h", f"vb{tag}h", f"10.{a}.{b}.1", f"10.{a}.{b}.2", f"10.{a}.{b + 1}.1", "")
-    ns.bb_ns = f"10.{a}.{b + 1}.2"
-    made: list[str] = []
-    try:
-        ip("netns", "add", ns.name)
-        made.append("ns")
-        for host_if, ns_if, host_ip, ns_ip in (
-            (ns.client_if, f"vc{tag}n", ns.client_host, ns.client_ns),
-            (ns.bb_if, f"vb{tag}n", ns.bb_host, ns.bb_ns),
-        ):
-            ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-            made.append(host_if)
-            ip("link", "set", ns_if, "netns", ns.name)
-            ip("addr", "add", f"{host_ip}/30", "dev", host_if)
-            ip("link", "set", host_if, "up")
-            ip("netns", "exec", ns.name, IP, "addr", "add", f"{ns_ip}/30", "dev", ns_if)
-            ip("netns", "exec", ns.name, IP, "link", "set", ns_if, "up")
-        ip("netns", "exec", ns.name, IP, "link", "set", "lo", "up")
-    except (subprocess.CalledProcessError, OSError) as exc:
-        _teardown(ns, made)
-        err = exc.stderr.decode(errors="replace") if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-        need_service(False, f"network namespaces with veth pairs ({err.strip()})")
-    try:
-        yield ns
-    finally:
-        _teardown(ns, made)
-
-
-def _teardown(ns: Netns, made: list[str]) -> None:
-    for what in reversed(made):
-        args = ("netns", "del", ns.name) if what == "ns" else ("link", "del", what)
-        subprocess.run([IP, *args], capture_output=True, timeout=10)
 
 
 @dataclass

@@ -136,19 +136,22 @@ def collect_toml(
     archive: Path | None = None,
     durable: str = "collect",
     extra: str = "",
+    nats_extra: str = "",
+    dsn: str = PG_DSN,
 ) -> str:
-    """A collector's configuration file."""
+    """A collector's configuration file (``extra``: more ``[collect]`` keys, ``nats_extra``: more
+    ``[collect.nats]`` keys)."""
     srv = ", ".join(f'"{s}"' for s in servers)
     key_list = ", ".join(f'"{k}"' for k in keys)
     return (
         f'[log]\ndir = "{log_dir}"\n'
-        f'[access.store]\nkind = "postgresql"\ndsn = "{PG_DSN}"\ntable_prefix = "{prefix}"\n'
+        f'[access.store]\nkind = "postgresql"\ndsn = "{dsn}"\ntable_prefix = "{prefix}"\n'
         f'reader_role = "{prefix}_reader"\n'
         f"[collect]\npublic_keys = [{key_list}]\n"
         + (f'archive_dir = "{archive}"\n' if archive else "")
         + extra
         + f'[collect.nats]\nservers = [{srv}]\nstream = "{stream}"\nsubject_prefix = "{subject_prefix}"\n'
-        f'durable = "{durable}"\n'
+        f'durable = "{durable}"\n' + nats_extra
     )
 
 

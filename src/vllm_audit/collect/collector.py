@@ -94,7 +94,7 @@ class Collector:
         base = Path(config.source).resolve().parent if config.source else Path.cwd()
         self.keys = keys if keys is not None else load_public_keys([_rel(base, k) for k in cc.public_keys])
         self.source = source or build_source(config)
-        self.store = CentralStore(config.access.store)
+        self.store = CentralStore(config.access.store, timeout_s=cc.db_timeout_s)
         self.archive = Archive(_rel(base, cc.archive_dir)) if cc.archive_dir else None
         self.clock = clock
         self.stats = Stats()

@@ -64,6 +64,12 @@ class CollectConfig:
     redeliver_delay_s: float = 0.5
     #: Seconds between writes of the status file (``vllm-audit collect --status-file``).
     status_interval_s: float = 2.0
+    #: Seconds of silence after which the collector's database session counts as dead, on both
+    #: ends: the collector's side (TCP user timeout and keepalives, unless the DSN sets them) and
+    #: PostgreSQL's (``idle_in_transaction_session_timeout``, ``tcp_user_timeout``), so a collector
+    #: cut off in the middle of a batch releases its writers' row locks for the other collectors.
+    #: 0: the defaults of libpq and PostgreSQL (a dead peer may hold its locks for hours).
+    db_timeout_s: float = 30.0
     #: ``[collect.nats]``: the JetStream consumer (``source = "nats"``).
     nats: CollectNatsConfig = dataclasses.field(default_factory=CollectNatsConfig)
     #: ``[collect.kafka]``: the Kafka consumer group (``source = "kafka"``).
@@ -75,3 +81,5 @@ class CollectConfig:
         for name in ("gap_timeout_s", "redeliver_delay_s", "status_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if not self.db_timeout_s >= 0:
+            raise ValueError("db_timeout_s must be 0 (off) or positive")

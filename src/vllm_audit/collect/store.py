@@ -68,7 +68,7 @@ class Hole:
 class CentralStore:
     """The collector's side of the central PostgreSQL store (one connection, one thread)."""
 
-    def __init__(self, cfg: StoreConfig) -> None:
+    def __init__(self, cfg: StoreConfig, *, timeout_s: float = 0.0) -> None:
         if cfg.kind != "postgresql":
             raise ConfigError("[collect] needs [access.store] kind = 'postgresql' (the central store).")
         self.pg = PostgresStore(cfg)
@@ -77,6 +77,7 @@ class CentralStore:
         self.records = self.pg.records
         self.chains = f"{p}_collect_chains"
         self.alerts = f"{p}_collect_alerts"
+        self.timeout_s = timeout_s
         self._conn: psycopg.Connection[Any] | None = None
 
     def init(self) -> None:
@@ -104,9 +105,30 @@ class CentralStore:
 
     def connect(self) -> psycopg.Connection[Any]:
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict
 
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.cfg.dsn, autocommit=True)
+            extra: dict[str, Any] = {}
+            t = self.timeout_s
+            if t > 0:
+                # A peer that stops answering (a partition) is noticed within ``t`` on this side ...
+                given = conninfo_to_dict(self.cfg.dsn)
+                for k, v in (
+                    ("tcp_user_timeout", int(t * 1000)),
+                    ("keepalives", 1),
+                    ("keepalives_idle", max(1, int(t / 3))),
+                    ("keepalives_interval", max(1, int(t / 6))),
+                    ("keepalives_count", 3),
+                ):
+                    if k not in given:
+                        extra[k] = v
+            conn = psycopg.connect(self.cfg.dsn, autocommit=True, **extra)
+            if t > 0:
+                # ... and on the server's, which ends the session and releases its row locks.
+                ms = int(t * 1000)
+                conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+                conn.execute(f"SET tcp_user_timeout = {ms}")
+            self._conn = conn
         return self._conn
 
     def close(self) -> None:
