@@ -11,6 +11,8 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import read_entries, read_records
 from vllm_audit.config import Config, config_from_mapping
@@ -487,6 +489,46 @@ async def test_every_finish_chunk_waits_for_the_usage_chunk_and_gets_the_fingerp
     assert b"" == s.feed(fin1)
     fp = b',"system_fingerprint":"fp"}\n\n'
     assert fin0[:-3] + fp + fin1[:-3] + fp == s.feed(usage)
+
+
+_SSE_EVENTS = st.sampled_from(
+    [
+        b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}',
+        b'data: {"choices":[{"index":1,"delta":{"content":"y"},"finish_reason":null}]}',
+        b'data: {"choices":[{"index":0,"delta":{"content":"z"},"finish_reason":null}],"usage":{"prompt_tokens":1}}',
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}',
+        b'data: {"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}',
+        b": ping",
+    ]
+)
+_USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":1,"total_tokens":2},"system_fingerprint":"fp"}'
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    head=st.lists(_SSE_EVENTS, max_size=12),
+    usage=st.booleans(),
+    tail=st.lists(_SSE_EVENTS, max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+)
+def test_usage_stripper_output_does_not_depend_on_how_the_stream_was_chunked(
+    head: list[bytes], usage: bool, tail: list[bytes], cuts: list[int]
+) -> None:
+    """The same stream fed one event per message (as vLLM sends it) and coalesced into arbitrary
+    chunks (as a fast upstream's bytes arrive): the client gets the same bytes either way."""
+    from vllm_audit.middleware import _UsageStripper
+
+    events = [*head, *([_USAGE] if usage else []), *tail, b"data: [DONE]"]
+    stream = b"".join(e + b"\n\n" for e in events)
+    one = _UsageStripper()
+    expected = b"".join(one.feed(e + b"\n\n") for e in events) + one.flush()
+    coalesced = _UsageStripper()
+    bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+    got = b"".join(coalesced.feed(stream[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a)
+    assert expected == got + coalesced.flush()
+    assert one.captured == coalesced.captured
+    if usage:
+        assert b'"choices":[]' not in got
 
 
 # -- issue 15 -------------------------------------------------------------------------------------

@@ -712,6 +712,11 @@ def _length_reached(ex: Exchange, length: int) -> Callable[[bytes], bool]:
     return reached
 
 
+#: What makes an event need :meth:`_UsageStripper.feed`'s attention (``[DONE]`` too, once finish
+#: chunks are held).
+_INTERESTING = (b'"usage"', b'"finish_reason":"')
+
+
 class _UsageStripper:
     """Removes the usage-only SSE event we asked for, passing everything else through.
 
@@ -759,6 +764,23 @@ class _UsageStripper:
         head = data[: cut + 2]
         self.carry = data[cut + 2 :]
         out = []
+        # The events before the first one that may need handling pass on as one slice (a stream
+        # that arrives coalesced, many events per read, is not split and re-joined event by event);
+        # not when blank lines would make empty events, which the loop below drops.
+        lead = len(head)
+        if self.captured is None:
+            for pat in (b'"usage"', b'"finish_reason":"', b"data: [DONE]") if self.held else _INTERESTING:
+                i = head.find(pat, 0, lead)
+                if i >= 0:
+                    lead = i
+            if lead < len(head):
+                end = head.rfind(b"\n\n", 0, lead)  # the boundary before that event, if any
+                lead = end + 2 if end >= 0 else 0
+        if lead and (head.startswith(b"\n\n") or head.find(b"\n\n\n", 0, lead + 1) >= 0):
+            lead = 0
+        if lead:
+            out.append(head if lead == len(head) else head[:lead])
+            head = head[lead:]
         for event in head.split(b"\n\n"):
             if not event:
                 continue
