@@ -215,3 +215,77 @@ def test_lost_disk_is_reported_as_a_writer_seq_range(setup: Setup, netns: Netns,
     assert missing and missing == lost_calls  # the missing calls are exactly those the range holds
     assert not duplicated
     assert f"({wid}, {gone['from_seq']}..) is missing centrally" in text
+
+
+def test_replica_restarted_on_an_empty_disk_is_a_new_chain(setup: Setup, netns: Netns, pg_prefix: str) -> None:
+    """The replica is cut from the backbone, answers more calls, is killed and its log directory
+    deleted; it is restarted on the empty directory (a new writer id, a new chain from seq 0) and
+    serves more calls. The central store reports the old writer's missing range exactly (the first
+    entry never shipped ..), takes the new chain whole, raises no alert (no fork: it is another
+    writer), and `vllm-audit verify` over the archive exits 0 (both chains verify)."""
+    base = setup.replica.base
+    statuses: dict[str, int] = {}
+    load(base, [f"ed-a-{i:04d}" for i in range(100)], statuses)
+    wait_until(lambda: len(stored(pg_prefix)) >= 100, "phase 1 in the central store", 60, 0.2)
+    netns.partition()
+    load(base, [f"ed-b-{i:04d}" for i in range(40)], statuses)
+    setup.replica.kill()
+    reader = LogReader(setup.replica.log_dir, limit="all")
+    [old] = reader.writer_ids()
+    old_local = {e.seq: e.line for e in reader.entries(old)}
+    shutil.rmtree(setup.replica.log_dir)
+    netns.heal()
+    setup.replica.start()  # the same configuration and directory, now empty
+    after = [f"ed-c-{i:04d}" for i in range(100)]
+    load(base, after, statuses)
+    wait_until(lambda: set(after) <= set(stored(pg_prefix)), "the restarted replica's calls stored", 120, 0.3)
+    reader = LogReader(setup.replica.log_dir, limit="all")
+    [new] = reader.writer_ids()
+    new_last = max(e.seq for e in reader.entries(new))
+    wait_until(lambda: stream_pending(setup.nats.url) == 0, "the collector took all the stream holds", 60, 0.2)
+    rep = subprocess.run(
+        [sys.executable, "-m", "vllm_audit.cli", "collect", "--config", str(setup.config), "--report", "--json"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert rep.returncode == 0, rep.stderr
+    rows = {r["writer_id"]: r for r in orjson.loads(rep.stdout)}
+    got = stored(pg_prefix)
+    answered = {r for r, st in statuses.items() if st == 200}
+    missing = answered - set(got)
+    duplicated = {r for r, n in got.items() if n > 1}
+    o, n = rows[old], rows[new]
+    lost_calls = {
+        orjson.loads(line)["request_id"]
+        for seq, line in old_local.items()
+        if seq > o["stored_through"] and b'"record_type":"inference"' in line
+    }
+    alerts = pg_rows(pg_prefix, "SELECT kind, writer_id, message FROM {p}_collect_alerts")
+    verify = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_audit.cli",
+            "verify",
+            "--public-key",
+            str(setup.root / "k.pub"),
+            str(setup.root / "archive"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    print(
+        f"empty disk: old writer {old} stored through {o['stored_through']} (its lost disk held up to seq "
+        f"{max(old_local)}), reported missing ({old}, {o['missing_if_gone']['from_seq']}..); new writer {new} "
+        f"stored through {n['stored_through']} of {new_last}; answered {len(answered)}, stored {len(got)}, "
+        f"missing {len(missing)} (all in the old writer's range), duplicated {len(duplicated)}, alerts {len(alerts)}, "
+        f"verify exit {verify.returncode}"
+    )
+    assert old != new and len(answered) == 240
+    assert o["missing_if_gone"]["from_seq"] == o["stored_through"] + 1 and o["stored_through"] + 1 in old_local
+    assert not o["gaps"] and not o["broken"] and not n["broken"] and not n["gaps"]
+    assert n["stored_through"] == new_last
+    assert missing and missing == lost_calls
+    assert not duplicated and [] == alerts
+    assert verify.returncode == 0, verify.stdout + verify.stderr
