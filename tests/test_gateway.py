@@ -382,6 +382,28 @@ def test_client_leaving_a_slow_unstreamed_request_stops_it_in_time(tmp_path: Pat
     assert recs[0]["latency_ms"] < 3000
 
 
+def test_requests_after_a_head_on_a_kept_alive_upstream_connection_are_answered_right(tmp_path: Path) -> None:
+    """The upstream client keeps its response parser across requests on one connection, except
+    after a HEAD (whose response announces a body that never comes): the next answers are right."""
+
+    async def run(base: str) -> list[tuple[int, str, bytes]]:
+        got = []
+        async with aiohttp.ClientSession() as s:
+            for method in ("HEAD", "GET", "HEAD", "GET", "GET"):  # one at a time: one upstream connection
+                async with s.request(method, base + "/v1/models") as r:
+                    got.append((r.status, r.headers.get("content-length", ""), await r.read()))
+        return got
+
+    with gateway(tmp_path, log_dir=tmp_path / "uplog") as (up, _, _):
+        (direct_head, _, _), *_ = asyncio.run(run(up))
+        with gateway(tmp_path, "--upstream", up, log_dir=tmp_path / "gwlog") as (base, _, _):
+            got = asyncio.run(run(base))
+    heads, gets = [got[0], got[2]], [got[1], got[3], got[4]]
+    assert all(status == direct_head and int(length) > 0 and body == b"" for status, length, body in heads)
+    for status, _, body in gets:
+        assert 200 == status and "demo-model" in [m["id"] for m in orjson.loads(body)["data"]]
+
+
 # -- issue 15 -------------------------------------------------------------------------------------
 
 

@@ -98,7 +98,8 @@ class Proxy:
             length = resp.content_length
             if length is not None and length <= _WHOLE_BODY_MAX and b"text/event-stream" not in ctype:
                 data = await resp.read()
-                out_headers.append((b"content-length", b"%d" % len(data)))
+                # a response to HEAD announces the length of the body a GET would get
+                out_headers.append((b"content-length", b"%d" % (length if scope["method"] == "HEAD" else len(data))))
                 await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
                 started = True
                 await send({"type": "http.response.body", "body": data, "more_body": False})

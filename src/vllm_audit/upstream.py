@@ -63,6 +63,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.keep_alive = True
         self.paused = False
+        self.at_boundary = True  # the parser is between messages (can take the next response)
         self._head: asyncio.Future[None] | None = None
         self._wake: asyncio.Future[None] | None = None
 
@@ -105,6 +106,7 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.at_boundary = True
         self._set(self._head)
         self._set(self._wake)
 
@@ -124,7 +126,11 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        """Ready for the next request. The parser is kept when it ended the last response itself
+        (a response to HEAD is ended by us: its parser still expects a body, so it is replaced)."""
+        if not self.at_boundary:
+            self.parser = httptools.HttpResponseParser(self)
+        self.at_boundary = False
         self.status = 0
         self.headers = []
         self.chunks.clear()
