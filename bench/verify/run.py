@@ -47,7 +47,7 @@ def make_record(i: int, size: int) -> dict[str, object]:
         "status": {"http": 200, "outcome": "ok"},
         "finish_reason": "stop",
     }
-    base = len(orjson.dumps(rec)) + 150  # + chain header
+    base = len(orjson.dumps(rec)) + 195  # + chain header (seq, prev, writer_id, org_tag)
     pad = max(0, size - base)
     rec["input_prompt"] = ("lorem ipsum " * (pad // 24 + 1))[: pad // 2]
     rec["output_response"] = ("dolor sit amet " * (pad // 30 + 1))[: pad - pad // 2]

@@ -57,6 +57,21 @@ def _edit_lines(path: Path, edit: Callable[[list[bytes]], list[bytes]]) -> None:
     path.write_bytes(b"".join(x + b"\n" for x in edit(lines)))
 
 
+def _is_seq(entry_line: bytes, seq: int) -> bool:
+    """Is this line of ``windows/<writer>.entries`` (``<flag> <body sha256> <header>``) entry ``seq``?"""
+    return entry_line.split(b" ", 2)[2].startswith(b'{"seq":%d,' % seq)
+
+
+def _withhold(bundle: Path, wid: str, seq: int) -> None:
+    """What a dishonest exporter does to leave out one of the tenant's records: drop the record and its
+    proof, show its entry as hidden (its real header and body digest, so every root still matches),
+    and recompute the manifest."""
+    _edit_lines(bundle / "records.jsonl", lambda ls: [x for x in ls if orjson.loads(x)["seq"] != seq])
+    _edit_lines(bundle / "proofs.jsonl", lambda ls: [x for x in ls if orjson.loads(x)["seq"] != seq])
+    _edit_lines(bundle / f"windows/{wid}.entries", lambda ls: [b"-" + x[1:] if _is_seq(x, seq) else x for x in ls])
+    _reseal(bundle)
+
+
 def _only_cryptography_python(tmp_root: Path) -> Path:
     """A fresh venv holding only ``cryptography`` (pip from the configured index), once per session."""
     if "py" not in _VENV:
@@ -165,7 +180,7 @@ def test_dropping_one_of_the_tenants_records_from_the_window_is_named(
     first = orjson.loads((bundle / "records.jsonl").read_bytes().splitlines()[2])
     wid, seq = first["writer_id"], first["seq"]
     _edit_lines(bundle / "records.jsonl", lambda ls: ls[:2] + ls[3:])
-    _edit_lines(bundle / f"windows/{wid}.leaves", lambda ls: [x for x in ls if not x.startswith(b"%d " % seq)])
+    _edit_lines(bundle / f"windows/{wid}.entries", lambda ls: [x for x in ls if not _is_seq(x, seq)])
     _edit_lines(bundle / "proofs.jsonl", lambda ls: [x for x in ls if orjson.loads(x)["seq"] != seq])
     _reseal(bundle)
     code, out = _verify(bundle, tenant_log, capsys)
@@ -246,3 +261,109 @@ def test_an_erased_tenant_still_exports_and_verifies(tmp_path: Path, capsys: pyt
     assert "erased by crypto-shredding" in (bundle / "SUMMARY.md").read_text()
     assert b"c2VjcmV0IGNpcGhlcnRleHQ=" in (bundle / "records.jsonl").read_bytes()
     assert _verify(bundle, log, capsys)[0] == 0
+
+
+def test_a_withheld_record_of_the_tenant_is_named(
+    tenant_log: TenantLog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dishonest exporter: one of the tenant's records moved out of records.jsonl and shown as a
+    hidden entry (its true header and digest: every leaf, link and signed root still holds). Its
+    org_tag is the tenant's for that writer and seq, so the verifier names it as withheld."""
+    bundle = _export(tenant_log, tmp_path / "b")
+    victim = orjson.loads((bundle / "records.jsonl").read_bytes().splitlines()[4])
+    wid, seq = victim["writer_id"], victim["seq"]
+    _withhold(bundle, wid, seq)
+    code, out = _verify(bundle, tenant_log, capsys)
+    assert code == 1, out
+    assert f"seq {seq} of writer {wid} is tenant acme's and was withheld" in out
+    problems = [x for x in out.splitlines() if "PROBLEM" in x]
+    assert len(problems) == 1, out  # the roots still match: the tag is what catches it
+    assert f"{tenant_log.acme_in_range - 1} record(s)" in out
+
+
+@pytest.mark.parametrize("part", ["org_tag", "seq", "prev"])
+def test_an_altered_header_of_a_hidden_entry_is_named(
+    tenant_log: TenantLog, tmp_path: Path, capsys: pytest.CaptureFixture[str], part: str
+) -> None:
+    """A hidden entry's header is what its leaf is over: changing its tag (to pass a withheld record off
+    as another tenant's), its seq or its prev breaks the chain at that entry and the signed root."""
+    bundle = _export(tenant_log, tmp_path / "b")
+    wid = json.loads((bundle / "MANIFEST.json").read_bytes())["writers"][0]
+    path = bundle / f"windows/{wid}.entries"
+    lines = path.read_bytes().splitlines()
+    k = next(i for i, x in enumerate(lines) if i > 3 and x.startswith(b"- ") and i + 1 < len(lines))
+    flag, digest, header = lines[k].split(b" ", 2)
+    seq = int(header[7 : header.index(b",")])
+    if part == "org_tag":
+        at = header.index(b'"org_tag":"') + 11
+        new = header[:at] + b"0" * 32 + header[at + 32 :]
+    elif part == "seq":
+        new = header.replace(b'{"seq":%d,' % seq, b'{"seq":%d,' % (seq + 1000), 1)
+    else:
+        at = header.index(b'"prev":"') + 8
+        new = header[:at] + b"f" * 64 + header[at + 64 :]
+    assert new != header
+    lines[k] = b" ".join((flag, digest, new))
+    path.write_bytes(b"".join(x + b"\n" for x in lines))
+    _reseal(bundle)
+    code, out = _verify(bundle, tenant_log, capsys)
+    assert code == 1, out
+    assert "does not reproduce the signed root" in out
+    if part == "org_tag":
+        assert f"writer {wid} seq {seq}: its entry does not hash to the prev that seq {seq + 1} records" in out
+    elif part == "seq":
+        assert f"writer {wid} seq {seq}: the entry header says seq {seq + 1000} (altered)" in out
+    else:
+        assert f"writer {wid} seq {seq - 1}: its entry does not hash to the prev that seq {seq} records" in out
+
+
+def test_the_tenants_entries_outside_the_range_are_revealed_as_context(
+    tenant_log: TenantLog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A window ending at a checkpoint after the range holds later records of the tenant: their tag is the
+    tenant's, so they are revealed (context.jsonl), not counted as records of the range; hiding one is named."""
+    res = build_bundle(
+        _config(tenant_log),
+        "acme",
+        tenant_log.t_from,
+        tenant_log.t_to,
+        tmp_path / "b",
+        keys=load_public_keys([tenant_log.pub]),
+        grace_seconds=3600,  # no checkpoint that late: the window runs to the newest one
+    )
+    assert res.records == tenant_log.acme_in_range
+    ctx = [orjson.loads(x) for x in (tmp_path / "b" / "context.jsonl").read_bytes().splitlines()]
+    assert sorted(int(r["request_id"].rsplit("-", 1)[1]) for r in ctx) == [i for i in range(150, 200) if i % 3]
+    assert res.summary["context_entries"] == len(ctx)
+    assert _verify(tmp_path / "b", tenant_log, capsys)[0] == 0
+    wid, seq = ctx[0]["writer_id"], ctx[0]["seq"]
+    _edit_lines(tmp_path / "b" / "context.jsonl", lambda ls: ls[1:])
+    _edit_lines(
+        tmp_path / "b" / f"windows/{wid}.entries", lambda ls: [b"-" + x[1:] if _is_seq(x, seq) else x for x in ls]
+    )
+    _reseal(tmp_path / "b")
+    code, out = _verify(tmp_path / "b", tenant_log, capsys)
+    assert code == 1 and f"seq {seq} of writer {wid} is tenant acme's and was withheld" in out
+
+
+def test_an_entry_whose_tag_does_not_match_its_org_is_refused_by_the_exporter(tmp_path: Path) -> None:
+    """A writer that sealed a tenant's record under another tenant's tag (a fault) would hide it from
+    every export: the exporter checks the tag of every entry naming the tenant and refuses."""
+    from vllm_audit.export.bundle import ExportError
+    from vllm_audit.integrity.chain import Chain
+    from vllm_audit.integrity.config import IntegrityConfig
+    from vllm_audit.integrity.keys import write_keypair
+
+    write_keypair(tmp_path / "ops", "vllm-audit/ops-test")
+    log = TenantLog(tmp_path / "log", tmp_path / "ops.pub", tmp_path / "ops.key")
+    write_phases(log, [[rec(0, "acme")], [rec(i, "acme") for i in range(1, 5)], [rec(9, "acme")]])
+    chain = Chain(log.log_dir, IntegrityConfig(signing_key=str(log.key)))
+    bad = dict(rec(7, "acme"), timestamp=log.t_from)
+    chain.append([*chain.pending_events(), (orjson.dumps(bad), "globex")])  # the pair's org is wrong
+    seq = chain.next_seq - 1
+    chain.sync()
+    chain.checkpoint()
+    wid = chain.writer_id
+    chain.close()
+    with pytest.raises(ExportError, match=f"writer {wid} entry {seq}: its org_tag does not match its org_id"):
+        build_bundle(_config(log), "acme", log.t_from, "2999-01-01T00:00:00.000Z", tmp_path / "b", keys=[])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -139,20 +141,34 @@ def test_integrity_config_parsed_strictly() -> None:
 
 
 def test_stored_line_is_the_canonical_encoding(tmp_path: Path) -> None:
-    """append writes exactly {"seq":N,"prev":"<hex>","writer_id":"<id>",<fields>} and returns its leaf."""
+    """append writes exactly {"seq":N,"prev":"<hex>","writer_id":"<id>","org_tag":"<tag>",<fields>}
+    and returns SHA-256(0x00 || header || SHA-256(body)) (the rule written out here with hashlib)."""
     import hashlib
 
     write_keypair(tmp_path / "k", "ops/k")
     c = Chain(tmp_path / "log", IntegrityConfig(signing_key=str(tmp_path / "k.key")))
     c.append(c.pending_events())
     seq, prev = c.next_seq, c.last_hash
-    (leaf,) = c.append([{"record_type": "event", "event": "x", "n": 1}])
+    entries: list[Mapping[str, Any] | bytes | tuple[bytes, str]] = [
+        {"record_type": "event", "event": "x", "n": 1},
+        (b'{"record_type":"inference","org_id":"acme","n":2}', "acme"),
+        b'{"record_type":"alert","org_id":"globex","n":3}',
+    ]
+    leaves = c.append(entries)
     c.sync()
     (_, seg), *_ = list_segments(c.dir)
-    line = seg.read_bytes().split(b"\n")[-2]
-    expect = f'{{"seq":{seq},"prev":"{prev}","writer_id":"{c.writer_id}","record_type":"event","event":"x","n":1}}'
-    assert line == expect.encode()
-    assert leaf == hashlib.sha256(b"\x00" + line).digest() and c.last_hash == leaf.hex()
+    lines = seg.read_bytes().split(b"\n")[-4:-1]
+    bodies = [b'"record_type":"event","event":"x","n":1}', b'"record_type":"inference","org_id":"acme","n":2}']
+    bodies.append(b'"record_type":"alert","org_id":"globex","n":3}')
+    for k, (line, body, org) in enumerate(zip(lines, bodies, ["", "acme", "globex"], strict=True)):
+        n = seq + k
+        tag = hashlib.sha256(b"vllm-audit/org-tag/v1\x00%b\x00%d\x00%b" % (c.writer_id.encode(), n, org.encode()))
+        header = f'{{"seq":{n},"prev":"{prev}","writer_id":"{c.writer_id}","org_tag":"{tag.hexdigest()[:32]}",'
+        assert line == header.encode() + body
+        leaf = hashlib.sha256(b"\x00" + header.encode() + hashlib.sha256(body).digest()).digest()
+        assert leaves[k] == leaf
+        prev = leaf.hex()
+    assert c.last_hash == prev
     c.close()
 
 

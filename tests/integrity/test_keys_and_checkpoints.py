@@ -37,7 +37,7 @@ def test_signed_note_known_answer() -> None:
 
 def test_checkpoint_vector_roundtrip() -> None:
     """Our committed checkpoint vector re-signs identically and opens with its public key."""
-    v = json.loads((VEC / "vllm_audit_v1.json").read_text())
+    v = json.loads((VEC / "vllm_audit_v2.json").read_text())
     key = parse_skey(v["signer_key"])
     cp = Checkpoint(v["origin"], v["tree_size"], bytes.fromhex(v["root"]), parse_time_ms(v["timestamp"]))
     assert sign_checkpoint(cp, key.signer(), key.name) == v["checkpoint"]
@@ -105,15 +105,34 @@ def test_altered_checkpoint_fails() -> None:
 
 
 def test_vllm_audit_vector_lines_and_proofs() -> None:
-    """The committed stored lines chain, hash to the committed root, and the committed proofs verify."""
-    from vllm_audit.integrity import merkle
+    """The committed stored lines chain, hash to the committed root, and the committed proofs verify.
 
-    v = json.loads((VEC / "vllm_audit_v1.json").read_text())
+    The leaf rule is written out here with hashlib, independently of the codec: the header is the
+    line up to and including the comma after ``org_tag``; the tlog entry is ``header || SHA-256(body)``;
+    the leaf is ``SHA-256(0x00 || entry)``; the tag is ``SHA-256("vllm-audit/org-tag/v1\\0" writer
+    "\\0" seq "\\0" org_id)[:16]`` in hex. The codec must give the same for every line.
+    """
+    import hashlib
+
+    from vllm_audit.integrity import codec, merkle
+
+    v = json.loads((VEC / "vllm_audit_v2.json").read_text())
     prev = "0" * 64
     leaves = []
+    wid = v["writer_id"]
     for i, line in enumerate(v["lines"]):
-        assert line.startswith(f'{{"seq":{i},"prev":"{prev}","writer_id":"{v["writer_id"]}",')
-        leaf = merkle.leaf_hash(line.encode())
+        org = v["org_ids"][i]
+        tag = hashlib.sha256(f"vllm-audit/org-tag/v1\0{wid}\0{i}\0{org}".encode()).hexdigest()[:32]
+        assert tag == v["org_tags"][i]
+        header = f'{{"seq":{i},"prev":"{prev}","writer_id":"{wid}","org_tag":"{tag}",'
+        assert line.startswith(header)
+        assert json.loads(line).get("org_id", "") == org
+        raw = line.encode()
+        entry = header.encode() + hashlib.sha256(raw[len(header) :]).digest()
+        assert entry.hex() == v["tlog_entries"][i] and codec.tlog_entry(raw) == entry
+        leaf = hashlib.sha256(b"\x00" + entry).digest()
+        assert codec.leaf_hash(raw) == leaf == merkle.leaf_hash(entry)
+        assert codec.org_tag(wid, i, org).decode() == tag
         leaves.append(leaf)
         prev = leaf.hex()
     assert [h.hex() for h in leaves] == v["leaf_hashes"]

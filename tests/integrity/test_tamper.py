@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from vllm_audit.integrity import verify as verify_mod
+from vllm_audit.integrity.codec import leaf_hash
 from vllm_audit.integrity.keys import load_public_keys, write_keypair
 
 from ._logtools import (
@@ -101,6 +102,23 @@ def test_flip_one_byte(log: Path) -> None:
     assert first["kind"] == "modified" and first["seq"] == seq
 
 
+@pytest.mark.parametrize(("tag", "why"), [(b"0" * 32, "was altered"), (b"G" * 32, "malformed header")])
+def test_changed_org_tag(log: Path, tag: bytes, why: str) -> None:
+    """The tenant tag is in the hashed header: another valid tag (passing the entry off as another
+    tenant's) is reported as modified at that entry; a tag that is not 32 lowercase hex is a
+    malformed header at that entry."""
+    seg = middle(log)
+    lines = read_lines(seg)
+    at = lines[5].index(b'"org_tag":"') + 11
+    lines[5] = lines[5][:at] + tag + lines[5][at + 32 :]
+    write_lines(seg, lines)
+    seq = orjson.loads(lines[5])["seq"]
+    code, rep = verify(log)
+    assert code == 1
+    first = rep["problems"][0]
+    assert first["kind"] == "modified" and first["seq"] == seq and why in first["message"]
+
+
 def test_delete_record(log: Path) -> None:
     """Deleting one record is reported as missing (a gap) at its sequence number."""
     seg = middle(log)
@@ -120,7 +138,7 @@ def test_insert_forged_record(log: Path) -> None:
     prev_obj = orjson.loads(lines[9])
     forged = orjson.loads(lines[10])
     forged["request_id"] = "forged-1"
-    forged["prev"] = __import__("hashlib").sha256(b"\x00" + lines[9]).hexdigest()
+    forged["prev"] = leaf_hash(lines[9]).hex()
     assert forged["seq"] == prev_obj["seq"] + 1
     lines.insert(10, orjson.dumps(forged))
     write_lines(seg, lines)

@@ -3,11 +3,13 @@
 ``build_bundle(config, org, t_from, t_to, out)`` writes a directory (or a ``.tar``) holding, per
 writer of the log, a *window* ``[start, end)`` of its chain between two signed checkpoints — the
 last one signed before ``t_from`` and the first one signed at least ``grace`` after ``t_to`` — as
-the leaf hash of every entry, the tenant's records in the range in full (as stored), the compact
-range of the tree before ``start``, both checkpoint notes and the RFC 6962 consistency proof
-between them; one C2SP ``tlog-proof`` per record; the public keys, a C2SP ``tlog-policy`` file,
-a summary, the single-file verifier, and a manifest of every file's SHA-256. docs/export.md
-explains why this proves completeness and what it does not prove.
+the header and body digest of every entry (its tlog entry: enough to recompute its leaf, follow
+the ``prev`` links and compare its ``org_tag`` with the tenant's), every entry whose tag is the
+tenant's in full (as stored: the records of the range, the tenant's other entries in the windows
+as context, its events), the compact range of the tree before ``start``, both checkpoint notes and
+the RFC 6962 consistency proof between them; one C2SP ``tlog-proof`` per record; the public keys,
+a C2SP ``tlog-policy`` file, a summary, the single-file verifier, and a manifest of every file's
+SHA-256. docs/export.md explains why this proves completeness and what it does not prove.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import orjson
 
 from vllm_audit.config import Config
 from vllm_audit.errors import AuditError
+from vllm_audit.integrity import codec
 from vllm_audit.integrity.checkpoint import CHECKPOINTS_FILE, Checkpoint, parse_body, parse_note_line, split_note
 from vllm_audit.integrity.keys import VerifierKey
 from vllm_audit.integrity.merkle import CompactRange, decompose_starts, node_hash
 from vllm_audit.integrity.reader import LogReader, read_manifest, read_pruned
 
-FORMAT = "vllm-audit-export/v1"
+FORMAT = "vllm-audit-export/v2"
 REVEALED_EVENTS = frozenset({"settings.effective", "privacy.erase", "hold.placed", "hold.released"})
 
 
@@ -162,12 +165,15 @@ def build_bundle(
     erased: Callable[[str], bool] | None = None,
 ) -> ExportResult:
     """Write the bundle for tenant ``org``, records with ``t_from <= timestamp < t_to`` (ISO 8601 UTC)."""
+    if not org:
+        raise ExportError("--org must name a tenant (an empty org id is the tag of entries without one)")
     if not t_from < t_to:
         raise ExportError(f"--from {t_from} must be before --to {t_to}")
     until = _iso(dt.datetime.fromisoformat(t_to.replace("Z", "+00:00")) + dt.timedelta(seconds=grace_seconds))
     reader = LogReader(config.log.dir, limit="signed")
     files: dict[str, bytes] = {}
     records_out: list[bytes] = []
+    context_out: list[bytes] = []
     events_out: list[bytes] = []
     proofs_out: list[bytes] = []
     summary_writers = []
@@ -178,6 +184,7 @@ def build_bundle(
     erase_events: list[dict[str, Any]] = []
     settings_events: list[dict[str, Any]] = []
     org_needle = b'"org_id":' + orjson.dumps(org)
+    org_b = org.encode()
     writers = reader.writer_ids()
     if not writers:
         raise ExportError(f"no writers in {config.log.dir!r}")
@@ -204,6 +211,9 @@ def build_bundle(
         leaves: list[bytes] = []
         lines: list[bytes] = []
         wanted: list[int] = []
+        context = 0
+        # org_tag(wid, seq, org) without re-hashing the fixed prefix for every entry
+        tag_seed = hashlib.sha256(codec.ORG_TAG_DOMAIN + wid.encode() + b"\x00")
         for e in reader.entries(wid, seg_first) if hi > seg_first else ():
             if e.seq >= hi:
                 break
@@ -211,12 +221,34 @@ def build_bundle(
                 prefix.append(e.leaf)
                 continue
             leaves.append(e.leaf)
-            flag = b""
-            if e.record_type in ("inference", "alert") and org_needle in e.line:
+            header = e.header
+            t = tag_seed.copy()
+            t.update(b"%d\x00%b" % (e.seq, org_b))
+            mine = header[-codec.TAG_HEX - 2 : -2] == t.hexdigest()[: codec.TAG_HEX].encode()
+            flag = b"-"
+            rec: dict[str, Any] | None = None
+            if mine or org_needle in e.line:
                 rec = e.record()
+                if (codec.org_of(rec) == org) != mine:
+                    raise ExportError(
+                        f"writer {wid} entry {e.seq}: its org_tag does not match its org_id (sealed by a faulty "
+                        "writer); the export cannot prove completeness for this tenant"
+                    )
+            elif e.record_type == "event":
+                rec = e.record()
+            if rec is not None and e.record_type == "event":
+                name = rec.get("event")
+                if mine or (name in REVEALED_EVENTS and (name == "settings.effective" or not codec.org_of(rec))):
+                    flag = b"E"
+                    events_out.append(e.line)
+                    if name == "privacy.erase":
+                        erase_events.append(rec)
+                    elif name == "settings.effective":
+                        settings_events.append(rec)
+            elif mine and rec is not None:
                 ts = rec.get("timestamp")
-                if rec.get("org_id") == org and isinstance(ts, str) and t_from <= ts < t_to:
-                    flag = b" R"
+                if e.record_type in ("inference", "alert") and isinstance(ts, str) and t_from <= ts < t_to:
+                    flag = b"R"
                     records_out.append(e.line)
                     wanted.append(e.seq)
                     by_user[str(rec.get("user_id"))] += 1
@@ -224,21 +256,18 @@ def build_bundle(
                     by_status[_status(rec)] += 1
                     if any(k.endswith("_enc") and v for k, v in rec.items()):
                         encrypted += 1
-            elif e.record_type == "event":
-                rec = e.record()
-                name = rec.get("event")
-                if name in REVEALED_EVENTS and (name == "settings.effective" or rec.get("org_id") in (org, None)):
-                    flag = b" E"
-                    events_out.append(e.line)
-                    (erase_events if name == "privacy.erase" else settings_events).append(rec)
-            lines.append(b"%d %s%s" % (e.seq, e.leaf.hex().encode(), flag))
+                else:  # the tenant's, inside the window but not a record of the range: shown as context
+                    flag = b"C"
+                    context_out.append(e.line)
+                    context += 1
+            lines.append(b"%b %b %b" % (flag, e.body_digest().hex().encode(), header))
         if prefix.size != lo or len(leaves) != hi - lo:
             raise ExportError(f"writer {wid}: the local log has fewer entries ({lo + len(leaves)}) than signed ({hi})")
         tree = _Tree(prefix, lo, leaves)
         for seq in wanted:
             proof = tlog_proof(seq, tree.inclusion(seq, hi), end_note)
             proofs_out.append(orjson.dumps({"writer_id": wid, "seq": seq, "proof": proof}))
-        files[f"windows/{wid}.leaves"] = b"\n".join(lines) + (b"\n" if lines else b"")
+        files[f"windows/{wid}.entries"] = b"\n".join(lines) + (b"\n" if lines else b"")
         window = {
             "writer_id": wid,
             "start": lo,
@@ -257,6 +286,7 @@ def build_bundle(
                 "start_time": start_cp.time if start_cp is not None else "",
                 "end_time": end_cp.time,
                 "records": len(wanted),
+                "context_entries": context,
                 "complete_to_range_end": end_cp.time >= t_to,
             }
         )
@@ -269,6 +299,7 @@ def build_bundle(
         "from": t_from,
         "to": t_to,
         "records": len(records_out),
+        "context_entries": len(context_out),
         "by_user": dict(sorted(by_user.items())),
         "by_model": dict(sorted(by_model.items())),
         "by_status": dict(sorted(by_status.items())),
@@ -279,6 +310,7 @@ def build_bundle(
         "writers": summary_writers,
     }
     files["records.jsonl"] = b"".join(line + b"\n" for line in records_out)
+    files["context.jsonl"] = b"".join(line + b"\n" for line in context_out)
     files["events.jsonl"] = b"".join(line + b"\n" for line in events_out)
     files["proofs.jsonl"] = b"".join(line + b"\n" for line in proofs_out)
     files["summary.json"] = orjson.dumps(summary, option=orjson.OPT_INDENT_2)

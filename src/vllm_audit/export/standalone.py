@@ -17,12 +17,13 @@ import argparse
 import base64
 import hashlib
 import json
+import re
 import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
-FORMAT = "vllm-audit-export/v1"
+FORMAT = "vllm-audit-export/v2"
 PROOF_HEADER = "c2sp.org/tlog-proof@v1"
 EM_DASH = "\u2014"
 
@@ -31,8 +32,65 @@ def _sha(b: bytes) -> bytes:
     return hashlib.sha256(b).digest()
 
 
+# -- the entry rule (a copy of vllm_audit.integrity.codec's, so this file stands alone) --------
+#
+# A stored line is  header || body  where the header is
+#   {"seq":N,"prev":"<64 hex>","writer_id":"<id>","org_tag":"<32 hex>",     (or ...} for no body)
+# Its tlog entry is  header || SHA-256(body)  and its leaf  SHA-256(0x00 || entry)  (RFC 6962).
+# org_tag = hex(SHA-256("vllm-audit/org-tag/v1" 0x00 writer_id 0x00 str(seq) 0x00 org_id)[:16]).
+
+TAG_KEY = b'"org_tag":"'
+TAG_DOMAIN = b"vllm-audit/org-tag/v1\x00"
+_HEX64 = re.compile(rb"[0-9a-f]{64}")
+_HEADER = re.compile(
+    rb'\{"seq":(0|[1-9][0-9]*),"prev":"([0-9a-f]{64})","writer_id":("(?:[^"\\]|\\.)*"),"org_tag":"([0-9a-f]{32})"[,}]\Z'
+)
+
+
+def header_end(line: bytes) -> int:
+    """Offset of the body of a stored line: right after the comma (or brace) that follows org_tag."""
+    at = line.find(TAG_KEY)
+    return len(line) if at < 0 else min(at + len(TAG_KEY) + 34, len(line))
+
+
+def entry_leaf(header: bytes, digest: bytes) -> bytes:
+    return _sha(b"\x00" + header + digest)
+
+
 def leaf_hash(line: bytes) -> bytes:
-    return _sha(b"\x00" + line)
+    cut = header_end(line)
+    return entry_leaf(line[:cut], _sha(line[cut:]))
+
+
+def org_tag(writer_id: str, seq: int, org_id: str) -> bytes:
+    return (
+        hashlib.sha256(b"%b%b\x00%d\x00%b" % (TAG_DOMAIN, writer_id.encode(), seq, org_id.encode()))
+        .hexdigest()[:32]
+        .encode()
+    )
+
+
+def org_of(rec: dict[str, Any]) -> str:
+    org = rec.get("org_id")
+    return org if isinstance(org, str) else ""
+
+
+_WRITER_IDS: dict[bytes, str] = {}
+
+
+def parse_header(header: bytes) -> tuple[int, str, str, bytes] | None:
+    """``(seq, prev hex, writer_id, org_tag)`` of an exact entry header, or None."""
+    m = _HEADER.match(header)
+    if m is None:
+        return None
+    raw = m.group(3)
+    wid = _WRITER_IDS.get(raw)
+    if wid is None:
+        try:
+            wid = _WRITER_IDS[raw] = str(json.loads(raw))
+        except ValueError:
+            return None
+    return int(m.group(1)), m.group(2).decode(), wid, m.group(4)
 
 
 def node(left: bytes, right: bytes) -> bytes:
@@ -246,10 +304,10 @@ def read_bundle(path: str) -> dict[str, bytes]:
 
 def _header(line: bytes) -> tuple[int, str]:
     """``(seq, writer_id)`` of a stored entry line."""
-    obj = json.loads(line)
-    if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int) or not line.startswith(b'{"seq":'):
+    h = parse_header(line[: header_end(line)])
+    if h is None:
         raise ValueError("not a log entry")
-    return obj["seq"], str(obj.get("writer_id"))
+    return h[0], h[2]
 
 
 def verify(files: dict[str, bytes], keys: list[Key]) -> dict[str, Any]:
@@ -276,7 +334,7 @@ def verify(files: dict[str, bytes], keys: list[Key]) -> dict[str, Any]:
 
     # Records and revealed events, keyed by (writer, seq).
     revealed: dict[tuple[str, int], tuple[str, bytes]] = {}
-    for kind, fname in (("record", "records.jsonl"), ("event", "events.jsonl")):
+    for kind, fname in (("record", "records.jsonl"), ("context", "context.jsonl"), ("event", "events.jsonl")):
         for n, line in enumerate(files.get(fname, b"").split(b"\n")):
             if not line:
                 continue
@@ -326,43 +384,93 @@ def verify(files: dict[str, bytes], keys: list[Key]) -> dict[str, Any]:
         if start_cp is not None and cr.root() != start_cp.root:
             problems.append(f"writer {wid}: the prefix does not reproduce the signed root at size {start}")
         expect = start
+        prev_hex = "0" * 64 if start == 0 else None  # the leaf before the window is not in the bundle
         wanted: set[int] = set()
-        for raw in files.get(f"windows/{wid}.leaves", b"").split(b"\n"):
+        ename = f"windows/{wid}.entries"
+        rows: list[tuple[str, bytes, bytes, tuple[int, str, str, bytes]]] = []
+        for n, raw in enumerate(files.get(ename, b"").split(b"\n")):
             if not raw:
                 continue
-            parts = raw.split(b" ")
-            seq, leaf = int(parts[0]), bytes.fromhex(parts[1].decode())
-            flag = parts[2].decode() if len(parts) > 2 else ""
+            parts = raw.split(b" ", 2)
+            ok = len(parts) == 3 and _HEX64.fullmatch(parts[1]) is not None
+            h = parse_header(parts[2]) if ok else None
+            if h is None:
+                problems.append(f"writer {wid}: line {n + 1} of {ename} is not an entry header and digest (altered)")
+                continue
+            rows.append((parts[0].decode(), bytes.fromhex(parts[1].decode()), parts[2], h))
+        for i, (flag, digest, header, (seq, prev, hwid, tag)) in enumerate(rows):
+            if seq != expect and i + 1 < len(rows) and rows[i + 1][3][0] == expect + 1:
+                # the next entry is where this one should be followed from: this header's seq was altered
+                problems.append(f"writer {wid} seq {expect}: the entry header says seq {seq} (altered)")
+                seq = expect
             if seq < expect:
                 problems.append(f"writer {wid}: seq {seq} appears out of place in the window (added)")
                 continue
             if seq > expect:
                 what = f"seq {expect}" if seq == expect + 1 else f"seqs {expect}..{seq - 1}"
                 problems.append(f"writer {wid}: {what} missing from the window (dropped)")
-                expect = seq
+                expect, prev_hex = seq, None
+            if hwid != wid:
+                problems.append(f"writer {wid} seq {seq}: the entry header names writer {hwid!r} (altered)")
+            if prev_hex is not None and prev != prev_hex:
+                problems.append(
+                    f"writer {wid} seq {seq - 1}: its entry does not hash to the prev that seq {seq} records "
+                    f"(the header or body digest of seq {seq - 1}, or the prev of seq {seq}, was altered)"
+                )
+            leaf = entry_leaf(header, digest)
             cr.append(leaf)
+            prev_hex = leaf.hex()
             expect = seq + 1
             key = (wid, seq)
-            if flag in ("R", "E"):
-                got = revealed.get(key)
-                if got is None or got[0] != ("record" if flag == "R" else "event"):
-                    what = "a record of the tenant" if flag == "R" else "a revealed event"
-                    problems.append(f"writer {wid} seq {seq}: {what} is missing from the bundle (dropped)")
-                    continue
-                seen.add(key)
-                if leaf_hash(got[1]) != leaf:
+            mine = tag == org_tag(wid, seq, org)
+            if flag == "-":
+                if mine:
                     problems.append(
-                        f"writer {wid} seq {seq}: the {got[0]} was changed (its hash is not the logged one)"
+                        f"writer {wid} seq {seq}: shown as hidden, but its org_tag is tenant {org}'s: "
+                        f"seq {seq} of writer {wid} is tenant {org}'s and was withheld"
                     )
-                    continue
-                if flag == "R":
-                    wanted.add(seq)
-                    rec = json.loads(got[1])
-                    if rec.get("org_id") != org:
-                        problems.append(f"writer {wid} seq {seq}: the record is of tenant {rec.get('org_id')!r}")
-                    ts = rec.get("timestamp")
-                    if not isinstance(ts, str) or not t_from <= ts < t_to:
-                        problems.append(f"writer {wid} seq {seq}: the record's time {ts} is outside the range")
+                continue
+            want = {"R": "record", "C": "context", "E": "event"}.get(flag)
+            got = revealed.get(key)
+            if want is None or got is None or got[0] != want:
+                what = {"R": "a record of the tenant", "C": "an entry of the tenant", "E": "a revealed event"}.get(
+                    flag, f"an entry flagged {flag!r}"
+                )
+                problems.append(f"writer {wid} seq {seq}: {what} is missing from the bundle (dropped)")
+                continue
+            seen.add(key)
+            line = got[1]
+            cut = header_end(line)
+            if line[:cut] != header or _sha(line[cut:]) != digest:
+                problems.append(f"writer {wid} seq {seq}: the {want} was changed (its hash is not the logged one)")
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
+                problems.append(f"writer {wid} seq {seq}: the {want} is not a JSON object")
+                continue
+            if want == "event":
+                if tag != org_tag(wid, seq, org_of(rec)):
+                    problems.append(f"writer {wid} seq {seq}: the event's org_tag is not the tag of its org_id")
+                elif org_of(rec) not in ("", org):
+                    problems.append(f"writer {wid} seq {seq}: the event is of tenant {org_of(rec)!r}")
+                continue
+            if rec.get("org_id") != org:
+                problems.append(f"writer {wid} seq {seq}: the {want} is of tenant {rec.get('org_id')!r}")
+                continue
+            if not mine:
+                problems.append(f"writer {wid} seq {seq}: the {want}'s org_tag is not tenant {org}'s")
+                continue
+            ts = rec.get("timestamp")
+            in_range = rec.get("record_type") in ("inference", "alert") and isinstance(ts, str) and t_from <= ts < t_to
+            if want == "record":
+                wanted.add(seq)
+                if not in_range:
+                    problems.append(f"writer {wid} seq {seq}: the record's time {ts} is outside the range")
+            elif in_range:
+                problems.append(f"writer {wid} seq {seq}: a record of the range is filed as context (not counted)")
         if expect != end:
             problems.append(
                 f"writer {wid}: the window ends at seq {expect}, its checkpoint says {end} (dropped entries)"

@@ -6,8 +6,9 @@ it lives. A process starting up first tries to adopt the chain of a writer that 
 alive (its lock is free), so a restarted gateway continues its chain instead of leaving a
 trail of one-off writers; otherwise it creates a new writer.
 
-Each entry is one line: ``{"seq":N,"prev":"<hex>","writer_id":"...",...}``. The leaf hash is
-``SHA-256(0x00 || line)`` over the stored bytes; ``prev`` is the previous entry's leaf hash.
+Each entry is one line: ``{"seq":N,"prev":"<hex>","writer_id":"...","org_tag":"<hex>",...}``.
+The leaf hash is ``SHA-256(0x00 || header || SHA-256(body))`` over the stored bytes (the codec's
+tlog entry); ``prev`` is the previous entry's leaf hash, ``org_tag`` the entry's tenant commitment.
 The chain keeps the RFC 6962 tree over its leaves as a compact range (O(log n) hashes), signs a
 checkpoint every ``checkpoint_every_records`` entries / ``checkpoint_every_seconds`` and on every
 idle heartbeat, seals full segments (read-only + manifest) and records every seal, start,
@@ -57,6 +58,7 @@ from vllm_audit.integrity.codec import (
     SEGMENT_PREFIX,
     SEGMENT_SUFFIX,
     ZERO_HASH,
+    EntryInput,
     encode_entries,
     encode_manifest,
     leaf_hash,
@@ -510,8 +512,11 @@ class Chain:
         self._broken = False
         self._event("recovery", {"torn_segments": [info], "cause": "write_error"})
 
-    def append(self, entries: Iterable[Mapping[str, Any] | bytes]) -> list[bytes]:
-        """Seal and write entries (not yet durable: call ``sync``). Returns their leaf hashes."""
+    def append(self, entries: Iterable[EntryInput]) -> list[bytes]:
+        """Seal and write entries (not yet durable: call ``sync``). Returns their leaf hashes.
+
+        An entry is a mapping, ``(pre-encoded body, org_id)`` or a pre-encoded body alone (see
+        :func:`~vllm_audit.integrity.codec.encode_entries`)."""
         if self._broken:
             self._recover_from_write_error()
             entries = [*self.pending_events(), *entries]

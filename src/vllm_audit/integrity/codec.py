@@ -2,14 +2,28 @@
 
 A segment is a file of lines, one entry each::
 
-    {"seq":N,"prev":"<64 hex: leaf hash of entry N-1>","writer_id":"<id>",<the entry's fields>}\\n
+    {"seq":N,"prev":"<64 hex>","writer_id":"<id>","org_tag":"<32 hex>",<the entry's fields>}\\n
 
-The header (``seq``, ``prev``, ``writer_id``) comes first, in this order and this spelling, so
-that readers slice it instead of parsing JSON. The leaf hash of an entry is RFC 6962's
-``SHA-256(0x00 || line)`` over the stored bytes (without the newline); hashes commit to what is
-stored. Pure functions, no I/O: the :mod:`vllm_audit.integrity.reader` reads files, the
-:class:`~vllm_audit.integrity.chain.Chain` writes them; the verifier, proofs and every projection
-use these functions and nothing else to interpret a line.
+The header (``seq``, ``prev``, ``writer_id``, ``org_tag``) comes first, in this order and this
+spelling, so that readers slice it instead of parsing JSON; it ends with the comma after
+``org_tag`` (with the closing brace for an entry without fields). ``org_tag`` commits the entry
+to its tenant without naming it::
+
+    org_tag = hex(SHA-256("vllm-audit/org-tag/v1" 0x00 writer_id 0x00 str(seq) 0x00 org_id)[:16])
+
+with ``org_id`` the entry's top-level ``org_id`` when it is a string, else ``""``.
+
+Hashes commit to what is stored, through the *tlog entry* of a line::
+
+    entry = header || SHA-256(body)          # body: the bytes after the header (32-byte digest)
+    leaf  = SHA-256(0x00 || entry)           # RFC 6962 leaf of that entry (C2SP tlog-proof)
+
+so an export can show an entry it withholds as its header and body digest: enough to recompute its
+leaf, follow ``prev`` links and compare its tenant tag, without revealing its fields.
+``prev`` is the leaf hash (hex) of the entry before (64 zeros for seq 0). Pure functions, no I/O:
+the :mod:`vllm_audit.integrity.reader` reads files, the :class:`~vllm_audit.integrity.chain.Chain`
+writes them; the verifier, proofs and every projection use these functions and nothing else to
+interpret a line.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import dataclasses
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -28,16 +43,23 @@ ZERO = ZERO_HASH.encode()
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".jsonl"
 MANIFEST_SUFFIX = ".manifest.json"
-MANIFEST_FORMAT = "vllm-audit-segment-manifest/v1"
+MANIFEST_FORMAT = "vllm-audit-segment-manifest/v2"
 HEADER_START = b'{"seq":'
+TAG_KEY = b'"org_tag":"'
+#: Length of an ``org_tag`` in hex digits (16 bytes of SHA-256).
+TAG_HEX = 32
+ORG_TAG_DOMAIN = b"vllm-audit/org-tag/v1\x00"
 INFERENCE = b'"record_type":"inference"'
 EVENT = b'"record_type":"event"'
 ALERT = b'"record_type":"alert"'
 
 _SEGMENT_RE = re.compile(r"^seg-(\d{12})\.jsonl$")
+_EVENT_AFTER_HEADER = b'",' + EVENT
+_TAGS_RE = re.compile(rb'(?:[0-9a-f]{32}",)*')
+_HEX32 = re.compile(rb"[0-9a-f]{32}")
 _sha256 = hashlib.sha256
-_LEAF_SEED = _sha256(b"\x00")
 _hexlify = binascii.hexlify
+_EMPTY_DIGEST = _sha256(b"").digest()
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -65,12 +87,52 @@ def segment_of_manifest(name: str) -> str:
     return name[: -len(MANIFEST_SUFFIX)] + SEGMENT_SUFFIX
 
 
+# -- tenant tags -----------------------------------------------------------------------------
+
+
+def org_tag(writer_id: str, seq: int, org_id: str) -> bytes:
+    """The ``org_tag`` (32 lowercase hex digits, as bytes) of entry ``seq`` of ``writer_id`` for ``org_id``."""
+    data = b"%b%b\x00%d\x00%b" % (ORG_TAG_DOMAIN, writer_id.encode(), seq, org_id.encode())
+    return _sha256(data).hexdigest()[:TAG_HEX].encode()
+
+
+def org_of(entry: Mapping[str, Any]) -> str:
+    """The ``org_id`` an entry's tag is made from: its top-level ``org_id`` if a string, else ``""``."""
+    org = entry.get("org_id")
+    return org if isinstance(org, str) else ""
+
+
 # -- hashing ---------------------------------------------------------------------------------
 
 
+def header_end(line: bytes) -> int:
+    """Where the header of a stored line ends (the offset of its body).
+
+    Right after the comma (or closing brace) that follows the ``org_tag`` value; a line without an
+    ``org_tag`` field (damaged, never a valid entry) is all header. The first ``"org_tag":"`` of a
+    line is the header's: ``seq``, ``prev`` and the JSON-escaped writer id cannot contain it.
+    """
+    at = line.find(TAG_KEY)
+    if at < 0:
+        return len(line)
+    return min(at + len(TAG_KEY) + TAG_HEX + 2, len(line))
+
+
+def tlog_entry(line: bytes) -> bytes:
+    """The tlog entry of a stored line: ``header || SHA-256(body)`` (what its leaf hash is over)."""
+    cut = header_end(line)
+    return line[:cut] + _sha256(line[cut:]).digest()
+
+
 def leaf_hash(line: bytes) -> bytes:
-    """RFC 6962 leaf hash of one stored line (without its newline)."""
-    return _sha256(b"\x00" + line).digest()
+    """The leaf hash of one stored line (without its newline): ``SHA-256(0x00 || tlog_entry(line))``."""
+    cut = header_end(line)
+    return _sha256(b"\x00" + line[:cut] + _sha256(line[cut:]).digest()).digest()
+
+
+def entry_leaf(header: bytes, body_digest: bytes) -> bytes:
+    """The leaf hash of an entry known by its header and the SHA-256 of its body."""
+    return _sha256(b"\x00" + header + body_digest).digest()
 
 
 def split_torn(data: bytes) -> tuple[bytes, bytes]:
@@ -90,40 +152,84 @@ def split_lines(good: bytes) -> list[bytes]:
     return lines
 
 
-def leaf_inputs(good: bytes) -> list[bytes]:
-    """``0x00 || line`` for every line of complete segment bytes: what each leaf hash is over.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    """A run of consecutive, exactly formed entries of one writer (see :func:`scan_run`)."""
 
-    One ``replace`` and one ``split`` for the whole buffer (the verifier's vectorised fast path).
+    leaves: list[bytes]
+    #: Hex of each leaf (the ``prev`` of the entry after it).
+    hexes: list[bytes]
+    #: ``(index in the run, stored line)`` of every ``event`` entry.
+    events: list[tuple[int, bytes]]
+    inference: int
+
+
+def scan_run(good: bytes, first: int, first_prev: bytes, tail: bytes) -> Run | None:
+    """Leaf hashes of complete segment bytes whose lines are entries ``first, first+1, ...`` of a writer.
+
+    ``first_prev`` is the prev (hex) the first line must carry, ``tail`` the writer's
+    :func:`writer_tail`. Returns None as soon as any line is not exactly the expected next entry
+    (header bytes, ``prev`` link, tag format): the caller then takes the careful path. Vectorised
+    (the verifier's fast path): the header length of each line follows from its seq, so bodies are
+    sliced and hashed, tlog entries formed and leaves hashed in a few C-level loops, and every
+    header is compared with the exact expected bytes in one ``map``.
     """
-    if not good:
-        return []
-    xlines = (b"\x00" + good.replace(b"\n", b"\n\x00")).split(b"\n")
-    xlines.pop()  # the lone 0x00 after the final newline
-    return xlines
+    lines = split_lines(good)
+    if not lines:
+        return Run([], [], [], 0)
+    fmt = header_format(tail)
+    base = len(fmt % (0, first_prev)) - 1 + TAG_HEX + 2  # a header's length without its seq digits
+    seqs = range(first, first + len(lines))
+    cuts = [base + n for n in map(len, map(str, seqs))]
+    sha = _sha256
+    leaves = [sha(b"\x00" + line[:c] + sha(line[c:]).digest()).digest() for line, c in zip(lines, cuts, strict=True)]
+    hexes = list(map(_hexlify, leaves))
+    prevs = [first_prev]
+    prevs += hexes[:-1]
+    expected = [fmt % t for t in zip(seqs, prevs, strict=True)]
+    if not all(map(bytes.startswith, lines, expected)):
+        return None
+    # What follows each expected prefix: the tag and its closing '",' (checked all at once).
+    tags = b"".join(map(bytes.__getitem__, lines, map(slice, map(len, expected), cuts)))
+    if _TAGS_RE.fullmatch(tags) is None:
+        return None
+    # Event entries are rare: find them by the bytes that end a header and start an event's body.
+    events: list[tuple[int, bytes]] = []
+    at = good.find(_EVENT_AFTER_HEADER)
+    while at >= 0:
+        k = good.count(b"\n", 0, at)
+        if lines[k].startswith(EVENT, cuts[k]):
+            events.append((k, lines[k]))
+        at = good.find(_EVENT_AFTER_HEADER, at + 1)
+    n_inf = sum(map(bytes.startswith, lines, repeat(INFERENCE), cuts))
+    return Run(leaves, hexes, events, n_inf)
 
 
 # -- header ----------------------------------------------------------------------------------
 
 
 def writer_tail(writer_id: str) -> bytes:
-    """The bytes that follow ``prev`` in every header of ``writer_id``: ``","writer_id":"<id>",``."""
-    return b'","writer_id":' + orjson.dumps(writer_id) + b","
+    """The bytes between ``prev`` and the tag value in every header of ``writer_id``:
+    ``","writer_id":"<id>","org_tag":"``."""
+    return b'","writer_id":' + orjson.dumps(writer_id) + b"," + TAG_KEY
 
 
 def header_format(tail: bytes) -> bytes:
-    """A ``%``-format of the exact header of a writer's entry: ``fmt % (seq, prev_hex)``."""
+    """A ``%``-format of a writer's header up to its tag value: ``fmt % (seq, prev_hex)``."""
     return b'{"seq":%d,"prev":"%b' + tail.replace(b"%", b"%%")
 
 
 def expected_header(seq: int, prev: bytes, tail: bytes) -> bytes:
-    """The exact header bytes entry ``seq`` of a writer (its :func:`writer_tail`) must start with."""
+    """The bytes entry ``seq`` of a writer (its :func:`writer_tail`) must start with, up to its tag."""
     return header_format(tail) % (seq, prev)
 
 
 def parse_header(line: bytes, tail: bytes) -> tuple[int, bytes, int] | None:
     """``(seq, prev hex, offset of the body)`` by slicing the fixed-position header, or None.
 
-    ``tail`` is the writer's :func:`writer_tail`. ``seq`` must be a canonical decimal.
+    ``tail`` is the writer's :func:`writer_tail`. ``seq`` must be a canonical decimal, ``prev`` and
+    the tag lowercase hex; the header ends with ``",`` after the tag, or ``"}`` for an entry
+    without fields (the whole line). The tag is ``line[body - 34 : body - 2]`` (:func:`tag_at`).
     """
     if line[:7] != HEADER_START:
         return None
@@ -133,7 +239,18 @@ def parse_header(line: bytes, tail: bytes) -> tuple[int, bytes, int] | None:
     digits = line[7:j]
     if not digits.isdigit() or (len(digits) > 1 and digits[0] == 48):
         return None
-    return int(digits), line[j + 9 : j + 73], j + 73 + len(tail)
+    k = j + 73 + len(tail)
+    end = line[k + TAG_HEX : k + TAG_HEX + 2]
+    if (end != b'",' and (end != b'"}' or len(line) != k + TAG_HEX + 2)) or _HEX32.fullmatch(
+        line, k, k + TAG_HEX
+    ) is None:
+        return None
+    return int(digits), line[j + 9 : j + 73], k + TAG_HEX + 2
+
+
+def tag_at(line: bytes, body: int) -> bytes:
+    """The ``org_tag`` of a line whose body starts at ``body`` (from :func:`parse_header`)."""
+    return line[body - TAG_HEX - 2 : body - 2]
 
 
 def record_type_at(line: bytes, body: int) -> bytes:
@@ -149,42 +266,68 @@ def record_type_at(line: bytes, body: int) -> bytes:
 
 # -- encoding --------------------------------------------------------------------------------
 
+#: One entry for :func:`encode_entries`: a mapping, its JSON object bytes, or ``(bytes, org_id)``.
+EntryInput = Mapping[str, Any] | bytes | tuple[bytes, str]
+
 
 def encode_entries(
-    entries: Iterable[Mapping[str, Any] | bytes], writer_id: str, seq: int, prev: bytes
+    entries: Iterable[EntryInput], writer_id: str, seq: int, prev: bytes
 ) -> tuple[bytearray, list[bytes]]:
     """Encode entries ``seq, seq+1, ...`` chained after leaf ``prev`` (hex bytes).
 
-    An entry is a mapping, or ``bytes`` already holding its JSON object (``orjson.dumps`` of a
-    mapping without the header keys, e.g. made in another process). Returns the bytes to append
-    (lines with newlines) and the leaf hash of each entry.
+    An entry is
+
+    - a mapping (its ``org_id`` is read from it, see :func:`org_of`);
+    - ``(body, org_id)``: ``body`` already holding its JSON object (``orjson.dumps`` of a mapping
+      without the header keys, e.g. made in another process) and ``org_id`` what :func:`org_of`
+      gives for that mapping (``""`` when it has no string ``org_id``). The caller vouches for the
+      pair: the tag is made from ``org_id`` as given (the writer's prepare processes know it);
+    - ``bytes`` alone: such a body whose ``org_id`` this function finds by parsing it (correct,
+      but a JSON parse per entry: prefer the pair).
+
+    Returns the bytes to append (lines with newlines) and the leaf hash of each entry.
     """
     buf = bytearray()
     leaves: list[bytes] = []
     wid = orjson.dumps(writer_id)
     dumps = orjson.dumps
-    seed = _LEAF_SEED
+    sha = _sha256
     hexlify = _hexlify
+    tag_seed = sha(ORG_TAG_DOMAIN + writer_id.encode() + b"\x00")
     for entry in entries:
-        if isinstance(entry, bytes):
-            if entry[:1] != b"{":
+        if isinstance(entry, tuple):
+            raw, org = entry
+            if not isinstance(raw, bytes) or not isinstance(org, str):
+                raise EntryError("a pre-encoded entry pair must be (bytes, str)")
+        elif isinstance(entry, bytes):
+            raw = entry
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise EntryError("a pre-encoded entry must be a JSON object") from None
+            if not isinstance(obj, dict):
                 raise EntryError("a pre-encoded entry must be a JSON object")
-            body = memoryview(entry)[1:]
+            org = org_of(obj)
         else:
-            body = memoryview(dumps(entry))[1:]  # without its "{"
-        head = b'{"seq":%d,"prev":"%b","writer_id":%b,' % (seq, prev, wid)
-        h = seed.copy()
-        if len(body) > 1:
-            h.update(head)
-            h.update(body)
+            raw = dumps(entry)
+            org = org_of(entry)
+        if raw[:1] != b"{":
+            raise EntryError("a pre-encoded entry must be a JSON object")
+        t = tag_seed.copy()
+        t.update(b"%d\x00%b" % (seq, org.encode()))
+        tag = t.hexdigest()[:TAG_HEX].encode()
+        if len(raw) > 2:
+            body = memoryview(raw)[1:]  # without its "{"
+            head = b'{"seq":%d,"prev":"%b","writer_id":%b,"org_tag":"%b",' % (seq, prev, wid, tag)
+            digest = sha(body).digest()
             buf += head
             buf += body
-        else:  # an empty entry: the header alone
-            head = head[:-1] + b"}"
-            h.update(head)
+        else:  # an entry without fields: the header alone, closed
+            head = b'{"seq":%d,"prev":"%b","writer_id":%b,"org_tag":"%b"}' % (seq, prev, wid, tag)
+            digest = _EMPTY_DIGEST
             buf += head
         buf += b"\n"
-        leaf = h.digest()
+        leaf = sha(b"\x00" + head + digest).digest()
         leaves.append(leaf)
         prev = hexlify(leaf)
         seq += 1
@@ -202,8 +345,8 @@ class EntryError(ValueError):
 class Entry:
     """One link-checked entry of a writer's chain, as stored.
 
-    ``line`` is the stored bytes (hashed as they are), ``leaf`` their leaf hash, ``prev`` the leaf
-    hash (hex) of the entry before. ``record`` parses the line (once per call: keep the result).
+    ``line`` is the stored bytes (hashed as they are, see :func:`leaf_hash`), ``leaf`` their leaf
+    hash, ``prev`` the leaf hash (hex) of the entry before. ``record`` parses the line (once per call: keep the result).
     """
 
     writer_id: str
@@ -221,6 +364,21 @@ class Entry:
     def key(self) -> str:
         """A stable identity for downstream dedupe: ``<writer_id>:<seq>``."""
         return f"{self.writer_id}:{self.seq}"
+
+    @property
+    def header(self) -> bytes:
+        """The stored header, up to and including the comma (or brace) after ``org_tag``."""
+        return self.line[: header_end(self.line)]
+
+    @property
+    def org_tag(self) -> bytes:
+        """The entry's tenant tag (32 hex digits): compare with :func:`org_tag` of a candidate tenant."""
+        cut = header_end(self.line)
+        return self.line[cut - TAG_HEX - 2 : cut - 2]
+
+    def body_digest(self) -> bytes:
+        """SHA-256 of the body (the bytes after the header): with :attr:`header`, the tlog entry."""
+        return _sha256(self.line[header_end(self.line) :]).digest()
 
     def record(self) -> dict[str, Any]:
         rec = orjson.loads(self.line)

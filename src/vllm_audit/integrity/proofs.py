@@ -1,10 +1,10 @@
 """Self-contained proofs: one record is in the signed log (inclusion), a log extends an earlier one (consistency).
 
-Inclusion proof (JSON, ``format = "vllm-audit-inclusion-proof/v1"``)::
+Inclusion proof (JSON, ``format = "vllm-audit-inclusion-proof/v2"``)::
 
     {"format": ..., "writer_id": "...", "leaf_index": 41, "tree_size": 1000,
      "record": "<the stored line, as a JSON string; UTF-8 encode it to get the hashed bytes>",
-     "leaf_hash": "<hex SHA-256(0x00 || record)>",
+     "leaf_hash": "<hex SHA-256(0x00 || header || SHA-256(body)) of record>",
      "inclusion_proof": ["<hex>", ...],          # RFC 6962 PATH(leaf_index, D[tree_size])
      "checkpoint": "<signed checkpoint note>",    # the first checkpoint with tree_size > leaf_index
      "key_id": "<key name>+<8 hex key hash>", "key_fingerprint": "<64 hex>"}
@@ -28,7 +28,7 @@ import orjson
 from vllm_audit.errors import VerificationError
 from vllm_audit.integrity.checkpoint import CHECKPOINTS_FILE, Checkpoint, open_checkpoint, parse_body, split_note
 from vllm_audit.integrity.checkpoint import parse_note_line as _parse_note_line
-from vllm_audit.integrity.codec import leaf_hash, split_lines, split_torn
+from vllm_audit.integrity.codec import leaf_hash, parse_header, split_lines, split_torn, writer_tail
 from vllm_audit.integrity.keys import VerifierKey
 from vllm_audit.integrity.merkle import (
     CompactRange,
@@ -44,7 +44,7 @@ from vllm_audit.integrity.merkle import (
 from vllm_audit.integrity.reader import list_segments
 from vllm_audit.integrity.reader import read_manifest as _read_manifest
 
-INCLUSION_FORMAT = "vllm-audit-inclusion-proof/v1"
+INCLUSION_FORMAT = "vllm-audit-inclusion-proof/v2"
 CONSISTENCY_FORMAT = "vllm-audit-consistency-proof/v1"
 
 
@@ -265,8 +265,8 @@ def verify_inclusion_proof(proof: dict[str, Any], public_keys: Sequence[Verifier
     leaf = leaf_hash(line)
     if "leaf_hash" in proof and proof["leaf_hash"] != leaf.hex():
         raise VerificationError("the record does not hash to the proof's leaf hash (the record was altered)")
-    head = b'{"seq":%d,"prev":"' % index
-    if not line.startswith(head) or b'"writer_id":' + orjson.dumps(wid) + b"," not in line[len(head) : len(head) + 96]:
+    header = parse_header(line, writer_tail(wid))
+    if header is None or header[0] != index:
         raise VerificationError(f"the record's header does not say seq {index} of writer {wid}")
     try:
         verify_inclusion(index, size, leaf, _hashes(proof.get("inclusion_proof"), "inclusion_proof"), cp.root)

@@ -5,8 +5,11 @@ For each ``writers/<id>/`` directory, in this order:
 1. Read the signed checkpoints (``checkpoints.jsonl`` and the copy in every ``--anchor``
    directory) and verify each signature with the trusted keys valid at the checkpoint's time.
 2. Stream through the segments in sequence order. Each line's fixed-position header is sliced,
-   not JSON-parsed (``{"seq":N,"prev":"<64 hex>","writer_id":"<id>",``), the stored bytes are
-   hashed as they are, ``seq`` must count up by one and ``prev`` must be the previous leaf hash.
+   not JSON-parsed (``{"seq":N,"prev":"<64 hex>","writer_id":"<id>","org_tag":"<32 hex>",``),
+   the stored bytes are hashed as they are (leaf = ``SHA-256(0x00 || header || SHA-256(body))``,
+   :mod:`vllm_audit.integrity.codec`), ``seq`` must count up by one and ``prev`` must be the
+   previous leaf hash. (Bodies are not parsed, so the tag is not compared with the body's
+   ``org_id`` here; the exporter and the bundle verifier compare it for every entry they reveal.)
    The RFC 6962 tree grows as a compact range; whenever it reaches the size of a checkpoint or of
    a sealed segment's manifest its root is compared with the signed (or recorded) root.
 3. Check each sealed segment against its manifest, every torn tail against the recovery event
@@ -561,7 +564,7 @@ class _WriterVerifier:
         """The careful path: classify every entry that is not the expected next one."""
         wid_tail = self.wid_tail
         parse_header = codec.parse_header
-        sha = _sha256
+        leaf_hash = codec.leaf_hash
         hexlify = _hexlify
         targets = self.targets
         stack = self.stack
@@ -575,13 +578,13 @@ class _WriterVerifier:
         lines = codec.split_lines(good)
         nlines = len(lines)
         for i, line in enumerate(lines):
-            # Slice the fixed-position header: {"seq":N,"prev":"<64 hex>","writer_id":"<id>",
+            # Slice the fixed-position header: {"seq":N,"prev":"<64 hex>","writer_id":"<id>","org_tag":"<tag>",
             header = parse_header(line, wid_tail)
             if header is None:
                 seq, prev, body = -1, b"", 0
             else:
                 seq, prev, body = header
-            leaf = sha(b"\x00" + line).digest()
+            leaf = leaf_hash(line)
             lh = hexlify(leaf)
             if seq != e or prev != last or i == 0:
                 self.e, self.last = e, last
@@ -767,6 +770,8 @@ class _WriterVerifier:
         """
         seg = path.name
         diffs = []
+        if m.get("format") != codec.MANIFEST_FORMAT:
+            diffs.append("format")
         if m.get("segment") != seg:
             diffs.append("segment name")
         if m.get("writer_id") is not None and m.get("writer_id") != self.wid:
@@ -893,7 +898,6 @@ class _WriterVerifier:
                 res.first_time = format_time_ms(min(self.times))
         res.problems.sort(key=lambda p: p.seq if p.seq is not None else 1 << 62)
 
-
     def _check_checkpoint_events(self) -> None:
         """Each ``checkpoint`` event (``[integrity] embed_checkpoints``) must carry a note signed by a
         trusted key, for this writer, of tree size equal to the event's seq, whose root is the root
@@ -1008,10 +1012,10 @@ def _scan_chunk(
 ) -> dict[str, Any] | None:
     """Hash bytes ``[start, end)`` of a segment assuming they are intact; None as soon as anything is unexpected.
 
-    Vectorised so that the per-entry work is a few C-level calls: every line gets its ``0x00``
-    prefix with one ``replace``, leaves come from one comprehension, every header is compared
-    with the exact expected bytes ``{"seq":<n>,"prev":"<previous leaf>","writer_id":"<id>",`` in
-    one ``map``, and the Merkle subtrees are built level by level. Returns the compact range of the
+    Vectorised so that the per-entry work is a few C-level calls (:func:`codec.scan_run`: bodies
+    and tlog entries hashed in comprehensions, every header compared with the exact expected bytes
+    ``{"seq":<n>,"prev":"<previous leaf>","writer_id":"<id>","org_tag":"`` in one ``map``), and
+    the Merkle subtrees are built level by level. Returns the compact range of the
     chunk's leaves ``[first, first + count)`` (subtrees aligned within the chunk), snapshots of it
     at the wanted tree sizes, the event lines and the counts. The caller checks the links between
     chunks and merges; an irregular segment is re-scanned by the careful path.
@@ -1040,27 +1044,13 @@ def _scan_chunk(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        xlines = codec.leaf_inputs(data)
-        sha = _sha256
-        leaves = [sha(x).digest() for x in xlines]
-        hexes = list(map(_hexlify, leaves))
-        prevs = [first_prev]
-        prevs += hexes[:-1]
-        fmt = b"\x00" + codec.header_format(wid_tail)
-        expected = [fmt % t for t in zip(range(first, first + len(xlines)), prevs, strict=True)]
-        if not all(map(bytes.startswith, xlines, expected)):
+        run = codec.scan_run(data, first, first_prev, wid_tail)
+        if run is None:
             return None
-        # Event entries are rare: find them by their fixed header suffix, confirm the position.
-        events: list[tuple[int, bytes]] = []
-        ev_key = wid_tail + _EVENT
-        at = data.find(ev_key)
-        while at >= 0:
-            k = data.count(b"\n", 0, at)
-            if xlines[k].startswith(_EVENT, len(expected[k])):
-                events.append((first + k, xlines[k][1:]))
-            at = data.find(ev_key, at + 1)
-        # Informational count (a nested object repeating this exact header suffix would be counted too).
-        n_inf = data.count(wid_tail + _INFERENCE)
+        sha = _sha256
+        leaves, hexes = run.leaves, run.hexes
+        events = [(first + k, line) for k, line in run.events]
+        n_inf = run.inference
         # Merkle subtrees aligned to global leaf indices, level by level.
         levels = [leaves]
         los = [first]
@@ -1084,10 +1074,10 @@ def _scan_chunk(
             out.append(levels[level][(b >> level) - los[level]])
         return out
 
-    stop = first + len(xlines)
+    stop = first + len(leaves)
     return {
         "first": first,
-        "count": len(xlines),
+        "count": len(leaves),
         "first_prev": first_prev,
         "last": hexes[-1],
         "nodes": nodes(stop),

@@ -1,7 +1,8 @@
 // vllm-audit console: checks a record's inclusion proof in the browser (no dependencies).
 //
 // 1. the stored line (the bytes the log hashed) parses to exactly the fields the page shows;
-// 2. leaf = SHA-256(0x00 || stored line) equals the proof's leaf hash;
+// 2. leaf = SHA-256(0x00 || header || SHA-256(body)) of the stored line equals the proof's leaf hash
+//    (the header ends right after the comma that follows "org_tag": vllm_audit/integrity/codec.py);
 // 3. the RFC 6962 / RFC 9162 inclusion path from the leaf reaches the checkpoint's root;
 // 4. the checkpoint is for this writer and covers the record (origin, tree size);
 // 5. the checkpoint note's Ed25519 signature verifies with the trusted key (WebCrypto), or, where
@@ -44,6 +45,19 @@ async function sha256(bytes) {
 }
 
 const leafHash = (data) => sha256(concat(Uint8Array.of(0), data));
+const TAG_KEY = enc.encode('"org_tag":"');
+
+// The leaf of a stored line: the RFC 6962 leaf of its tlog entry, header || SHA-256(body).
+async function lineLeaf(line) {
+  let at = -1;
+  search: for (let i = 0; i + TAG_KEY.length <= line.length; i++) {
+    for (let j = 0; j < TAG_KEY.length; j++) if (line[i + j] !== TAG_KEY[j]) continue search;
+    at = i;
+    break;
+  }
+  const cut = at < 0 ? line.length : Math.min(at + TAG_KEY.length + 34, line.length);
+  return leafHash(concat(line.slice(0, cut), await sha256(line.slice(cut))));
+}
 const nodeHash = (l, r) => sha256(concat(Uint8Array.of(1), l, r));
 
 function same(a, b) {
@@ -181,7 +195,7 @@ async function checkProof(data) {
     const head = `{"seq":${p.leaf_index},"prev":"`;
     const headerOk = p.record.startsWith(head) && p.record.slice(head.length, head.length + 96).includes(`"writer_id":${JSON.stringify(p.writer_id)},`);
     results.push(step(list, L["proof.step.record"], stored !== null && headerOk && deepEqual(stored, data.record) ? "ok" : "fail"));
-    const leaf = await leafHash(line);
+    const leaf = await lineLeaf(line);
     results.push(step(list, L["proof.step.leaf"], hex(leaf) === p.leaf_hash ? "ok" : "fail", hex(leaf).slice(0, 16) + "\u2026"));
     const cp = parseNote(p.checkpoint);
     const sizeOk = cp.origin.endsWith("/" + p.writer_id) && cp.size === p.tree_size && p.leaf_index < cp.size;
