@@ -33,7 +33,7 @@ PrivacyClass = Literal["content", "network", "subject", "tenant", "identifier", 
 DEFAULT_CLASS: PrivacyClass = "identifier"
 
 _OPERATIONAL = (
-    "seq", "prev", "writer_id", "record_type", "schema_version", "timestamp", "record_id",
+    "seq", "prev", "writer_id", "org_tag", "record_type", "schema_version", "timestamp", "record_id",
     "request_id_source", "forwarded_ignored", "auth_status", "stream", "http_status", "status",
     "prompt_tokens", "completion_tokens", "total_tokens", "usage_source", "latency_ms", "ttft_ms",
     "prompt_sha256", "prompt_status", "request_body_sha256", "request_bytes", "response_bytes", "request_truncated",
