@@ -367,3 +367,15 @@ def test_an_entry_whose_tag_does_not_match_its_org_is_refused_by_the_exporter(tm
     chain.close()
     with pytest.raises(ExportError, match=f"writer {wid} entry {seq}: its org_tag does not match its org_id"):
         build_bundle(_config(log), "acme", log.t_from, "2999-01-01T00:00:00.000Z", tmp_path / "b", keys=[])
+
+
+def test_bad_arguments_are_named(tenant_log: TenantLog, tmp_path: Path) -> None:
+    from vllm_audit.export.bundle import ExportError
+
+    for org, t_from, t_to, what in (
+        ("acme", tenant_log.t_from, "May 2026", "--to 'May 2026' is not an ISO 8601 time"),
+        ("acme", "yesterday", tenant_log.t_to, "--from 'yesterday' is not an ISO 8601 time"),
+        ("", tenant_log.t_from, tenant_log.t_to, "--org must name a tenant"),
+    ):
+        with pytest.raises(ExportError, match=what):
+            build_bundle(_config(tenant_log), org, t_from, t_to, tmp_path / "b", keys=[])

@@ -167,6 +167,11 @@ def build_bundle(
     """Write the bundle for tenant ``org``, records with ``t_from <= timestamp < t_to`` (ISO 8601 UTC)."""
     if not org:
         raise ExportError("--org must name a tenant (an empty org id is the tag of entries without one)")
+    for arg, value in (("--from", t_from), ("--to", t_to)):
+        try:
+            dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ExportError(f"{arg} {value!r} is not an ISO 8601 time (e.g. 2026-03-01T00:00:00.000Z)") from None
     if not t_from < t_to:
         raise ExportError(f"--from {t_from} must be before --to {t_to}")
     until = _iso(dt.datetime.fromisoformat(t_to.replace("Z", "+00:00")) + dt.timedelta(seconds=grace_seconds))
