@@ -6,14 +6,17 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import orjson
 import pytest
 
+from vllm_audit.access.identity import Identity
 from vllm_audit.capture import Exchange
 from vllm_audit.config import Config, LogConfig
 from vllm_audit.errors import LogWriteError
+from vllm_audit.integrity.codec import org_tag
 from vllm_audit.integrity.reader import LogReader
 from vllm_audit.ship.config import ShipConfig
 from vllm_audit.writer import AuditWriter
@@ -168,7 +171,10 @@ def test_prepare_processes_write_the_same_records_as_the_writer_thread(tmp_path:
         writer.start()
 
         async def go() -> None:
-            futs = [writer.submit(_exchange(f"r{i}", f"mail ann{i}@example.com please"), wait=True) for i in range(40)]
+            exchanges = [_exchange(f"r{i}", f"mail ann{i}@example.com please") for i in range(40)]
+            for ex in exchanges[::2]:
+                ex.identity = Identity("ann", "acme", auth_status="authenticated", auth_method="api_key")
+            futs = [writer.submit(ex, wait=True) for ex in exchanges]
             await asyncio.gather(*[f for f in futs if f is not None])
 
         asyncio.run(go())
@@ -177,6 +183,10 @@ def test_prepare_processes_write_the_same_records_as_the_writer_thread(tmp_path:
         reader = LogReader(tmp_path / f"log{procs}", limit="all")
         (wid,) = reader.writer_ids()
         recs = [e.record() for e in reader.entries(wid) if e.record_type == "inference"]
+        # Each entry's tenant tag is made from its record's org_id (the prepare processes pass it along).
+        assert {"acme": 20, "unknown": 20} == Counter(str(r["org_id"]) for r in recs)
+        for r in recs:
+            assert org_tag(wid, int(str(r["seq"])), str(r["org_id"])).decode() == r["org_tag"]
         volatile = ("seq", "prev", "writer_id", "record_id", "timestamp", "latency_ms", "ttft_ms", "org_tag")
         return sorted(({k: v for k, v in r.items() if k not in volatile} for r in recs), key=lambda r: str(r))
 

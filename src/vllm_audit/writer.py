@@ -84,11 +84,21 @@ def _worker_pid() -> int:
     return os.getpid()
 
 
-def _prepare_many(exchanges: list[Exchange]) -> list[bytes]:
-    """In a prepare process: finalize, redact and encode a slice of a batch (JSON bytes each)."""
+#: A record prepared in a prepare process: its JSON object and its ``org_id`` (what the entry codec
+#: tags the entry with; passed along so the writer need not parse the bytes again to find it).
+Encoded = tuple[bytes, str]
+
+
+def _prepare_many(exchanges: list[Exchange]) -> list[Encoded]:
+    """In a prepare process: finalize, redact and encode a slice of a batch."""
     assert _worker_redactor is not None
     dumps = orjson.dumps
-    return [dumps(_prepare_exchange(ex, _worker_redactor)) for ex in exchanges]
+    out: list[Encoded] = []
+    for ex in exchanges:
+        rec = _prepare_exchange(ex, _worker_redactor)
+        org = rec.get("org_id")
+        out.append((dumps(rec), org if isinstance(org, str) else ""))
+    return out
 
 
 def _prepare_exchange(ex: Exchange, redactor: Redactor) -> dict[str, Any]:
@@ -339,7 +349,7 @@ class AuditWriter:
         self.durable_seq = chain.next_seq
 
     def _handle(self, chain: Chain | None, items: list[Item]) -> None:
-        entries: list[dict[str, Any] | bytes] = []
+        entries: list[dict[str, Any] | Encoded] = []
         ready: list[Item] = []
         for item in items:
             if isinstance(item[0], Exchange) and self._offload(item):
@@ -388,7 +398,7 @@ class AuditWriter:
         fut.add_done_callback(done)
         return True
 
-    def _prepare_parallel(self, items: list[Item]) -> dict[int, bytes]:
+    def _prepare_parallel(self, items: list[Item]) -> dict[int, Encoded]:
         """Finalize and redact a batch's exchanges in the prepare processes (``[log]
         prepare_processes``), so this process's GIL — shared with the event loop — only seals and
         writes. Returns ``{index: encoded record}``; what is missing is prepared here."""
@@ -409,7 +419,7 @@ class AuditWriter:
             log.warning("prepare processes unavailable (%s); preparing records in the writer thread", exc)
             self._prepare_failed = True
             return {}
-        out: dict[int, bytes] = {}
+        out: dict[int, Encoded] = {}
         for part, fut in zip(parts, futs, strict=False):
             try:
                 encoded = fut.result()
@@ -492,7 +502,7 @@ class AuditWriter:
         entry.setdefault("timestamp", _now_iso())
         return entry
 
-    def _commit(self, chain: Chain, entries: list[dict[str, Any] | bytes], items: list[Item]) -> None:
+    def _commit(self, chain: Chain, entries: list[dict[str, Any] | Encoded], items: list[Item]) -> None:
         t0 = time.perf_counter()
         pending = chain.pending_events()
         for ev in pending:
@@ -521,7 +531,7 @@ class AuditWriter:
         _resolve(items, None)
         if self.config.log.access_log:
             for raw in entries:
-                rec = orjson.loads(raw) if isinstance(raw, bytes) else raw
+                rec = orjson.loads(raw[0]) if isinstance(raw, tuple) else raw
                 if rec.get("record_type") == "inference":
                     access_log.info(
                         "%s %s %s %s status=%s req_bytes=%s resp_bytes=%s tokens=%s latency_ms=%s ttft_ms=%s",
