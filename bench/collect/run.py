@@ -10,7 +10,11 @@ Two figures, one run:
 * ``nats``: the same entries published to a private nats-server (JetStream, file storage) and
   consumed through the durable pull consumer (fetch, ack), end to end.
 
-Usage: .venv/bin/python bench/collect/run.py [--records 50000] [--archive]
+Printed beside each rate: CPU per record of the collector (this process), of its PostgreSQL
+backend (/proc/<pid>/stat) and of nats-server, and the WAL PostgreSQL wrote per record. Then
+`verify` (the offline verifier's library call) over the same log, CPU per entry.
+
+Usage: .venv/bin/python bench/collect/run.py [--records 50000] [--archive] [--profile FILE]
 (PostgreSQL at 127.0.0.1:5432 user postgres; nats-server on PATH or /usr/sbin.)
 The collector runs pinned to one CPU (os.sched_setaffinity); PostgreSQL and nats-server run on
 the others.
@@ -22,6 +26,7 @@ import argparse
 import cProfile
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -37,8 +42,9 @@ from vllm_audit.collect.source import Message
 from vllm_audit.config import load_config
 from vllm_audit.integrity.chain import Chain
 from vllm_audit.integrity.config import IntegrityConfig
-from vllm_audit.integrity.keys import write_keypair
+from vllm_audit.integrity.keys import load_public_keys, write_keypair
 from vllm_audit.integrity.reader import LogReader
+from vllm_audit.integrity.verify import verify_log
 
 
 class ListSource:
@@ -154,6 +160,7 @@ def main() -> None:
             backend = c.store.connect().info.backend_pid
             pg_all = postgres_pids()
             b0, a0 = proc_cpu(backend), all_cpu(pg_all)
+            wal0 = wal_lsn(c)
             n0 = proc_cpu(server.proc.pid) if server is not None and server.proc is not None else 0.0
             t0 = time.perf_counter()
             c0 = time.process_time()
@@ -168,6 +175,7 @@ def main() -> None:
             cpu = time.process_time() - c0
             pg_backend = proc_cpu(backend) - b0
             pg_total = all_cpu(pg_all) - a0
+            wal = wal_bytes(c, wal0)
             nats_cpu = proc_cpu(server.proc.pid) - n0 if server is not None and server.proc is not None else 0.0
         finally:
             os.sched_setaffinity(0, set(cpus))
@@ -183,8 +191,30 @@ def main() -> None:
             f"(archive {'on' if a.archive else 'off'})\n"
             f"{'':>10}CPU per record: collector {cpu / a.records * 1e6:.1f} us, PostgreSQL backend "
             f"{pg_backend / a.records * 1e6:.1f} us (all PostgreSQL processes {pg_total / a.records * 1e6:.1f} us, "
-            f"including other clients'), nats-server {nats_cpu / a.records * 1e6:.1f} us"
+            f"including other clients'), nats-server {nats_cpu / a.records * 1e6:.1f} us; "
+            f"WAL {wal / a.records:,.0f} bytes per record"
         )
+    # One process (workers=1), so the figure is one core's.
+    r0, t0 = time.process_time(), time.perf_counter()
+    rep = verify_log(tmp / "log", load_public_keys([tmp / "k.pub"]), workers=1)
+    cpu = time.process_time() - r0
+    wall = time.perf_counter() - t0
+    assert rep.intact, rep.problems
+    print(
+        f"  verify: {len(lines)} entries in {wall:.2f}s wall, {cpu:.2f} CPU-s (one process): "
+        f"{len(lines) / cpu:,.0f} entries per CPU-second"
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wal_lsn(c: Collector) -> str:
+    return str(c.store.connect().execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
+
+
+def wal_bytes(c: Collector, since: str) -> int:
+    """WAL PostgreSQL wrote since ``since`` (every client's: an upper bound on a shared server)."""
+    row = c.store.connect().execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (since,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 if __name__ == "__main__":
