@@ -234,12 +234,20 @@ def test_replica_restarted_on_an_empty_disk_is_a_new_chain(setup: Setup, netns: 
     [old] = reader.writer_ids()
     old_local = {e.seq: e.line for e in reader.entries(old)}
     shutil.rmtree(setup.replica.log_dir)
-    netns.heal()
-    setup.replica.start()  # the same configuration and directory, now empty
+    # The replacement runs on the host (a new pod, a new network) and the namespace's link stays
+    # down: the killed process's unsent bytes stay in the namespace's kernel, so what the lost disk
+    # held does not reach the stream after all.
+    gw = setup.root / "gateway-host.toml"
+    gw.write_text((setup.root / "gateway.toml").read_text().replace(f"nats://{netns.bb_host}:", "nats://127.0.0.1:"))
+    replica = Replica(setup.root, 0, gw)
+    assert replica.log_dir == setup.replica.log_dir
+    replica.start()  # the same directory, now empty
+    setup.replica = replica  # the fixture kills it at the end
     after = [f"ed-c-{i:04d}" for i in range(100)]
-    load(base, after, statuses)
+    load(replica.base, after, statuses)
     wait_until(lambda: set(after) <= set(stored(pg_prefix)), "the restarted replica's calls stored", 120, 0.3)
-    reader = LogReader(setup.replica.log_dir, limit="all")
+    replica.stop()  # cleanly: its log is final and shipped to its last entry
+    reader = LogReader(replica.log_dir, limit="all")
     [new] = reader.writer_ids()
     new_last = max(e.seq for e in reader.entries(new))
     wait_until(lambda: stream_pending(setup.nats.url) == 0, "the collector took all the stream holds", 60, 0.2)
@@ -285,7 +293,7 @@ def test_replica_restarted_on_an_empty_disk_is_a_new_chain(setup: Setup, netns: 
     assert old != new and len(answered) == 240
     assert o["missing_if_gone"]["from_seq"] == o["stored_through"] + 1 and o["stored_through"] + 1 in old_local
     assert not o["gaps"] and not o["broken"] and not n["broken"] and not n["gaps"]
-    assert n["stored_through"] == new_last
+    assert n["stored_through"] == new_last and n["stopped"] and n["missing_if_gone"] is None
     assert missing and missing == lost_calls
     assert not duplicated and [] == alerts
     assert verify.returncode == 0, verify.stdout + verify.stderr
