@@ -173,3 +173,17 @@ def test_short_message_parts_known_clean_still_join_into_a_value() -> None:
         assert "1234" not in stored and "5678" not in stored, stored
         assert {"CN_PHONE": 1} == rec["redaction"]["entities"]
         assert "You are helpful." == rec["input_prompt"][0]["content"]
+
+
+def test_a_message_part_too_long_to_scan_is_kept_only_when_the_whole_prompt_is_clean(
+    make_config: Callable[..., Config],
+) -> None:
+    """The gate over the joined parts runs first only when a part is too long: clean, it is kept."""
+    redact = build_redactor(make_config({"max_text_chars": 100}))
+    long_clean = "word " * 30
+    rec = redact(record(input_prompt=[{"role": "user", "content": p} for p in ("hello", long_clean)]))
+    assert long_clean == rec["input_prompt"][1]["content"] and {} == rec["redaction"]["entities"]
+    rec = redact(record(input_prompt=[{"role": "user", "content": p} for p in (f"call {PII[1]}", long_clean)]))
+    assert "<UNREDACTABLE>" == rec["input_prompt"][1]["content"]
+    assert PII[1] not in orjson.dumps(rec["input_prompt"]).decode()
+    assert 1 == rec["redaction"]["entities"]["UNREDACTABLE"]

@@ -163,14 +163,18 @@ def redact_texts(texts: list[str], rule: FieldRule, ctx: _Context, max_chars: in
     if len(texts) == 1:
         return [redact_string(texts[0], rule, ctx, max_chars)]
     joined = "".join(texts)
-    if not scannable(joined):  # no recognizer can match anywhere, across boundaries included
+    too_long = [len(t) > max_chars for t in texts]
+    # Every scan below is of a substring of the join, and a gate hit in a substring is one in the
+    # join (its patterns are ASCII; the detection copy maps character by character), so a clean join
+    # gives no finding and the pass over it only pays when it is clean. It is made first only when a
+    # text is too long to scan: that text is kept as it is when the join is clean, else replaced.
+    if any(too_long) and not scannable(joined):
         return [_SURROGATE.sub("\ufffd", t) if _has_surrogate(t) else t for t in texts]
     starts = [0]
     for t in texts:
         starts.append(starts[-1] + len(t))
     # Findings as spans of the joined text: each string's own, then values crossing a boundary.
     spans: list[tuple[int, int, str, str]] = []
-    too_long = [len(t) > max_chars for t in texts]
     for i, t in enumerate(texts):
         if too_long[i] or (len(t) <= _CLEAN_SHORT_LEN and _clean_short(t)):
             continue  # a short string known clean (a system prompt, "ok") holds nothing of its own
