@@ -333,3 +333,36 @@ def test_a_gap_ends_at_the_lowest_entry_seen_ahead_of_it(
         assert set(src.acked) == set(lines) - set(range(30, 40))  # nothing acknowledged that is not stored
     finally:
         c.close()
+
+
+def test_a_new_chain_under_a_used_writer_id_raises_a_fork_at_entry_0(
+    tmp_path: Path, pg_prefix: str, keypair: tuple[Path, Path]
+) -> None:
+    """A replica whose (emptied) log directory got an old writer's directory back starts a new
+    chain from seq 0 under that id. Its entries below what the collector holds look like ones it
+    holds already; entry 0's leaf differs from the one stored, and that raises a fork alert."""
+    key, pub = keypair
+    wid = write_log(tmp_path / "r1", key, 60)
+    (tmp_path / "r2" / "writers" / wid).mkdir(parents=True)
+    assert write_log(tmp_path / "r2", key, 30) == wid  # the Chain adopts the existing directory
+    first, again = entries(tmp_path / "r1", wid), entries(tmp_path / "r2", wid)
+    assert first[0][1] != again[0][1]
+    src = ListSource()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        collect_toml(
+            pg_prefix, ["nats://127.0.0.1:1"], stream=STREAM, subject_prefix=SUBJ, keys=[pub], log_dir=tmp_path / "own"
+        )
+    )
+    c = Collector(load_config(cfg), src)
+    try:
+        c.open()
+        src.batches = [[Message(wid, s, ln) for s, ln in first], [Message(wid, s, ln) for s, ln in again[:10]]]
+        c.step()
+        assert [] == c.store.alert_rows()
+        c.step()
+        alerts = [(a.kind, a.first_seq) for a in c.store.alert_rows()]
+        print(f"reused writer id: alerts {alerts}")
+        assert ("fork", 0) in alerts
+    finally:
+        c.close()

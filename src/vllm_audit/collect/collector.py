@@ -152,6 +152,24 @@ class Collector:
                 old = [s for s in seqs if s < state.next_seq]
                 ack += [got[s] for s in old]
                 self.stats.duplicates += len(old)
+                zero = got.get(0)
+                if (
+                    zero is not None
+                    and state.next_seq > 0
+                    and state.first_leaf
+                    and codec.leaf_hash(zero.line).hex() != state.first_leaf
+                ):
+                    alerts.append(
+                        Alert(
+                            wid,
+                            "fork",
+                            0,
+                            0,
+                            f"writer {wid} entry 0 received again with different bytes: a new chain under a "
+                            "writer id already used (its entries below the ones held are not taken), or an "
+                            "altered entry",
+                        )
+                    )
                 prev = got.get(state.next_seq - 1)
                 if prev is not None and state.last_leaf and codec.leaf_hash(prev.line).hex() != state.last_leaf:
                     alerts.append(

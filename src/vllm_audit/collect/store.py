@@ -96,6 +96,8 @@ class CentralStore:
                 hole_ahead BIGINT, hole_since DOUBLE PRECISION,
                 updated_at DOUBLE PRECISION NOT NULL DEFAULT 0)"""
             )
+            # Added after the first release of the table.
+            conn.execute(f"ALTER TABLE {self.chains} ADD COLUMN IF NOT EXISTS first_leaf TEXT NOT NULL DEFAULT ''")
             conn.execute(
                 f"""CREATE TABLE IF NOT EXISTS {self.alerts} (
                 writer_id TEXT NOT NULL, kind TEXT NOT NULL, first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL,
@@ -164,12 +166,12 @@ class CentralStore:
 
 _STATE_COLS = (
     "writer_id, next_seq, last_leaf, tree, signed_size, signed_at, last_time, stopped, broken, received, "
-    "hole_ahead, hole_since"
+    "hole_ahead, hole_since, first_leaf"
 )
 
 
 def _state(r: Sequence[Any]) -> tuple[ChainState, Hole | None]:
-    wid, next_seq, last_leaf, tree, signed_size, signed_at, last_time, stopped, broken, received, ha, hs = r
+    wid, next_seq, last_leaf, tree, signed_size, signed_at, last_time, stopped, broken, received, ha, hs, first = r
     st = ChainState(
         str(wid),
         int(next_seq),
@@ -181,6 +183,7 @@ def _state(r: Sequence[Any]) -> tuple[ChainState, Hole | None]:
         bool(stopped),
         str(broken),
         int(received),
+        str(first),
     )
     hole = Hole(int(ha), float(hs)) if ha is not None and hs is not None else None
     return st, hole
@@ -241,7 +244,7 @@ class Tx:
         self.conn.execute(
             f"""UPDATE {s.chains} SET next_seq = %s, last_leaf = %s, tree = %s, signed_size = %s, signed_at = %s,
             last_time = %s, stopped = %s, broken = %s, received = %s, hole_ahead = %s, hole_since = %s,
-            updated_at = %s WHERE writer_id = %s""",
+            first_leaf = %s, updated_at = %s WHERE writer_id = %s""",
             (
                 state.next_seq,
                 state.last_leaf,
@@ -254,6 +257,7 @@ class Tx:
                 state.received,
                 hole.ahead if hole else None,
                 hole.since if hole else None,
+                state.first_leaf,
                 time.time(),
                 state.writer_id,
             ),

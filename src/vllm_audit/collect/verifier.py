@@ -50,6 +50,8 @@ class ChainState:
     broken: str = ""
     #: Entries received and verified.
     received: int = 0
+    #: Leaf hash of entry 0 (hex): a chain restarted under this writer id shows as a different one.
+    first_leaf: str = ""
 
     def copy(self) -> ChainState:
         tree = self.tree.copy() if self.tree is not None else None
@@ -134,6 +136,8 @@ def advance(state: ChainState, lines: Sequence[tuple[int, bytes]], keys: Sequenc
         state.next_seq = seq + 1
         state.last_leaf = leaf.hex()
         state.received += 1
+        if seq == 0:
+            state.first_leaf = state.last_leaf
         out.taken += 1
     return out
 
