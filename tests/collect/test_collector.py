@@ -366,3 +366,33 @@ def test_a_new_chain_under_a_used_writer_id_raises_a_fork_at_entry_0(
         assert ("fork", 0) in alerts
     finally:
         c.close()
+
+
+def test_a_copy_of_an_entry_offered_again_is_not_acknowledged(
+    tmp_path: Path, pg_prefix: str, keypair: tuple[Path, Path]
+) -> None:
+    """Two deliveries of entry 12 in one batch (JetStream redelivered it while the first waited in
+    the buffer), both ahead of a hole at 10: both are offered again. Acknowledging the copy would
+    acknowledge the message, and the entry would never come back (a gap that was not one)."""
+    key, pub = keypair
+    wid = write_log(tmp_path / "r1", key, 30)
+    lines = dict(entries(tmp_path / "r1", wid))
+    src = ListSource()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        collect_toml(
+            pg_prefix, ["nats://127.0.0.1:1"], stream=STREAM, subject_prefix=SUBJ, keys=[pub], log_dir=tmp_path / "own"
+        )
+    )
+    c = Collector(load_config(cfg), src)
+    try:
+        c.open()
+        src.batches = [[Message(wid, s, lines[s]) for s in [*range(10), 12, 12]]]
+        c.step()
+        print(f"acknowledged {sorted(src.acked)}, offered again {src.retried}")
+        assert 12 not in src.acked and src.retried == [12, 12]
+        src.batches = [[Message(wid, s, lines[s]) for s in range(10, len(lines))]]
+        c.step()
+        assert c.store.states()[wid][0].next_seq == len(lines) and [] == c.store.alert_rows()
+    finally:
+        c.close()

@@ -132,10 +132,15 @@ class Collector:
         self.stats.received += len(msgs)
         by_writer: dict[str, dict[int, Message]] = {}
         ack: list[Message] = []
+        # The same entry twice in one batch (a redelivery while the first delivery was still
+        # waiting in the buffer). A copy shares the fate of the first: acknowledging one delivery
+        # acknowledges the message, so acknowledging the copy of an entry that is offered again
+        # (ahead of a hole) would lose it.
+        copies: dict[tuple[str, int], list[Message]] = {}
         for m in msgs:
             w = by_writer.setdefault(m.writer_id, {})
             if m.seq in w:
-                ack.append(m)  # the same entry twice in one batch
+                copies.setdefault((m.writer_id, m.seq), []).append(m)
                 self.stats.duplicates += 1
             else:
                 w[m.seq] = m
@@ -256,6 +261,9 @@ class Collector:
                 if tx.add_alert(a):
                     new_alerts.append(a)
         self.stats.batches += 1
+        if copies:
+            ack += [c for m in ack for c in copies.get((m.writer_id, m.seq), ())]
+            later += [c for m in later for c in copies.get((m.writer_id, m.seq), ())]
         self.source.ack(ack)
         if later:
             self.source.retry(later, self.cc.redeliver_delay_s)
