@@ -72,12 +72,6 @@ def test_export_of_a_pruned_range_restores_it_from_the_archive_and_verifies_offl
     assert scratch.is_dir() and not any(scratch.iterdir())  # the restored copy was removed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="integrity/chain.py Chain._resume_point ignores pruned.jsonl: after a prune, the first local "
-    "segment is taken to start a fresh tree, its manifest is distrusted and the chain is rebuilt from seq 0, "
-    "so any later append (export.created, hold.placed, a restarted writer) forks the chain. Reported to the lead.",
-)
 def test_an_append_after_prune_continues_the_chain(tmp_path: Path, archive_table: dict[str, Any]) -> None:
     from vllm_audit.writer import append_events
 

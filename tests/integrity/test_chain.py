@@ -11,11 +11,15 @@ from typing import Any
 import orjson
 import pytest
 
-from vllm_audit.config import config_from_mapping
+from vllm_audit.archive.prune import execute, plan
+from vllm_audit.config import Config, config_from_mapping, load_config
 from vllm_audit.errors import ConfigError, LogWriteError
 from vllm_audit.integrity.chain import Chain, anchor_file, list_segments
+from vllm_audit.integrity.checkpoint import open_checkpoint
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.integrity.keys import load_public_keys, write_keypair
+from vllm_audit.integrity.merkle import CompactRange
+from vllm_audit.integrity.reader import LogReader, read_pruned
 from vllm_audit.integrity.verify import verify_log
 
 from ._logtools import record
@@ -222,3 +226,184 @@ def test_torn_checkpoint_line_is_recovered(tmp_path: Path) -> None:
     c.close()
     rep = verify_log(tmp_path / "log", keys)
     assert rep.intact, rep.problems
+
+
+# -- resuming after retention removed the oldest segments (``vllm-audit prune``) ----------------
+
+
+def _prunable_log(tmp_path: Path) -> tuple[Config, IntegrityConfig]:
+    """A closed writer with several sealed segments; retention 0 days and no archive required."""
+    write_keypair(tmp_path / "k", "ops/k")
+    config = load_config(
+        None,
+        {
+            "log": {"dir": str(tmp_path / "log")},
+            "integrity": {"signing_key": str(tmp_path / "k.key"), "segment_max_bytes": 8000},
+            "retention": {"days": 0, "require_archive": False},
+        },
+    )
+    cfg = IntegrityConfig(signing_key=str(tmp_path / "k.key"), segment_max_bytes=8000)
+    c = Chain(tmp_path / "log", cfg)
+    for k in range(0, 60, 10):
+        commit(c, 10, k)
+    c.close()
+    return config, cfg
+
+
+def _prune(config: Config, *, keep_sealed: int = 0, only: int | None = None) -> None:
+    """The real ``vllm-audit prune``, sparing the newest ``keep_sealed`` sealed segments (or pruning
+    ``only`` the oldest ones)."""
+    decisions = plan(config)
+    assert decisions and all(d.prune for d in decisions), decisions
+    execute(config, decisions[: len(decisions) - keep_sealed if only is None else only], reason="test")
+
+
+def _resume_and_write(tmp_path: Path, cfg: IntegrityConfig, start: int) -> tuple[str, int]:
+    """Resume the writer, check it goes on where it stopped (no recovery), append 10 records."""
+    size = _entries_on_disk(tmp_path / "log")
+    c = Chain(tmp_path / "log", cfg)
+    assert c.next_seq == size and c.tree.size == size
+    assert [e["event"] for e in c.pending_events()] == ["writer_resumed"]
+    commit(c, 10, start)
+    c.close()
+    return c.writer_id, size
+
+
+def _entries_on_disk(log_dir: Path) -> int:
+    (d,) = (log_dir / "writers").iterdir()
+    last = list_segments(d)[-1][1].read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    seq: int = orjson.loads(last)["seq"]
+    return seq + 1
+
+
+@pytest.mark.parametrize("keep_sealed", [0, 1], ids=["only-the-open-tail-left", "a-sealed-segment-left"])
+def test_a_writer_resumed_after_prune_continues_its_chain(tmp_path: Path, keep_sealed: int) -> None:
+    """After a prune the resumed writer takes its state from the pruned range (checked against the
+    manifest, or against the signed roots when only the open tail is left), goes on at the next seq
+    and the log verifies."""
+    config, cfg = _prunable_log(tmp_path)
+    _prune(config, keep_sealed=keep_sealed)  # (its retention.pruned event is appended before the files go)
+    (d,) = (tmp_path / "log" / "writers").iterdir()
+    segs = list_segments(d)
+    assert segs[0][0] == read_pruned(d)[0].end > 0
+    assert len(segs) == 1 + keep_sealed  # the open tail alone, or a sealed segment (with manifest) before it
+    assert (d / segs[0][1].name.replace(".jsonl", ".manifest.json")).exists() == bool(keep_sealed)
+    _resume_and_write(tmp_path, cfg, 60)
+    _rotate(cfg, tmp_path)  # a resume whose last sealed segment follows a manifest of the pruned log
+    _resume_and_write(tmp_path, cfg, 130)
+    rep = verify_log(tmp_path / "log", load_public_keys([tmp_path / "k.pub"]))
+    assert rep.intact, rep.problems
+    assert [(r["start"], r["end"]) for r in rep.pruned] == [(r.start, r.end) for r in read_pruned(d)]
+
+
+def test_a_writer_resumed_after_two_prunes_continues_its_chain(tmp_path: Path) -> None:
+    """Two pruned ranges one after the other (no local segment between them): the resume takes the
+    state from the one ending at the first local segment once the ranges cover the prefix; the tree
+    grown from that range over the entries left gives the root of the last signed checkpoint."""
+    config, cfg = _prunable_log(tmp_path)
+    _prune(config, keep_sealed=1)
+    _resume_and_write(tmp_path, cfg, 60)
+    _prune(config, only=1)  # the sealed segment the first prune kept (the first prune's event stays)
+    (d,) = (tmp_path / "log" / "writers").iterdir()
+    first, second = read_pruned(d)
+    assert first.start == 0 and first.end == second.start and list_segments(d)[0][0] == second.end
+    both = (d / "pruned.jsonl").read_bytes()
+    (d / "pruned.jsonl").write_bytes(both.splitlines(keepends=True)[1])  # the range ending here, but a hole before
+    with pytest.raises(LogWriteError, match=f"entries 0..{first.end - 1} are missing"):
+        Chain(tmp_path / "log", cfg)
+    (d / "pruned.jsonl").write_bytes(both)
+    _resume_and_write(tmp_path, cfg, 70)
+    entries = list(LogReader(tmp_path / "log").entries(d.name, second.end))
+    assert entries[0].seq == second.end and entries[0].prev == second.last_leaf
+    tree = CompactRange(second.end, [bytes.fromhex(h) for h in second.compact_range])
+    for e in entries:
+        tree.append(bytes.fromhex(e.leaf_hex))
+    last_note = orjson.loads((d / "checkpoints.jsonl").read_bytes().splitlines()[-1])["note"]
+    cp = open_checkpoint(last_note, load_public_keys([tmp_path / "k.pub"]))
+    assert (cp.size, cp.root) == (tree.size, tree.root())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="integrity/verify.py _skip_pruned (and LogReader) only jump a single pruned range that ends exactly "
+    "where a local segment starts: two adjacent ranges (every second prune) are reported as segment_missing. "
+    "Not chain.py's; reported to the lead.",
+)
+def test_verify_after_two_adjacent_prunes(tmp_path: Path) -> None:
+    config, cfg = _prunable_log(tmp_path)
+    _prune(config, keep_sealed=1)
+    _resume_and_write(tmp_path, cfg, 60)
+    _prune(config, only=1)
+    rep = verify_log(tmp_path / "log", load_public_keys([tmp_path / "k.pub"]))
+    assert rep.intact, rep.problems
+
+
+def _rotate(cfg: IntegrityConfig, tmp_path: Path) -> None:
+    c = Chain(tmp_path / "log", cfg)
+    commit(c, 30, 100)  # > 8000 bytes: the segment the last resume wrote to is sealed
+    c.close()
+
+
+def test_a_missing_prefix_without_a_pruned_record_is_refused(tmp_path: Path) -> None:
+    """Sealed segments deleted without ``vllm-audit prune``: the writer refuses to append (naming the
+    writer and the missing seqs) instead of restarting at seq 0, and keeps refusing."""
+    _config, cfg = _prunable_log(tmp_path)
+    (d,) = (tmp_path / "log" / "writers").iterdir()
+    segs = list_segments(d)
+    for _first, path in segs[:2]:
+        path.unlink()
+        path.with_name(path.name.replace(".jsonl", ".manifest.json")).unlink()
+    before = {p.name: p.read_bytes() for _, p in segs[2:]}
+    for _ in range(2):  # the refused chain's lock is released: the next start refuses the same way
+        with pytest.raises(LogWriteError) as exc:
+            Chain(tmp_path / "log", cfg)
+        assert f"Audit chain {d.name} cannot be resumed: entries 0..{segs[2][0] - 1} are missing" in str(exc.value)
+    assert {p.name: p.read_bytes() for _, p in list_segments(d)} == before  # nothing appended
+    assert [p.name for p in (tmp_path / "log" / "writers").iterdir()] == [d.name]
+
+
+@pytest.mark.parametrize("keep_sealed", [0, 1], ids=["only-the-open-tail-left", "a-sealed-segment-left"])
+def test_a_malformed_or_forged_pruned_range_is_refused(tmp_path: Path, keep_sealed: int) -> None:
+    """A pruned.jsonl line that does not parse, or whose compact range was changed, is not built on."""
+    config, cfg = _prunable_log(tmp_path)
+    _prune(config, keep_sealed=keep_sealed)
+    (d,) = (tmp_path / "log" / "writers").iterdir()
+    good = (d / "pruned.jsonl").read_bytes()
+    line = orjson.loads(good)
+    line["compact_range"] = line["compact_range"][1:]
+    (d / "pruned.jsonl").write_bytes(orjson.dumps(line) + b"\n")
+    with pytest.raises(LogWriteError, match=r"no range in pruned.jsonl records their removal \(.*line 1: "):
+        Chain(tmp_path / "log", cfg)
+    line = orjson.loads(good)
+    line["compact_range"][0] = "00" * 32
+    (d / "pruned.jsonl").write_bytes(orjson.dumps(line) + b"\n")
+    want = "disagree" if keep_sealed else "does not give the root of the checkpoint signed"
+    with pytest.raises(LogWriteError, match=want):
+        Chain(tmp_path / "log", cfg)
+    line = orjson.loads(good)
+    line["last_leaf"] = "00" * 32
+    (d / "pruned.jsonl").write_bytes(orjson.dumps(line) + b"\n")
+    with pytest.raises(LogWriteError, match="does not continue the pruned range"):
+        Chain(tmp_path / "log", cfg)
+    (d / "pruned.jsonl").write_bytes(good)
+    _resume_and_write(tmp_path, cfg, 60)
+
+
+def test_entries_lost_below_a_signed_checkpoint_or_every_segment_gone_are_refused(tmp_path: Path) -> None:
+    """A deleted open tail (entries a signed checkpoint covers) or a writer with pruned ranges and no
+    segment file left: refused, not restarted below what was signed."""
+    config, cfg = _prunable_log(tmp_path)
+    (d,) = (tmp_path / "log" / "writers").iterdir()
+    tail = list_segments(d)[-1][1]
+    saved = tail.read_bytes()
+    tail.unlink()
+    with pytest.raises(
+        LogWriteError, match=r"entries \d+\.\.\d+ are covered by the last checkpoint in checkpoints.jsonl"
+    ):
+        Chain(tmp_path / "log", cfg)
+    tail.write_bytes(saved)
+    _prune(config)
+    (only,) = list_segments(d)
+    only[1].unlink()
+    with pytest.raises(LogWriteError, match="every segment file is gone, but pruned.jsonl records entries up to"):
+        Chain(tmp_path / "log", cfg)

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -73,7 +73,7 @@ from vllm_audit.integrity.codec import (
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.integrity.keys import SigningKey, load_signing_key, write_private
 from vllm_audit.integrity.merkle import CompactRange
-from vllm_audit.integrity.reader import list_segments, read_manifest
+from vllm_audit.integrity.reader import PRUNED_FILE, PrunedRange, list_segments, read_manifest, read_pruned
 
 __all__ = [
     "SEGMENT_PREFIX",
@@ -160,6 +160,8 @@ class Chain:
         # Tree size right after the last ``checkpoint`` event (see ``checkpoint``); -1: none yet.
         self._embedded_size = -1
         self._recovered: list[dict[str, Any]] = []
+        # The pruned range the resumed state was taken from (checked against the signed roots).
+        self._bridge: PrunedRange | None = None
         self._claim()
 
     @property
@@ -208,7 +210,11 @@ class Chain:
         for d in sorted(self.root.iterdir()):
             if d.is_dir() and self._try_lock(d):
                 self.writer_id = d.name
-                self._resume(d)
+                try:
+                    self._resume(d)
+                except BaseException:
+                    self._release()  # a chain that cannot be resumed stays free (and its lock too)
+                    raise
                 return
         while True:
             d = self.root / new_writer_id()
@@ -249,7 +255,12 @@ class Chain:
         if torn_cp:
             recovery["torn_checkpoints"] = torn_cp
         segments = list_segments(d)
-        start, distrusted = self._resume_point(segments)
+        pruned = read_pruned(d)
+        if not segments and pruned:
+            self._refuse(f"every segment file is gone, but {PRUNED_FILE} records entries up to {pruned[-1].end - 1}")
+        if segments and segments[0][0] > 0 and _pruned_gap(0, segments[0][0], pruned) is None:
+            self._missing(0, *segments[0], pruned)  # checked even when the last manifest needs no prefix
+        start, distrusted = self._resume_point(segments, pruned)
         if distrusted:
             recovery["manifests_distrusted"] = distrusted
         tail: Path | None = None
@@ -257,6 +268,7 @@ class Chain:
             first, path = segments[idx]
             data = path.read_bytes()
             good, torn = split_torn(data)
+            self._continue_at(first, path, good, pruned)
             count = self._absorb(good)
             is_last = idx == len(segments) - 1
             if torn and not count:
@@ -275,11 +287,18 @@ class Chain:
                 tail = path
                 self._segment_first = first
                 self._segment_sha = _sha256(data)
+        if self._bridge is not None:
+            self._check_bridge(self._bridge)
+        self._cp_size = self._last_checkpoint_size()
+        if self._cp_size > self.next_seq:
+            self._refuse(
+                f"entries {self.next_seq}..{self._cp_size - 1} are covered by the last checkpoint in "
+                f"{CHECKPOINTS_FILE} (tree size {self._cp_size}) but are not in the segment files"
+            )
         if tail is not None and self.next_seq >= self._segment_first:
             self._open_segment(self._segment_first, path=tail)
         else:
             self._open_segment(self.next_seq)
-        self._cp_size = self._last_checkpoint_size()
         self._cp_time = self.clock()
         if recovery:
             log.warning("audit chain %s: recovered from a crash: %s", self.writer_id, recovery)
@@ -287,15 +306,20 @@ class Chain:
         else:
             self._event("writer_resumed", {"key": self.key.verifier.label})
 
-    def _resume_point(self, segments: list[tuple[int, Path]]) -> tuple[int, list[str]]:
+    def _resume_point(self, segments: list[tuple[int, Path]], pruned: list[PrunedRange]) -> tuple[int, list[str]]:
         """Take the chain state from the last sealed segment's manifest, once it proves true.
 
         The manifest's compact range is what the resumed chain grows from, so it is checked before
         it is trusted: the segment's bytes must match its ``sha256``, size, count and seq range,
-        and the compact range recomputed from the previous manifest's (or from the start) plus this
-        segment's leaves must equal the recorded one (one segment of hashing). A manifest that
-        fails is named in the recovery event and the state is rebuilt from the segments instead.
-        Returns the index of the first segment still to absorb and the distrusted manifests.
+        and the compact range recomputed from the state before the segment plus this segment's
+        leaves must equal the recorded one (one segment of hashing). The state before the segment
+        is the previous manifest's; the empty tree for a segment at seq 0; or, when the entries
+        before the segment were removed by retention, the compact range and last leaf of the
+        ``pruned.jsonl`` range that ends where the segment starts (so that range is checked too:
+        the segment's first ``prev`` must be its last leaf, and it must grow into the manifest's
+        compact range). A manifest that fails is named in the recovery event and the state is
+        rebuilt from the segments instead. Returns the index of the first segment still to absorb
+        and the distrusted manifests.
         """
         distrusted: list[str] = []
         for i in range(len(segments) - 1, -1, -1):
@@ -304,15 +328,18 @@ class Chain:
             if m is None:
                 continue
             prev = _read_manifest(segments[i - 1][1]) if i > 0 else None
-            if i == 0:
-                base = CompactRange()
-                base_last = ZERO_HASH
+            base: CompactRange | None = None
+            base_last = ""
+            if i == 0 and first == 0:
+                base, base_last = CompactRange(), ZERO_HASH
             elif prev is not None and prev["tree_size"] == first:
                 base = CompactRange(first, [bytes.fromhex(h) for h in prev["compact_range"]])
                 base_last = prev["last_leaf"]
-            else:
-                base = None
-                base_last = ""
+            elif i == 0 or (prev is not None and prev["tree_size"] < first):
+                rng = _pruned_gap(prev["tree_size"] if prev is not None else 0, first, pruned)
+                if rng is not None:
+                    base, base_last = _pruned_state(rng), rng.last_leaf
+                    self._bridge = rng
             if base is not None and _manifest_holds(path, m, first, base, base_last):
                 self.tree = CompactRange(m["tree_size"], [bytes.fromhex(h) for h in m["compact_range"]])
                 self.last_hash = m["last_leaf"]
@@ -327,21 +354,141 @@ class Chain:
                 )
             # Without a usable previous manifest, rebuild from the start.
             break
-        # Rebuild: absorb every sealed segment (their manifests stay as they are).
+        # Rebuild: absorb every sealed segment (their manifests stay as they are), going on after
+        # each range that retention removed from the state it recorded (``_continue_at``).
+        self._bridge = None
         self.tree = CompactRange()
         self.last_hash = ZERO_HASH
         self.next_seq = 0
-        for _first, path in segments:
+        sealed = 0
+        for first, path in segments:
             if _read_manifest(path) is None:
                 break
             good, _torn = split_torn(path.read_bytes())
+            self._continue_at(first, path, good, pruned)
             self._absorb(good)
-        sealed = 0
-        for _first, path in segments:
-            if _read_manifest(path) is None:
-                break
             sealed += 1
         return sealed, distrusted
+
+    def _continue_at(self, first: int, path: Path, good: bytes, pruned: list[PrunedRange]) -> None:
+        """Before absorbing the segment ``path`` (first seq ``first``): bridge a pruned gap, or refuse.
+
+        When entries ``[next_seq, first)`` are not in the segment files, the state at ``first`` is
+        the compact range and last leaf of the ``pruned.jsonl`` range ending at ``first``, provided
+        ranges cover the whole gap and the segment's first entry links to that last leaf. Anything
+        else (no record of the removal, a malformed record, a segment that does not link to it,
+        overlapping segments) raises ``LogWriteError``: going on from any other state would fork.
+        """
+        if first == self.next_seq:
+            return
+        if first < self.next_seq:
+            self._refuse(f"{path.name} starts at {first}, but the segments before it end at {self.next_seq - 1}")
+        rng = _pruned_gap(self.next_seq, first, pruned)
+        if rng is None:
+            self._missing(self.next_seq, first, path, pruned)
+        lines = split_lines(good)
+        if lines:
+            header = parse_header(lines[0], writer_tail(self.writer_id))
+            if header is None or header[0] != first or header[1].decode() != rng.last_leaf:
+                self._refuse(
+                    f"the first entry of {path.name} does not continue the pruned range {rng.start}..{rng.end - 1} "
+                    f"recorded in {PRUNED_FILE} (its seq or prev differs from the range's end and last leaf)"
+                )
+        m = _read_manifest(path)
+        if m is not None and not _manifest_holds(path, m, first, _pruned_state(rng), rng.last_leaf):
+            self._refuse(
+                f"the pruned range {rng.start}..{rng.end - 1} recorded in {PRUNED_FILE} and the manifest of "
+                f"{path.name} disagree (the compact range grown from the range is not the manifest's)"
+            )
+        self.tree = _pruned_state(rng)
+        self.last_hash = rng.last_leaf
+        self.next_seq = rng.end
+        self._bridge = rng
+
+    def _check_bridge(self, rng: PrunedRange) -> None:
+        """The state built on a pruned range, against the checkpoints signed over what follows it.
+
+        Recomputes the tree from the range's compact range over every entry after it and compares
+        the root at the size of each checkpoint in ``checkpoints.jsonl`` that lies in that span: a
+        pruned range whose compact range was changed cannot give the roots signed before the prune
+        (the only check there is when no sealed segment is left, just the open tail; a manifest
+        forged to agree with a forged range fails it too). The signatures are ``vllm-audit
+        verify``'s to check; this keeps the writer from signing new checkpoints over a state its
+        earlier ones contradict. Costs one pass over the entries after the range.
+        """
+        roots = self._checkpoint_roots(rng.end, self.next_seq)
+        if not roots:
+            return
+        tree = _pruned_state(rng)
+        bad = -1
+        if tree.size in roots and roots[tree.size] != tree.root():
+            bad = tree.size
+        for first, path in list_segments(self.dir):
+            if bad >= 0 or first < rng.end:
+                continue
+            good, _torn = split_torn(path.read_bytes())
+            for line in split_lines(good):
+                tree.append(leaf_hash(line))
+                want = roots.get(tree.size)
+                if want is not None and want != tree.root():
+                    bad = tree.size
+                    break
+        if bad >= 0:
+            self._refuse(
+                f"the tree grown from the pruned range {rng.start}..{rng.end - 1} in {PRUNED_FILE} does not give "
+                f"the root of the checkpoint signed at tree size {bad}"
+            )
+
+    def _checkpoint_roots(self, lo: int, hi: int) -> dict[int, bytes]:
+        """Roots of the checkpoints in ``checkpoints.jsonl`` whose tree size is in ``[lo, hi]``."""
+        out: dict[int, bytes] = {}
+        try:
+            data = (self.dir / CHECKPOINTS_FILE).read_bytes()
+        except OSError:
+            return out
+        for line in reversed(data.split(b"\n")):  # newest first; sizes never decrease down the file
+            if not line:
+                continue
+            try:
+                text, _ = split_note(parse_note_line(line))
+                cp = parse_body(text)
+            except (ValueError, orjson.JSONDecodeError):
+                continue
+            if cp.size < lo:
+                break
+            if cp.size <= hi:
+                out.setdefault(cp.size, cp.root)
+        return out
+
+    def _missing(self, start: int, first: int, path: Path, pruned: list[PrunedRange]) -> NoReturn:
+        """Refuse: entries from ``start`` up to the segment ``path`` are gone and no pruned range says why."""
+        holes: list[str] = []
+        pos = start
+        for a, b in [*((r.start, r.end) for r in pruned), (first, first + 1)]:  # the segment itself last
+            if b <= pos:
+                continue
+            if a > pos:
+                holes.append(f"{pos}..{min(a, first) - 1}")
+            pos = max(pos, b)
+            if pos >= first:
+                break
+        problem = ""
+        try:
+            read_pruned(self.dir, strict=True)
+        except ValueError as exc:  # name the damaged line: it may be the record that was needed
+            problem = f" ({exc})"
+        if holes:
+            why = (
+                f"entries {', '.join(holes)} are missing ({path.name} starts at {first}) and no range in {PRUNED_FILE}"
+            )
+            self._refuse(f"{why} records their removal{problem}")
+        self._refuse(f"{path.name} starts at {first}, inside a range that {PRUNED_FILE} records as pruned{problem}")
+
+    def _refuse(self, why: str) -> NoReturn:
+        raise LogWriteError(
+            f"Audit chain {self.writer_id} cannot be resumed: {why}. Refusing to append (going on from "
+            f"another state would fork the chain); run `vllm-audit verify`."
+        )
 
     def _absorb(self, good: bytes) -> int:
         """Feed complete stored lines into the chain state (resume)."""
@@ -670,17 +817,41 @@ class Chain:
                 if self.tree.size != self._cp_size:  # sign over the embedded checkpoint event too
                     self.checkpoint()
         finally:
-            for attr in ("_fd", "_cp_fd", "_lock_fd", "_durable_fd"):
-                fd = getattr(self, attr)
-                if fd >= 0:
-                    try:
-                        os.close(fd)
-                    finally:
-                        setattr(self, attr, -1)
+            self._release()
+
+    def _release(self) -> None:
+        for attr in ("_fd", "_cp_fd", "_lock_fd", "_durable_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                finally:
+                    setattr(self, attr, -1)
 
 
 def _read_manifest(segment: Path) -> dict[str, Any] | None:
     return read_manifest(segment)
+
+
+def _pruned_state(rng: PrunedRange) -> CompactRange:
+    return CompactRange(rng.end, [bytes.fromhex(h) for h in rng.compact_range])
+
+
+def _covered_until(start: int, pruned: list[PrunedRange]) -> int:
+    """How far from ``start`` the pruned ranges (sorted by start) cover the seqs without a hole."""
+    pos = start
+    for r in pruned:
+        if r.start <= pos < r.end:
+            pos = r.end
+    return pos
+
+
+def _pruned_gap(start: int, end: int, pruned: list[PrunedRange]) -> PrunedRange | None:
+    """The pruned range that ends at ``end`` when pruned ranges cover all of ``[start, end)``."""
+    rng = next((r for r in pruned if r.end == end), None)
+    if rng is None or _covered_until(start, pruned) < end:
+        return None
+    return rng
 
 
 def _manifest_holds(path: Path, m: dict[str, Any], first: int, base: CompactRange, base_last: str) -> bool:
