@@ -1,16 +1,25 @@
 """vllm-audit performance bench: one command, one table, ratios measured side by side.
 
-    .venv/bin/python bench/run.py [--quick] [--seconds S] [--skip-http] [--json OUT]
+    .venv/bin/python bench/run.py [--quick] [--seconds S] [--skip-http] [--skip-others]
+                                  [--redaction-python PY] [--json OUT]
 
 1. HTTP (wrk, Lua POST bodies): the fake upstream alone ("bare", bench/_upstream.py: asyncio +
    uvloop replaying DemoEngine's bytes) vs nginx pass-through (JSON access log, proxy_buffering
    off) vs the audited gateway (``vllm-audit serve --upstream``, strict durability, default
-   privacy + integrity) vs DemoEngine on uvicorn without middleware (the Python-server floor).
-   Non-stream and stream (20 tokens), concurrency 1/16/64. Pinning as in PERFORMANCE.md: wrk +
-   upstream on CPU 0, the system under test alone on CPU 1 (one worker).
+   privacy + integrity, sinks off) with one worker, the same with the record work in other
+   processes (``[log] prepare_processes = 1``, ``[ship] isolation = "process"``, all on the same
+   CPU), and with two workers on both CPUs, vs DemoEngine on uvicorn without middleware (the
+   Python-server floor). Non-stream and stream (20 tokens), concurrency 1/16/64 (16/64 for the
+   variants). Pinning as in PERFORMANCE.md: wrk + upstream on CPU 0, the system under test alone
+   on CPU 1. CPU ms per request of the server's own process and of all its processes (from
+   /proc), and time to first token at c=1 for every system.
 2. Middleware mode (bench/_inproc.py): loop-thread CPU µs per request and per streamed chunk.
 3. Writer (bench/_writer.py): records/s made durable with group commit.
-4. Records written by the gateway vs requests completed, and a hash-chain check of the log.
+4. The other areas' benches beside their baselines: verifier (bench/verify/run.py), inclusion
+   proofs verified per second per core (bench/_proofs.py), redaction vs Presidio
+   (bench/redaction/run.py, with ``--redaction-python`` an interpreter that has presidio-analyzer).
+5. Records written by each gateway vs requests completed, and every writer's hash chain checked
+   through the package's ``LogReader``.
 
 Everything listens on 127.0.0.1, every run is bounded, every server is stopped at the end.
 """
