@@ -263,7 +263,9 @@ def _resume_and_write(tmp_path: Path, cfg: IntegrityConfig, start: int) -> tuple
     size = _entries_on_disk(tmp_path / "log")
     c = Chain(tmp_path / "log", cfg)
     assert c.next_seq == size and c.tree.size == size
-    assert [e["event"] for e in c.pending_events()] == ["writer_resumed"]
+    events = c.pending_events()
+    assert [e["event"] for e in events] == ["writer_resumed"]
+    c.append(events)  # written as the writer would
     commit(c, 10, start)
     c.close()
     return c.writer_id, size
@@ -407,3 +409,24 @@ def test_entries_lost_below_a_signed_checkpoint_or_every_segment_gone_are_refuse
     only[1].unlink()
     with pytest.raises(LogWriteError, match="every segment file is gone, but pruned.jsonl records entries up to"):
         Chain(tmp_path / "log", cfg)
+
+
+def test_a_torn_tail_after_prune_is_recovered_on_the_pruned_range(tmp_path: Path) -> None:
+    """kill -9 mid-write when only the open tail is left: the resume seals it (torn bytes quarantined)
+    on the state from the pruned range, and the log verifies."""
+    config, cfg = _prunable_log(tmp_path)
+    _prune(config)
+    (d,) = (tmp_path / "log" / "writers").iterdir()
+    ((first, tail),) = list_segments(d)
+    size = _entries_on_disk(tmp_path / "log")
+    with open(tail, "ab") as f:
+        f.write(b'{"seq":9')
+    c = Chain(tmp_path / "log", cfg)
+    events = c.pending_events()
+    assert c.next_seq == size and [e["event"] for e in events] == ["segment_sealed", "recovery"]
+    c.append(events)  # the recovery event explains the torn bytes to verify
+    commit(c, 10, 60)
+    c.close()
+    assert list((d / "quarantine").iterdir()) and (d / tail.name.replace(".jsonl", ".manifest.json")).exists()
+    rep = verify_log(tmp_path / "log", load_public_keys([tmp_path / "k.pub"]))
+    assert rep.intact, rep.problems
