@@ -31,9 +31,11 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import hashlib
+import io
+import operator
 import re
 from collections.abc import Iterable, Mapping
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any
 
 import orjson
@@ -54,12 +56,13 @@ EVENT = b'"record_type":"event"'
 ALERT = b'"record_type":"alert"'
 
 _SEGMENT_RE = re.compile(r"^seg-(\d{12})\.jsonl$")
-_EVENT_AFTER_HEADER = b'",' + EVENT
-_TAGS_RE = re.compile(rb'(?:[0-9a-f]{32}",)*')
 _HEX32 = re.compile(rb"[0-9a-f]{32}")
 _sha256 = hashlib.sha256
 _hexlify = binascii.hexlify
 _EMPTY_DIGEST = _sha256(b"").digest()
+_HEX_DIGITS = b"0123456789abcdef"
+_digest = type(_sha256()).digest
+_getitem = bytes.__getitem__
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -169,40 +172,79 @@ def scan_run(good: bytes, first: int, first_prev: bytes, tail: bytes) -> Run | N
 
     ``first_prev`` is the prev (hex) the first line must carry, ``tail`` the writer's
     :func:`writer_tail`. Returns None as soon as any line is not exactly the expected next entry
-    (header bytes, ``prev`` link, tag format): the caller then takes the careful path. Vectorised
-    (the verifier's fast path): the header length of each line follows from its seq, so bodies are
-    sliced and hashed, tlog entries formed and leaves hashed in a few C-level loops, and every
-    header is compared with the exact expected bytes in one ``map``.
+    (header bytes, ``prev`` link, tag format): the caller then takes the careful path, entry by entry
+    with :func:`parse_header` and :func:`leaf_hash`. It accepts exactly the lines those accept as
+    the next entries. The verifier's fast path, so no Python bytecode runs per entry: lines are cut
+    by ``BytesIO.readlines`` (memchr), the header length follows from the seq, hashes are ``map``s
+    over builtins and all headers of a run are compared at once (:func:`_scan_part`).
     """
-    lines = split_lines(good)
-    if not lines:
+    if not good:
         return Run([], [], [], 0)
+    if not good.endswith(b"\n"):
+        return None
+    lines = io.BytesIO(good).readlines()  # each with its b"\n"
     fmt = header_format(tail)
     base = len(fmt % (0, first_prev)) - 1 + TAG_HEX + 2  # a header's length without its seq digits
-    seqs = range(first, first + len(lines))
-    cuts = [base + n for n in map(len, map(str, seqs))]
-    sha = _sha256
-    leaves = [sha(b"\x00" + line[:c] + sha(line[c:]).digest()).digest() for line, c in zip(lines, cuts, strict=True)]
-    hexes = list(map(_hexlify, leaves))
-    prevs = [first_prev]
-    prevs += hexes[:-1]
-    expected = [fmt % t for t in zip(seqs, prevs, strict=True)]
-    if not all(map(bytes.startswith, lines, expected)):
-        return None
-    # What follows each expected prefix: the tag and its closing '",' (checked all at once).
-    tags = b"".join(map(bytes.__getitem__, lines, map(slice, map(len, expected), cuts)))
-    if _TAGS_RE.fullmatch(tags) is None:
-        return None
-    # Event entries are rare: find them by the bytes that end a header and start an event's body.
+    n = len(lines)
+    leaves: list[bytes] = []
+    hexes: list[bytes] = []
     events: list[tuple[int, bytes]] = []
-    at = good.find(_EVENT_AFTER_HEADER)
-    while at >= 0:
-        k = good.count(b"\n", 0, at)
-        if lines[k].startswith(EVENT, cuts[k]):
-            events.append((k, lines[k]))
-        at = good.find(_EVENT_AFTER_HEADER, at + 1)
-    n_inf = sum(map(bytes.startswith, lines, repeat(INFERENCE), cuts))
+    n_inf = 0
+    lo, prev = 0, first_prev
+    while lo < n:  # runs of seqs of one number of digits: one header length each
+        seq = first + lo
+        hi = min(n, 10 ** len(str(seq)) - first)
+        part = _scan_part(lines[lo:hi] if lo or hi < n else lines, base + len(str(seq)), fmt, seq, prev)
+        if part is None:
+            return None
+        leaves += part[0]
+        hexes += part[1]
+        n_inf += part[2]
+        events += [(lo + k, line) for k, line in part[3]]
+        prev = hexes[-1]
+        lo = hi
     return Run(leaves, hexes, events, n_inf)
+
+
+def _scan_part(
+    lines: list[bytes], cut: int, fmt: bytes, seq: int, prev: bytes
+) -> tuple[list[bytes], list[bytes], int, list[tuple[int, bytes]]] | None:
+    """``(leaves, their hex, inference entries, [(index, line) of each event entry])`` of lines
+    (newline included) that are entries ``seq, seq+1, ...`` after leaf ``prev`` with headers
+    ``cut`` bytes long; None if any is not."""
+    m = len(lines)
+    sha, digest = _sha256, _digest
+    bodies = map(digest, map(sha, map(_getitem, lines, repeat(slice(cut, -1)))))
+    headers = list(map(_getitem, lines, repeat(slice(cut))))
+    leaves = list(map(digest, map(sha, map(b"".join, zip(repeat(b"\x00"), headers, bodies)))))
+    hexes = list(map(_hexlify, leaves))
+    # The headers, joined, must be the expected ones (one %-format for the whole run) but for the
+    # tag values, which must be lowercase hex: every header is exactly ``cut`` long (else the total
+    # length differs), so the tags are the same columns of each; they are taken out and zeroed,
+    # then one comparison covers seq, prev (the previous leaf), writer id and punctuation.
+    stored = bytearray().join(headers)
+    if len(stored) != m * cut:
+        return None
+    args: list[object] = [None] * (2 * m)
+    args[0::2] = range(seq, seq + m)
+    args[1] = prev
+    args[3::2] = hexes[:-1]
+    expected = ((fmt + b"0" * TAG_HEX + b'",') * m) % tuple(args)
+    zeros = b"0" * m
+    tags = bytearray()
+    for col in range(cut - TAG_HEX - 2, cut - 2):
+        tags += stored[col::cut]
+        stored[col::cut] = zeros
+    if stored != expected or tags.translate(None, _HEX_DIGITS):
+        return None
+    inference = list(map(bytes.startswith, lines, repeat(INFERENCE), repeat(cut)))
+    n_inf = sum(inference)
+    events: list[tuple[int, bytes]] = []
+    if n_inf < m:  # the other entries are few: look at each
+        for k in compress(range(m), map(operator.not_, inference)):
+            if lines[k].startswith(EVENT, cut):
+                events.append((k, lines[k][:-1]))
+    return leaves, hexes, n_inf, events
 
 
 # -- header ----------------------------------------------------------------------------------
