@@ -26,13 +26,12 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import fcntl
-import functools
 import gc
 import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -46,6 +45,9 @@ from vllm_audit.integrity.codec import split_torn
 from vllm_audit.integrity.keys import VerifierKey, format_time_ms
 from vllm_audit.integrity.merkle import EMPTY_ROOT, decompose, decompose_starts
 from vllm_audit.integrity.reader import PrunedRange, list_segments, read_pruned
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 _sha256 = hashlib.sha256
 
@@ -262,6 +264,8 @@ def _check_prunes(writers: list[WriterResult], problems: list[Problem]) -> None:
 
 
 _NOTABLE_EVENTS = frozenset({"retention.pruned", "settings.effective"})
+#: What a ``segment_sealed`` event and the segment's manifest both record.
+_SEALED_FIELDS = ("segment", "first_seq", "last_seq", "count", "sha256", "merkle_root")
 
 
 class _WriterVerifier:
@@ -274,7 +278,7 @@ class _WriterVerifier:
     ) -> None:
         self.d = d
         self.workers = workers
-        self._executor: Any = None
+        self._executor: ProcessPoolExecutor | None = None
         self.wid_tail = b""
         self.wid = d.name
         self.keys = keys
@@ -375,11 +379,50 @@ class _WriterVerifier:
     def run(self) -> WriterResult:
         res = self.res
         res.live = _is_locked(self.d / "writer.lock")
-        local = self._load_checkpoints(self.d / CHECKPOINTS_FILE, "checkpoint")
-        res.checkpoints = len(local)
-        for a in self.anchors:
-            anchored = self._load_checkpoints(anchor_file(a, self.wid), f"anchor {str(a)!r}")
-            res.anchored_checkpoints += len(anchored)
+        segments = list_segments(self.d)
+        self.wid_tail = codec.writer_tail(self.wid)
+        # Start hashing first: the workers need only the sizes the checkpoints name (for root
+        # snapshots), which a glance gives; their signatures are checked here meanwhile.
+        sizes = self._checkpoint_sizes()
+        try:
+            pending = self._fast_scans(segments, sizes)
+            local = self._load_checkpoints(self.d / CHECKPOINTS_FILE, "checkpoint")
+            res.checkpoints = len(local)
+            for a in self.anchors:
+                anchored = self._load_checkpoints(anchor_file(a, self.wid), f"anchor {str(a)!r}")
+                res.anchored_checkpoints += len(anchored)
+            if not sizes.issuperset(self.targets):  # pragma: no cover - the glance reads what parsing reads
+                pending = self._fast_scans(segments, set(self.targets))
+            self._check_targets()
+            self._check_segment_files()
+            self._scan(segments, pending)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(cancel_futures=True)
+        self._finish()
+        return res
+
+    def _checkpoint_sizes(self) -> set[int]:
+        """The tree size of every line of the checkpoint files, without checking anything else."""
+        sizes: set[int] = set()
+        files = [self.d / CHECKPOINTS_FILE, *(anchor_file(a, self.wid) for a in self.anchors)]
+        for path in files:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            for raw in data.split(b"\n"):
+                try:
+                    note = parse_note_line(raw)
+                except (ValueError, orjson.JSONDecodeError):
+                    continue
+                size = note.split("\n", 2)[1:2]
+                if size and size[0].isdigit():
+                    sizes.add(int(size[0]))
+        return sizes
+
+    def _check_targets(self) -> None:
+        res = self.res
         for size, ts in self.targets.items():
             roots = {t.root for t in ts}
             if len(roots) > 1:
@@ -403,14 +446,6 @@ class _WriterVerifier:
                     "compact_range": list(r.compact_range),
                 }
             )
-        self._check_segment_files()
-        try:
-            self._scan()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(cancel_futures=True)
-        self._finish()
-        return res
 
     def _check_segment_files(self) -> None:
         names = {p.name for p in self.d.iterdir()}
@@ -420,21 +455,19 @@ class _WriterVerifier:
                 if seg not in names:
                     self.problem("segment_missing", f"manifest {n} is present but its segment is gone", segment=seg)
 
-    def _scan(self) -> None:
+    def _scan(self, segments: list[tuple[int, Path]], pending: list[list[Callable[[], dict[str, Any] | None]]]) -> None:
         res = self.res
-        segments = list_segments(self.d)
         res.segments = len(segments)
-        self.wid_tail = codec.writer_tail(self.wid)
         if 0 in self.targets:
             self._check_root(0)
-        pending = self._fast_scans(segments)
-        shas = self._file_hashes(segments)
         prev_clean_end = True
+        unhashed: list[tuple[Path, dict[str, Any], int, int]] = []
         for idx, (first, path) in enumerate(segments):
             self._skip_pruned(first)
             last_seg = idx == len(segments) - 1
             parts = [p() for p in pending[idx]]
-            if self._links(parts, first, idx):
+            clean = self._links(parts, first, idx)
+            if clean:
                 nlines = self._merge_clean(parts)
                 tail = parts[-1]
                 torn_info: dict[str, Any] | None = tail["torn"] if tail is not None else None
@@ -445,17 +478,74 @@ class _WriterVerifier:
             manifest = _load_manifest(path)
             if manifest is not None:
                 res.sealed_segments += 1
-                get_sha = shas[idx]
-                sha = get_sha() if get_sha is not None else ""
-                self.file_sha[path.name] = sha
                 torn_len = torn_info["bytes"] if torn_info is not None else 0
-                self._check_manifest(path, manifest, nlines, self.e - nlines, first, sha, torn_len)
+                start = self.e - nlines
+                # A segment the fast path took whole, without a torn tail, may not need hashing
+                # again (see _settle_hashes); any other is hashed now.
+                whole = clean and torn_info is None
+                sha = None if whole else _file_sha256(str(path))
+                self._check_manifest(path, manifest, nlines, start, first, sha, torn_len)
+                if sha is None:
+                    unhashed.append((path, manifest, start, self.e))
+                else:
+                    self.file_sha[path.name] = sha
                 if os.stat(path).st_mode & 0o222:
                     res.warnings.append(f"sealed segment {path.name} is writable (expected mode 0444)")
             elif not last_seg:
                 res.warnings.append(f"segment {path.name} is not the last one but has no manifest (not sealed)")
             prev_clean_end = torn_info is None
         res.entries = self.e
+        self._settle_hashes(unhashed)
+
+    def _settle_hashes(self, unhashed: list[tuple[Path, dict[str, Any], int, int]]) -> None:
+        """The SHA-256 of each sealed segment the fast path took whole: hashed only when not implied.
+
+        Every byte of such a segment was checked: its lines, each ended by a newline, are exactly
+        entries ``first_seq..last_seq`` of the chain (header bytes and ``prev`` link compared, leaf
+        recomputed from header and body, roots matched), no torn tail follows, and the file's size is
+        the manifest's. When the chain verified without any problem, a signed checkpoint covers the
+        ``segment_sealed`` event the writer appended after sealing, and that event records the same
+        ``first_seq``, ``last_seq``, ``count``, ``merkle_root`` and ``sha256`` as the manifest, then
+        the file holds exactly the bytes the writer hashed for that event (the bytes of those
+        entries, nothing else), so its SHA-256 is the recorded one: a second full pass over the
+        bytes would only repeat it. In every other case (a problem anywhere, no such event, an
+        event not yet signed, any field differing) the file is hashed and compared as before.
+        """
+        if not unhashed:
+            return
+        sealed: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        for ev in self.events:
+            detail = ev.get("detail")
+            if (
+                ev.get("event") == "segment_sealed"
+                and isinstance(detail, dict)
+                and isinstance(detail.get("segment"), str)
+            ):
+                sealed.setdefault(detail["segment"], []).append((ev["_seq"], detail))
+        signed = max((s for s in self.targets if s <= self.e), default=0)  # every target is a signed checkpoint
+        todo: list[tuple[Path, dict[str, Any], int, int]] = []
+        for path, m, start, end in unhashed:
+            recorded = sealed.get(path.name, [])
+            implied = (
+                self._first_anomaly is None
+                and bool(recorded)
+                and all(
+                    seq < signed and all(detail.get(k) == m.get(k) for k in _SEALED_FIELDS) for seq, detail in recorded
+                )
+            )
+            if implied:
+                self.file_sha[path.name] = m["sha256"]
+            else:
+                todo.append((path, m, start, end))
+        ex = self._executor
+        if ex is not None and len(todo) > 1:
+            shas = list(ex.map(_file_sha256, [str(t[0]) for t in todo]))
+        else:
+            shas = [_file_sha256(str(t[0])) for t in todo]
+        for (path, m, start, end), sha in zip(todo, shas, strict=True):
+            self.file_sha[path.name] = sha
+            if m.get("sha256") != sha:
+                self._manifest_differs(path.name, start, end, ["sha256"])
 
     def _skip_pruned(self, first: int) -> None:
         """Jump over a pruned range that ends where this segment starts (state from the range)."""
@@ -468,21 +558,25 @@ class _WriterVerifier:
                 self.after_gap = False
                 self._check_root(r.end)
 
-    def _fast_scans(self, segments: list[tuple[int, Path]]) -> list[list[Callable[[], dict[str, Any] | None]]]:
-        """Start the optimistic scan of every segment chunk (in worker processes when it pays)."""
+    def _fast_scans(
+        self, segments: list[tuple[int, Path]], tree_sizes: set[int]
+    ) -> list[list[Callable[[], dict[str, Any] | None]]]:
+        """Start the optimistic scan of every segment chunk (in worker processes when it pays), with
+        snapshots of the tree at ``tree_sizes``."""
         sizes = [p.stat().st_size for _, p in segments]
         workers = self.workers
         if workers is None:
             workers = min(os.cpu_count() or 1, 8) if sum(sizes) >= _PARALLEL_MIN_BYTES else 1
         submit: Callable[..., Callable[[], dict[str, Any] | None]]
         if workers > 1:
-            import concurrent.futures
-            import multiprocessing
+            if self._executor is None:
+                import concurrent.futures
+                import multiprocessing
 
-            ex = concurrent.futures.ProcessPoolExecutor(
-                max_workers=workers, mp_context=multiprocessing.get_context("fork"), initializer=tune_malloc
-            )
-            self._executor = ex
+                self._executor = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=workers, mp_context=multiprocessing.get_context("fork"), initializer=tune_malloc
+                )
+            ex = self._executor
 
             def submit(*args: Any) -> Callable[[], dict[str, Any] | None]:
                 return ex.submit(_scan_chunk, *args).result
@@ -491,7 +585,7 @@ class _WriterVerifier:
             def submit(*args: Any) -> Callable[[], dict[str, Any] | None]:
                 return lambda: _scan_chunk(*args)
 
-        targets = sorted(self.targets)
+        targets = sorted(tree_sizes)
         out = []
         for idx, (first, path) in enumerate(segments):
             hi = segments[idx + 1][0] if idx + 1 < len(segments) else 1 << 62
@@ -503,19 +597,6 @@ class _WriterVerifier:
                     for k, (a, b) in enumerate(ranges)
                 ]
             )
-        return out
-
-    def _file_hashes(self, segments: list[tuple[int, Path]]) -> list[Callable[[], str] | None]:
-        """SHA-256 of every sealed segment file (its manifest and ``segment_sealed`` event name it)."""
-        out: list[Callable[[], str] | None] = []
-        ex = self._executor
-        for _first, path in segments:
-            if not path.with_name(codec.manifest_name(path.name)).exists():
-                out.append(None)
-            elif ex is not None:
-                out.append(ex.submit(_file_sha256, str(path)).result)
-            else:
-                out.append(functools.partial(_file_sha256, str(path)))
         return out
 
     def _links(self, parts: list[dict[str, Any] | None], first: int, idx: int) -> bool:
@@ -545,6 +626,8 @@ class _WriterVerifier:
                 continue
             begin = self.e
             for t, nodes in r["snapshots"].items():
+                if t not in self.targets:  # a size whose checkpoint did not verify (or was pruned)
+                    continue
                 stack = list(self.stack)
                 _merge_nodes(stack, begin, t, nodes)
                 self._check_root_value(t, _root(stack))
@@ -761,7 +844,7 @@ class _WriterVerifier:
             self.events.append(ev)
 
     def _check_manifest(
-        self, path: Path, m: dict[str, Any], nlines: int, start: int, first: int, sha: str, torn: int
+        self, path: Path, m: dict[str, Any], nlines: int, start: int, first: int, sha: str | None, torn: int
     ) -> None:
         """Every field of a sealed segment's manifest must describe the segment as verified.
 
@@ -778,7 +861,7 @@ class _WriterVerifier:
             diffs.append("writer_id")
         if m.get("bytes") != path.stat().st_size:
             diffs.append("size")
-        if m.get("sha256") != sha:
+        if sha is not None and m.get("sha256") != sha:  # None: settled later (_settle_hashes)
             diffs.append("sha256")
         if m.get("count") != nlines:
             diffs.append("entry count")
@@ -796,13 +879,13 @@ class _WriterVerifier:
             if m.get("compact_range") != [h.hex() for h in self.stack]:
                 diffs.append("compact_range")
         if diffs:
-            inside = any(
-                p.segment == seg or (p.seq is not None and start <= p.seq <= self.e) for p in self.res.problems
-            )
-            if not inside:  # a problem among its entries explains (and was reported before) the rest
-                self.problem(
-                    "modified", f"sealed segment {seg} differs from its manifest ({', '.join(diffs)})", start, seg
-                )
+            self._manifest_differs(seg, start, self.e, diffs)
+
+    def _manifest_differs(self, seg: str, start: int, end: int, diffs: list[str]) -> None:
+        """Report that a sealed segment (entries ``start..end``) differs from its manifest."""
+        inside = any(p.segment == seg or (p.seq is not None and start <= p.seq <= end) for p in self.res.problems)
+        if not inside:  # a problem among its entries explains (and was reported before) the rest
+            self.problem("modified", f"sealed segment {seg} differs from its manifest ({', '.join(diffs)})", start, seg)
 
     def _finish(self) -> None:
         res = self.res
