@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import orjson
@@ -77,11 +78,14 @@ def sign_checkpoint(cp: Checkpoint, signer: _Signer, key_name: str) -> str:
     return f"{text}\n{EM_DASH} {key_name} {sig}\n"
 
 
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f]")  # a control character other than the newline
+
+
 def split_note(note: str) -> tuple[str, list[tuple[str, bytes, bytes]]]:
     """``(text, [(key name, key id, signature), ...])`` of a signed note, checking its syntax."""
     if not note.endswith("\n"):
         raise NoteError("note does not end with a newline", "malformed")
-    if any(ord(c) < 0x20 and c != "\n" for c in note):
+    if _CONTROL.search(note):
         raise NoteError("note contains control characters", "malformed")
     cut = note.rfind("\n\n")
     if cut < 0:
