@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import orjson
@@ -63,3 +64,24 @@ def test_proof_rejects_a_record_from_another_position(log: Path) -> None:
     with pytest.raises(VerificationError):
         proofs.verify_inclusion_proof(forged, keys)
     assert orjson.loads(a["record"])["request_id"] == "req-000500"
+
+
+def test_a_remembered_checkpoint_counts_only_under_the_same_trusted_keys(log: Path, tmp_path: Path) -> None:
+    """Checkpoint checks are remembered per note and key set: another key set, the signer's key
+    with a validity window that excludes the checkpoint, or an edited note are each checked anew."""
+    keys = load_public_keys([log.parent / "k.pub"])
+    p = proofs.build_inclusion_proof(log, "req-000700")
+    assert p is not None
+    proofs.verify_inclusion_proof(p, keys)
+    proofs.verify_inclusion_proof(p, load_public_keys([log.parent / "k.pub"]))  # equal keys: same answer
+    write_keypair(tmp_path / "other", "test/operator")
+    with pytest.raises(VerificationError, match="not signed by a trusted key"):
+        proofs.verify_inclusion_proof(p, load_public_keys([tmp_path / "other.pub"]))
+    with pytest.raises(VerificationError, match="validity window"):
+        proofs.verify_inclusion_proof(p, [dataclasses.replace(k, not_after_ms=0) for k in keys])
+    note = p["checkpoint"]
+    size_line = f"\n{p['tree_size']}\n"
+    edited = dict(p, checkpoint=note.replace(size_line, f"\n{p['tree_size'] + 1}\n", 1))
+    with pytest.raises(VerificationError, match="does not verify"):
+        proofs.verify_inclusion_proof(edited, keys)
+    proofs.verify_inclusion_proof(p, keys)

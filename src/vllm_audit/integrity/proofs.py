@@ -18,6 +18,7 @@ Consistency proof (``format = "vllm-audit-consistency-proof/v1"``)::
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,6 +230,19 @@ def build_inclusion_proof(
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _opened(note: str, keys: tuple[VerifierKey, ...]) -> Checkpoint:
+    return open_checkpoint(note, keys)
+
+
+def _open(note: str, keys: Sequence[VerifierKey]) -> Checkpoint:
+    """:func:`open_checkpoint`, remembered per (note, trusted keys): proofs verified in bulk mostly
+    share a few checkpoints, and the Ed25519 check is most of a proof's cost. The result depends
+    on nothing else (keys are frozen values, compared by value), and a note that does not verify is
+    not remembered: it is checked again each time."""
+    return _opened(note, tuple(keys))
+
+
 def _hashes(obj: Any, what: str) -> list[bytes]:
     if not isinstance(obj, list) or not all(isinstance(h, str) for h in obj):
         raise VerificationError(f"{what} must be a list of hex strings")
@@ -256,7 +270,7 @@ def verify_inclusion_proof(proof: dict[str, Any], public_keys: Sequence[Verifier
     index = _field(proof, "leaf_index", int)
     size = _field(proof, "tree_size", int)
     record = _field(proof, "record", str)
-    cp = open_checkpoint(_field(proof, "checkpoint", str), public_keys)
+    cp = _open(_field(proof, "checkpoint", str), public_keys)
     if cp.writer_id != wid:
         raise VerificationError(f"checkpoint is for log {cp.origin!r}, not writer {wid!r}")
     if cp.size != size:
@@ -312,8 +326,8 @@ def verify_consistency_proof(
     if not isinstance(proof, dict) or proof.get("format") != CONSISTENCY_FORMAT:
         raise VerificationError(f"not a {CONSISTENCY_FORMAT} document")
     wid = _field(proof, "writer_id", str)
-    a = open_checkpoint(_field(proof, "old_checkpoint", str), public_keys)
-    b = open_checkpoint(_field(proof, "new_checkpoint", str), public_keys)
+    a = _open(_field(proof, "old_checkpoint", str), public_keys)
+    b = _open(_field(proof, "new_checkpoint", str), public_keys)
     for cp in (a, b):
         if cp.writer_id != wid:
             raise VerificationError(f"checkpoint is for log {cp.origin!r}, not writer {wid!r}")
