@@ -160,10 +160,18 @@ def test_stream_keeps_system_fingerprint(gw: Gw, kind: str, include_usage: bool)
     _, raw_direct = _stream(gw.direct, PATHS[kind], body, _rid("direct"))
     rid = _rid("via")
     _, raw_via = _stream(gw.via, PATHS[kind], body, rid)
+    # Positions count from the end of the stream: vLLM may coalesce tokens into fewer chunks in one
+    # of the two requests (a loaded machine), which moves every index but the last ones; the
+    # fingerprint belongs on the finish chunk or the usage chunk, both at the end.
+    chunks_direct, chunks_via = sse_json(raw_direct)[0], sse_json(raw_via)[0]
     where_direct = [
-        (i, c["system_fingerprint"]) for i, c in enumerate(sse_json(raw_direct)[0]) if "system_fingerprint" in c
+        (i - len(chunks_direct), c["system_fingerprint"])
+        for i, c in enumerate(chunks_direct)
+        if "system_fingerprint" in c
     ]
-    where_via = [(i, c["system_fingerprint"]) for i, c in enumerate(sse_json(raw_via)[0]) if "system_fingerprint" in c]
+    where_via = [
+        (i - len(chunks_via), c["system_fingerprint"]) for i, c in enumerate(chunks_via) if "system_fingerprint" in c
+    ]
     fingerprint = where_direct[-1][1]
     rec = record_for(gw.log_dir, rid)
     problems = []
