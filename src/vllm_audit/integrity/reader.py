@@ -12,6 +12,9 @@ proofs, ingest) reads the log through :class:`LogReader`; the entry layout itsel
 - checks every link: each entry's header must be well formed, carry the next ``seq`` and the
   previous entry's leaf hash as ``prev``. A break raises :class:`ChainBreak` (nothing after it is
   returned: a projection never ships an entry that does not chain);
+- goes on over ranges removed by retention (``pruned.jsonl``, see :func:`pruned_run`): from the
+  last of the ranges that lead, one after the other, to the next local segment, with that range's
+  last leaf as the link (a cursor inside or before them starts at that segment);
 - by default returns only entries covered by a signed checkpoint (``limit="signed"``): those are
   durable, so a projection never delivers an entry that a crash or a failed write could still
   take back. In the writing process the writer's own durable position is a tighter bound (see
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,10 +230,9 @@ class LogReader:
                 if _torn:
                     break  # a torn sealed segment: the writer recovered; the next segment goes on
                 if nxt_first != expect:
-                    pruned = read_pruned(self.writer_dir(wid))
-                    hole = next((r for r in pruned if (r.start, r.end) == (expect, nxt_first)), None)
-                    if hole is not None:  # a range removed by retention: go on after it
-                        expect, last = hole.end, hole.last_leaf
+                    run = pruned_run(read_pruned(self.writer_dir(wid)), expect, nxt_first)
+                    if run:  # ranges removed by retention, one after the other: go on after the last
+                        expect, last = run[-1].end, run[-1].last_leaf
                 if nxt_first != expect:
                     raise ChainBreak(wid, expect, f"segment {nxt_path.name} starts at {nxt_first}, expected {expect}")
                 idx += 1
@@ -260,11 +262,15 @@ class LogReader:
         segs = self.segments(wid)
         if not segs:
             return None
-        hole = next((r for r in read_pruned(self.writer_dir(wid)) if r.start <= cursor.next_seq < r.end), None)
-        if hole is not None:
-            after = next(((first, p) for first, p in segs if first == hole.end), None)
-            if after is not None:  # entries below were pruned (retention): go on from the first kept one
-                pos = _Pos(after[1], 0, hole.end, hole.last_leaf)
+        pruned = read_pruned(self.writer_dir(wid))
+        hole = next((r for r in pruned if r.start <= cursor.next_seq < r.end), None)
+        after = next(((first, p) for first, p in segs if first > cursor.next_seq), None)
+        if hole is not None and after is not None:
+            # Entries from the cursor on were pruned (retention), possibly by several prunes whose
+            # ranges follow one another: go on from the first kept segment, with the last range's state.
+            run = pruned_run(pruned, hole.start, after[0])
+            if run:
+                pos = _Pos(after[1], 0, run[-1].end, run[-1].last_leaf)
                 self._pos[wid] = pos
                 return pos
         cands = [(first, p) for first, p in segs if first <= cursor.next_seq]
@@ -351,6 +357,35 @@ class PrunedRange:
         return cls(start, end, leaf, tuple(cr), tuple(segs), pid)
 
 
+def prune_event_ranges(detail: object) -> list[tuple[str, PrunedRange]]:
+    """The ranges a ``retention.pruned`` event's ``detail`` records, as ``(writer_id, range)``.
+
+    Its own ranges (``ranges``: segments as objects, ``prune_id`` from the event) and the earlier
+    ones it carries forward (``earlier_ranges``: :meth:`PrunedRange.to_json` plus ``writer_id``), so
+    the newest prune event still records a range whose first event was pruned since. A malformed
+    range is left out (it records nothing).
+    """
+    if not isinstance(detail, dict):
+        return []
+    out: list[tuple[str, PrunedRange]] = []
+    own, earlier = (detail.get(k) for k in ("ranges", "earlier_ranges"))
+    listed = [(r, False) for r in own] if isinstance(own, list) else []
+    listed += [(r, True) for r in earlier] if isinstance(earlier, list) else []
+    for r, carried in listed:
+        if not isinstance(r, dict) or not isinstance(r.get("writer_id"), str):
+            continue
+        obj = r
+        if not carried:
+            segs = r.get("segments")
+            names = [x.get("segment") for x in segs if isinstance(x, dict)] if isinstance(segs, list) else []
+            obj = dict(r, segments=[n for n in names if isinstance(n, str)], prune_id=detail.get("prune_id", ""))
+        try:
+            out.append((r["writer_id"], PrunedRange.from_json(obj)))
+        except ValueError:
+            continue
+    return out
+
+
 def read_pruned(writer_dir: Path, *, strict: bool = False) -> list[PrunedRange]:
     """A writer's pruned ranges, in order (malformed lines skipped, or ``ValueError`` when ``strict``)."""
     try:
@@ -367,6 +402,25 @@ def read_pruned(writer_dir: Path, *, strict: bool = False) -> list[PrunedRange]:
             if strict:
                 raise ValueError(f"{writer_dir.name}/{PRUNED_FILE} line {n + 1}: {exc}") from None
     return sorted(out, key=lambda r: r.start)
+
+
+def pruned_run(pruned: Sequence[PrunedRange], start: int, end: int) -> list[PrunedRange]:
+    """The pruned ranges that, one after the other, cover exactly ``[start, end)`` (``[]`` if none do).
+
+    A second prune usually removes the segments right after the first one's range, so two (or more)
+    ranges meet with no local segment between them: ``[0, a)``, ``[a, b)``, the first segment at
+    ``b``. Each range of the run starts where the previous one ends (the first at ``start``); the
+    state at ``end`` (compact range, last leaf) is the last one's. A hole anywhere gives ``[]``.
+    """
+    run: list[PrunedRange] = []
+    pos = start
+    while pos < end:
+        nxt = max((r for r in pruned if r.start == pos and r.end <= end), key=lambda r: r.end, default=None)
+        if nxt is None:
+            return []
+        run.append(nxt)
+        pos = nxt.end
+    return run
 
 
 def _read_from(path: Path, offset: int) -> bytes:
