@@ -11,6 +11,8 @@ the JSON file beside the log (``[retention] holds_file``) as a cache that must a
 (:func:`checked_holds`). A hold deleted from, altered in or added to the file without its event
 makes prune refuse, naming the hold. Each ``retention.pruned`` event carries the whole hold set it
 honoured, so a rescan of a chain whose hold events were themselves pruned still finds every hold.
+The same scan collects the pruned ranges the prune events record (:attr:`ChainHolds.pruned`), which
+the next prune event carries forward.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import orjson
 from vllm_audit._fs import replace_file
 from vllm_audit.config import Config
 from vllm_audit.errors import AuditError
-from vllm_audit.integrity.reader import ChainBreak, Cursor, LogReader
+from vllm_audit.integrity.reader import ChainBreak, Cursor, LogReader, PrunedRange, prune_event_ranges
 from vllm_audit.ship.config import state_dir
 
 
@@ -211,13 +213,24 @@ class ChainHolds:
     cursors: dict[str, Cursor]
     #: Where each hold was last stated (``writer:seq``), for messages.
     where: dict[str, str]
+    #: Every pruned range the chain's ``retention.pruned`` events record, by (writer id, start, end,
+    #: last leaf, compact range): a range repeated by later events is kept once.
+    pruned: dict[tuple[str, int, int, str, tuple[str, ...]], PrunedRange] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "holds": {k: h.to_json() for k, h in sorted(self.holds.items())},
             "cursors": {w: c.to_json() for w, c in sorted(self.cursors.items())},
             "where": dict(sorted(self.where.items())),
+            "pruned": [dict(r.to_json(), writer_id=w) for w, r in self.pruned_ranges()],
         }
+
+    def add_pruned(self, writer_id: str, rng: PrunedRange) -> None:
+        self.pruned.setdefault((writer_id, rng.start, rng.end, rng.last_leaf, rng.compact_range), rng)
+
+    def pruned_ranges(self) -> list[tuple[str, PrunedRange]]:
+        """``(writer_id, range)`` of every recorded pruned range, by writer and start."""
+        return [(k[0], r) for k, r in sorted(self.pruned.items(), key=lambda kv: kv[0][:3])]
 
     @classmethod
     def load(cls, path: Path) -> ChainHolds:
@@ -227,12 +240,17 @@ class ChainHolds:
             return cls({}, {}, {})
         except orjson.JSONDecodeError:
             raise HoldError(f"hold state {str(path)!r} is not valid JSON (delete it to rescan the chain)") from None
+        if isinstance(raw, dict) and "pruned" not in raw:  # written before pruned ranges were kept: rescan
+            return cls({}, {}, {})
         try:
-            return cls(
+            state = cls(
                 {k: _hold(v, str(path)) for k, v in raw["holds"].items()},
                 {w: Cursor.from_json(c) for w, c in raw["cursors"].items()},
                 {k: str(v) for k, v in raw["where"].items()},
             )
+            for r in raw["pruned"]:
+                state.add_pruned(str(r["writer_id"]), PrunedRange.from_json(r))
+            return state
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise HoldError(f"hold state {str(path)!r} is malformed ({exc}; delete it to rescan the chain)") from None
 
@@ -271,6 +289,8 @@ def chain_holds(config: Config, *, rescan: bool = False) -> ChainHolds:
                     state.where[h.hold_id] = e.key
                 elif PRUNE_EVENT in line:
                     detail = e.record().get("detail")
+                    for w, rng in prune_event_ranges(detail):
+                        state.add_pruned(w, rng)
                     listed = detail.get("holds", []) if isinstance(detail, dict) else []
                     for n, obj in enumerate(listed if isinstance(listed, list) else []):
                         h = _hold(obj, f"writer {wid} entry {e.seq} hold {n}")
