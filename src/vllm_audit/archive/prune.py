@@ -15,10 +15,14 @@ The newest segment of a writer is never removed. Consecutive removable segments 
 ``[start, end)``. Before deleting anything, one ``retention.pruned`` event is appended to the chain
 (signed by the next checkpoint): per range, the writer, the entries, each segment's SHA-256 and
 Merkle root, where its archive copy is (key and version), and the compact range of the writer's
-tree at ``end`` (from the last pruned segment's manifest). Then the range is added to
-``writers/<id>/pruned.jsonl`` and the segment and manifest files are unlinked. ``vllm-audit verify``
-goes on from ``end`` with that compact range — so every later signed root is still recomputed — and
-reports the range as pruned, not missing; a range no signed event records is reported.
+tree at ``end`` (from the last pruned segment's manifest). The event also carries forward every
+range the chain's earlier prune events record (``earlier_ranges``, of every writer), so the newest
+prune event records all pruned ranges, even once a later prune removed the segment that held an
+earlier event. Then the range is added to ``writers/<id>/pruned.jsonl`` and the segment and manifest
+files are unlinked. ``vllm-audit verify`` goes on from ``end`` with that compact range (across
+ranges that follow one another with no local segment between them) — so every later signed root is
+still recomputed — and reports the range as pruned, not missing; a range no signed event records is
+reported.
 """
 
 from __future__ import annotations
@@ -198,6 +202,7 @@ def execute(config: Config, decisions: list[Decision], *, reason: str = "", oper
                 ],
             }
         )
+    chain = chain_holds(config)  # what the chain's events state (up to each writer's durable position)
     detail = {
         "prune_id": prune_id,
         "operator": operator or getpass.getuser(),
@@ -205,8 +210,12 @@ def execute(config: Config, decisions: list[Decision], *, reason: str = "", oper
         "retention_days": config.retention.days,
         # Every hold known (active or released) when this ran: what was honoured, and what a
         # rescan still finds if the segments holding the hold events are pruned later.
-        "holds": [h.to_json() for h in sorted(chain_holds(config).holds.values(), key=lambda h: h.hold_id)],
+        "holds": [h.to_json() for h in sorted(chain.holds.values(), key=lambda h: h.hold_id)],
         "ranges": detail_ranges,
+        # Every range the chain's earlier prune events record (their own and what they carried):
+        # taken from the signed events, not from pruned.jsonl, so a line added to that file is
+        # never signed into the chain by a later prune.
+        "earlier_ranges": [dict(r.to_json(), writer_id=w) for w, r in chain.pruned_ranges()],
         "entries": sum(int(r["end"]) - int(r["start"]) for r in detail_ranges),
     }
     if not groups:
