@@ -509,8 +509,9 @@ class _WriterVerifier:
         ``first_seq``, ``last_seq``, ``count``, ``merkle_root`` and ``sha256`` as the manifest, then
         the file holds exactly the bytes the writer hashed for that event (the bytes of those
         entries, nothing else), so its SHA-256 is the recorded one: a second full pass over the
-        bytes would only repeat it. In every other case (a problem anywhere, no such event, an
-        event not yet signed, any field differing) the file is hashed and compared as before.
+        bytes would only repeat it. In every other case (a problem anywhere, an entry left over
+        out of order, no such event, an event not yet signed, any field differing) the file is
+        hashed and compared as before.
         """
         if not unhashed:
             return
@@ -529,6 +530,7 @@ class _WriterVerifier:
             recorded = sealed.get(path.name, [])
             implied = (
                 self._first_anomaly is None
+                and not self.stash
                 and bool(recorded)
                 and all(
                     seq < signed and all(detail.get(k) == m.get(k) for k in _SEALED_FIELDS) for seq, detail in recorded
