@@ -45,7 +45,7 @@ from vllm_audit.integrity.codec import ZERO as _ZERO
 from vllm_audit.integrity.codec import split_torn
 from vllm_audit.integrity.keys import VerifierKey, format_time_ms
 from vllm_audit.integrity.merkle import EMPTY_ROOT, decompose, decompose_starts
-from vllm_audit.integrity.reader import PrunedRange, list_segments, read_pruned
+from vllm_audit.integrity.reader import PrunedRange, list_segments, prune_event_ranges, pruned_run, read_pruned
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -235,18 +235,16 @@ def verify_log(
 
 
 def _check_prunes(writers: list[WriterResult], problems: list[Problem]) -> None:
-    """Every pruned range must be the one a signed ``retention.pruned`` event (in any chain) records."""
+    """Every pruned range must be one a signed ``retention.pruned`` event (in any chain) records: as
+    one of its own ranges, or as an earlier range it carries forward (the newest prune event lists
+    them all, so a range stays recorded after the segment holding its first event was pruned)."""
     recorded: set[tuple[str, int, int, str, tuple[str, ...]]] = set()
     for w in writers:
         for ev in w.notable_events:
-            if ev.get("event") != "retention.pruned" or not isinstance(ev.get("detail"), dict):
+            if ev.get("event") != "retention.pruned":
                 continue
-            for r in ev["detail"].get("ranges") or []:
-                try:
-                    cr = tuple(r["compact_range"])
-                    recorded.add((r["writer_id"], r["start"], r["end"], r["last_leaf"], cr))
-                except (KeyError, TypeError):
-                    continue
+            for wid, pr in prune_event_ranges(ev.get("detail")):
+                recorded.add((wid, pr.start, pr.end, pr.last_leaf, pr.compact_range))
     for w in writers:
         for r in w.pruned:
             key = (w.writer_id, r["start"], r["end"], r["last_leaf"], tuple(r["compact_range"]))
@@ -551,15 +549,17 @@ class _WriterVerifier:
                 self._manifest_differs(path.name, start, end, ["sha256"])
 
     def _skip_pruned(self, first: int) -> None:
-        """Jump over a pruned range that ends where this segment starts (state from the range)."""
-        for r in self.pruned:
-            if r.start == self.e and r.end == first and not self.stash:
-                self.e = r.end
-                self.last = r.last_leaf.encode()
-                self.stack[:] = [bytes.fromhex(h) for h in r.compact_range]
-                self.recent[r.end - 1] = self.last
-                self.after_gap = False
-                self._check_root(r.end)
+        """Jump over the pruned ranges that, one after the other, lead from here to where this segment
+        starts (state from each range in turn, so a signed root at a boundary between two is checked)."""
+        if self.stash:
+            return
+        for r in pruned_run(self.pruned, self.e, first):
+            self.e = r.end
+            self.last = r.last_leaf.encode()
+            self.stack[:] = [bytes.fromhex(h) for h in r.compact_range]
+            self.recent[r.end - 1] = self.last
+            self.after_gap = False
+            self._check_root(r.end)
 
     def _fast_scans(
         self, segments: list[tuple[int, Path]], tree_sizes: set[int]
