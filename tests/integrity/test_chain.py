@@ -325,12 +325,6 @@ def test_a_writer_resumed_after_two_prunes_continues_its_chain(tmp_path: Path) -
     assert (cp.size, cp.root) == (tree.size, tree.root())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="integrity/verify.py _skip_pruned (and LogReader) only jump a single pruned range that ends exactly "
-    "where a local segment starts: two adjacent ranges (every second prune) are reported as segment_missing. "
-    "Not chain.py's; reported to the lead.",
-)
 def test_verify_after_two_adjacent_prunes(tmp_path: Path) -> None:
     config, cfg = _prunable_log(tmp_path)
     _prune(config, keep_sealed=1)
