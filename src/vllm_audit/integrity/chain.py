@@ -810,6 +810,14 @@ class Chain:
     def close(self) -> None:
         """Record the stop, sign a final checkpoint, release the files and the lock."""
         try:
+            if self._fd >= 0 and self._broken:
+                # The last write failed part-way and no append came after it to recover: cut the
+                # partial entry back now (quarantined, named by a recovery event), so a stopped
+                # log verifies without waiting for the next start to do it.
+                try:
+                    self._recover_from_write_error()
+                except LogWriteError as exc:
+                    log.warning("audit chain %s: %s; the next start quarantines the partial entry", self.writer_id, exc)
             if self._fd >= 0 and not self._broken:
                 self._event("writer_stopped")
                 self._flush_pending()
