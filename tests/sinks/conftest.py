@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_audit.integrity.chain import Chain
+from vllm_audit.integrity.codec import Entry
 from vllm_audit.integrity.config import IntegrityConfig
+from vllm_audit.integrity.reader import Cursor, LogReader
 
 logging.getLogger("vllm_audit.integrity").setLevel(logging.ERROR)  # the auto-key warning
 
@@ -316,3 +318,15 @@ def noida_binary() -> str | None:
 
     found = sorted(glob.glob(str(NOIDA_VENV / "lib/python3*/site-packages/noida_db/noida-db")))
     return found[0] if found else None
+
+
+def entries_by_leaf(log_dir: Path) -> dict[str, Entry]:
+    """Every entry of every writer in ``log_dir``, by leaf hash (through the one ``LogReader``)."""
+    reader = LogReader(log_dir)
+    out: dict[str, Entry] = {}
+    for wid in reader.writer_ids():
+        cur = Cursor(wid)
+        while batch := reader.read(cur, 5000):
+            out.update((e.leaf_hex, e) for e in batch)
+            cur = cur.after(batch[-1])
+    return out

@@ -31,6 +31,7 @@ from tests.sinks.conftest import (
     LiveLog,
     ServerProcess,
     build_sinks,
+    entries_by_leaf,
     gateway_outage,
     inference,
     noida_binary,
@@ -38,7 +39,6 @@ from tests.sinks.conftest import (
 )
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import Entry
-from vllm_audit.integrity.reader import Cursor, LogReader
 from vllm_audit.ship.config import ShipConfig
 from vllm_audit.ship.runner import Runner
 from vllm_audit.sinks._http import TransientError
@@ -119,14 +119,7 @@ def _drain(tmp_path: Path, sink: ElasticSink) -> Runner:
 
 
 def _entries(tmp_path: Path) -> dict[str, Entry]:
-    reader = LogReader(tmp_path / "log")
-    out: dict[str, Entry] = {}
-    for wid in reader.writer_ids():
-        cur = Cursor(wid)
-        while batch := reader.read(cur, 5000):
-            out.update((e.leaf_hex, e) for e in batch)
-            cur = cur.after(batch[-1])
-    return out
+    return entries_by_leaf(tmp_path / "log")
 
 
 def _check(docs: list[dict[str, Any]], tmp_path: Path, missing: frozenset[int] = frozenset()) -> None:

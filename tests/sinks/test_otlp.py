@@ -28,10 +28,9 @@ import orjson
 import pytest
 
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, gateway_outage, inference, shipper_argv
+from tests.sinks.conftest import LiveLog, build_sinks, entries_by_leaf, gateway_outage, inference, shipper_argv
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import Entry, leaf_hash
-from vllm_audit.integrity.reader import Cursor, LogReader
 from vllm_audit.ship.config import ShipConfig
 from vllm_audit.ship.runner import Runner
 from vllm_audit.sinks import otel
@@ -140,14 +139,7 @@ def _drain(tmp_path: Path, sink: OtlpSink) -> Runner:
 
 
 def _entries(tmp_path: Path) -> dict[str, Entry]:
-    reader = LogReader(tmp_path / "log")
-    out: dict[str, Entry] = {}
-    for wid in reader.writer_ids():
-        cur = Cursor(wid)
-        while batch := reader.read(cur, 5000):
-            out.update((e.leaf_hex, e) for e in batch)
-            cur = cur.after(batch[-1])
-    return out
+    return entries_by_leaf(tmp_path / "log")
 
 
 def _check(records: list[dict[str, Any]], tmp_path: Path, missing: frozenset[int] = frozenset()) -> int:
