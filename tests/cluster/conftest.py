@@ -4,6 +4,7 @@ forwarder (to reach a host-only service, PostgreSQL on 127.0.0.1, across one of 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.collect.conftest import pg_prefix
+from tests.collect.conftest import pg_prefix, pg_rows
 from tests.conftest import need_service
 
-__all__ = ["IP", "Netns", "TcpForward", "netns", "pg_prefix"]
+__all__ = ["IP", "Netns", "TcpForward", "netns", "pg_prefix", "stop_collector", "stored", "stream_pending"]
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
@@ -155,3 +156,42 @@ class TcpForward:
                 s.close()
             except OSError:
                 pass
+
+
+def stored(prefix: str) -> dict[str, int]:
+    """request id → rows in the central store ({} until the collector has created its tables)."""
+    import psycopg
+
+    try:
+        rows = pg_rows(prefix, "SELECT request_id, count(*) FROM {p}_records GROUP BY request_id")
+    except psycopg.errors.UndefinedTable:
+        return {}
+    return {str(r): int(n) for r, n in rows}
+
+
+def stream_pending(url: str, stream: str) -> int:
+    """Messages of ``stream`` the collector's consumer has not had acknowledged yet (-1: no consumer)."""
+    import nats
+
+    async def go() -> int:
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().consumer_info(stream, "collect")
+            return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        except Exception:
+            return -1
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def stop_collector(collector: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a collector process still running, SIGKILL it after 20 s."""
+    if collector is not None and collector.poll() is None:
+        collector.terminate()
+        try:
+            collector.wait(20)
+        except subprocess.TimeoutExpired:
+            collector.kill()
+            collector.wait()

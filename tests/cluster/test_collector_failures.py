@@ -18,7 +18,6 @@ every entry the replica wrote, the consumer has nothing pending, and no alert wa
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.cluster.conftest import Netns, TcpForward
+from tests.cluster.conftest import Netns, TcpForward, stop_collector, stored, stream_pending
 from tests.cluster.test_cluster import Replica, load
 from tests.collect.conftest import NATS_BINARY, NatsServer, collect_toml, pg_rows, wait_until
 from tests.conftest import need_service
@@ -108,41 +107,9 @@ def setup(tmp_path: Path, netns: Netns, pg_prefix: str) -> Iterator[Setup]:
         netns.heal()
         netns.heal_client()
         replica.kill()
-        if collector is not None and collector.poll() is None:
-            collector.terminate()
-            try:
-                collector.wait(20)
-            except subprocess.TimeoutExpired:
-                collector.kill()
-                collector.wait()
+        stop_collector(collector)
         forward.close()
         nats.stop()
-
-
-def stored(prefix: str) -> dict[str, int]:
-    import psycopg
-
-    try:
-        rows = pg_rows(prefix, "SELECT request_id, count(*) FROM {p}_records GROUP BY request_id")
-    except psycopg.errors.UndefinedTable:
-        return {}
-    return {str(r): int(n) for r, n in rows}
-
-
-def stream_pending(url: str) -> int:
-    import nats
-
-    async def go() -> int:
-        nc = await nats.connect(url)
-        try:
-            info = await nc.jetstream().consumer_info(STREAM, "collect")
-            return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
-        except Exception:
-            return -1
-        finally:
-            await nc.close()
-
-    return asyncio.run(go())
 
 
 def collector_stats(path: Path) -> dict[str, int]:
@@ -208,7 +175,7 @@ def test_collector_partitioned_from_postgresql_then_nats_under_load(setup: Setup
     with Load(s.replica.base) as calls:
         wait_until(lambda: len(stored(pg_prefix)) >= 50, "the first calls in the central store", 60, 0.2)
         pg_answered, pg_rows_during = cut("PostgreSQL", netns.partition, netns.heal, s, calls, pg_prefix)
-        wait_until(lambda: 0 <= stream_pending(s.nats.url) <= 200, "the collector catching up", 120, 0.2)
+        wait_until(lambda: 0 <= stream_pending(s.nats.url, STREAM) <= 200, "the collector catching up", 120, 0.2)
         nats_answered, nats_rows_during = cut("NATS", netns.cut_client, netns.heal_client, s, calls, pg_prefix)
     answered = calls.answered()
     reader = LogReader(s.replica.log_dir, limit="all")
@@ -221,7 +188,7 @@ def test_collector_partitioned_from_postgresql_then_nats_under_load(setup: Setup
     # Settle (the counts below say what did not, if anything).
     for cond, what in (
         (lambda: answered <= set(stored(pg_prefix)), "every answered call stored after the heal"),
-        (lambda: stream_pending(s.nats.url) == 0, "the consumer acknowledging everything"),
+        (lambda: stream_pending(s.nats.url, STREAM) == 0, "the consumer acknowledging everything"),
         (chain_at_end, "the chain row at the replica's last entry"),
     ):
         try:
@@ -244,4 +211,4 @@ def test_collector_partitioned_from_postgresql_then_nats_under_load(setup: Setup
     assert pg_rows_during == 0
     assert not missing and not duplicated
     assert [] == alerts
-    assert chain_at_end() and stream_pending(s.nats.url) == 0
+    assert chain_at_end() and stream_pending(s.nats.url, STREAM) == 0

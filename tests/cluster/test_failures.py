@@ -10,7 +10,6 @@ refused connection). Everything is removed in a finalizer.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from unittest.mock import ANY
 import orjson
 import pytest
 
-from tests.cluster.conftest import Netns
+from tests.cluster.conftest import Netns, stop_collector, stored, stream_pending
 from tests.cluster.test_cluster import Replica, load
 from tests.collect.conftest import NATS_BINARY, NatsServer, collect_toml, pg_rows, wait_until
 from tests.conftest import need_service
@@ -86,42 +85,8 @@ def setup(tmp_path: Path, netns: Netns, pg_prefix: str) -> Iterator[Setup]:
         yield Setup(root, nats, replica, collector, ccfg)
     finally:
         replica.kill()
-        if collector is not None and collector.poll() is None:
-            collector.terminate()
-            try:
-                collector.wait(20)
-            except subprocess.TimeoutExpired:
-                collector.kill()
-                collector.wait()
+        stop_collector(collector)
         nats.stop()
-
-
-def stored(prefix: str) -> dict[str, int]:
-    """request id → rows in the central store ({} until the collector has created its tables)."""
-    import psycopg
-
-    try:
-        rows = pg_rows(prefix, "SELECT request_id, count(*) FROM {p}_records GROUP BY request_id")
-    except psycopg.errors.UndefinedTable:
-        return {}
-    return {str(r): int(n) for r, n in rows}
-
-
-def stream_pending(url: str) -> int:
-    """Messages of the stream the collector's consumer has not had acknowledged yet (-1: no consumer)."""
-    import nats
-
-    async def go() -> int:
-        nc = await nats.connect(url)
-        try:
-            info = await nc.jetstream().consumer_info(STREAM, "collect")
-            return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
-        except Exception:
-            return -1
-        finally:
-            await nc.close()
-
-    return asyncio.run(go())
 
 
 def test_partitioned_replica_keeps_serving_and_catches_up(setup: Setup, netns: Netns, pg_prefix: str) -> None:
@@ -176,7 +141,7 @@ def test_lost_disk_is_reported_as_a_writer_seq_range(setup: Setup, netns: Netns,
     local = {e.seq: e.line for e in reader.entries(wid)}
     shutil.rmtree(setup.replica.log_dir)
     # The link stays down: the dead process's unsent bytes stay in the namespace's kernel.
-    wait_until(lambda: stream_pending(setup.nats.url) == 0, "the collector took all the stream holds", 60, 0.2)
+    wait_until(lambda: stream_pending(setup.nats.url, STREAM) == 0, "the collector took all the stream holds", 60, 0.2)
     rep = subprocess.run(
         [sys.executable, "-m", "vllm_audit.cli", "collect", "--config", str(setup.config), "--report", "--json"],
         capture_output=True,
@@ -250,7 +215,7 @@ def test_replica_restarted_on_an_empty_disk_is_a_new_chain(setup: Setup, netns: 
     reader = LogReader(replica.log_dir, limit="all")
     [new] = reader.writer_ids()
     new_last = max(e.seq for e in reader.entries(new))
-    wait_until(lambda: stream_pending(setup.nats.url) == 0, "the collector took all the stream holds", 60, 0.2)
+    wait_until(lambda: stream_pending(setup.nats.url, STREAM) == 0, "the collector took all the stream holds", 60, 0.2)
     rep = subprocess.run(
         [sys.executable, "-m", "vllm_audit.cli", "collect", "--config", str(setup.config), "--report", "--json"],
         capture_output=True,
