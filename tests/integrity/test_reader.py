@@ -144,3 +144,33 @@ def test_torn_tail_is_never_returned(tmp_path: Path, key: Path) -> None:
     assert [e.seq for e in entries] == list(range(chain.next_seq))
     assert entries[0].prev == ZERO_HASH and entries[1].prev == leaf_hash(entries[0].line).hex()
     chain.close()
+
+
+@pytest.mark.parametrize("limit", [64, 333, 0])
+def test_a_read_limit_that_cuts_a_line_neither_loses_nor_tears_entries(
+    tmp_path: Path, key: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """Reads stop at a byte limit (not the rest of the segment); a line cut there is read next, not
+    torn, and a read that ends exactly on a line boundary goes on in the same segment (limit 0:
+    three whole lines of the first segment)."""
+    import vllm_audit.integrity.reader as reader_mod
+
+    chain = _chain(tmp_path / "log", key)
+    _append(chain, 0, 120)
+    if limit == 0:
+        limit = sum(len(line) for line in segments(tmp_path / "log")[0].read_bytes().splitlines(keepends=True)[:3])
+    monkeypatch.setattr(reader_mod, "_READ_MIN", limit)
+    monkeypatch.setattr(reader_mod, "_READ_MAX", limit)
+    reader = LogReader(tmp_path / "log")
+    (wid,) = reader.writer_ids()
+    assert len(reader.segments(wid)) > 3  # sealed segments: a torn one would be skipped over
+    for batch in (1, 7, 1000):
+        seqs, cur = _drain(LogReader(tmp_path / "log"), Cursor(wid), batch)
+        assert seqs == list(range(chain.next_seq))
+        assert cur.last_leaf == chain.last_hash
+    # A fresh reader resuming in the middle of a segment skips the entries before its cursor.
+    entries = list(LogReader(tmp_path / "log").entries(wid))
+    mid = entries[len(entries) // 2]
+    seqs, _ = _drain(LogReader(tmp_path / "log"), Cursor(wid).after(mid), 1000)
+    assert seqs == list(range(mid.seq + 1, chain.next_seq))
+    chain.close()

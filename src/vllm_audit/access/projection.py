@@ -63,7 +63,7 @@ class QueryStoreProjection(Projection):
         for e in entries:
             if e.record_type != "inference":
                 continue
-            rows.append(row_from_entry(e.record()))
+            rows.append(row_from_entry(e.record(), e.line))
             by_seq[e.seq] = e
         last = entries[-1]
         clashes = self.store.apply(rows, Cursor(writer_id, last.seq + 1, last.leaf_hex))

@@ -200,9 +200,17 @@ class LogReader:
         expect, last = pos.next_seq, pos.last_leaf
         while len(out) < max_entries and idx < len(segs):
             first, path = segs[idx]
-            data = _read_from(path, pos.offset if path == pos.path else 0)
-            good, _torn = codec.split_torn(data)
             offset = pos.offset if path == pos.path else 0
+            # Read what this call can use, not the rest of the segment: a reader catching up
+            # would otherwise cut the same megabytes into lines once per batch.
+            want = min(_READ_MAX, max(_READ_MIN, (max_entries - len(out)) * 4096))
+            while True:
+                data = _read_from(path, offset, want)
+                good, _torn = codec.split_torn(data)
+                more = len(data) == want  # stopped at the limit: what follows is unread, not torn
+                if good or not more:
+                    break
+                want *= 2  # a line longer than the limit
             for line in codec.split_lines(good):
                 offset += len(line) + 1
                 try:
@@ -224,6 +232,9 @@ class LogReader:
                     break
             if len(out) >= max_entries:
                 break
+            if more:  # the rest of this segment, from where these lines ended
+                pos = self._pos[wid]
+                continue
             # At the end of this segment's complete lines: move on only when a later segment exists.
             if idx + 1 < len(segs):
                 nxt_first, nxt_path = segs[idx + 1]
@@ -423,11 +434,15 @@ def pruned_run(pruned: Sequence[PrunedRange], start: int, end: int) -> list[Prun
     return run
 
 
-def _read_from(path: Path, offset: int) -> bytes:
+_READ_MIN = 64 * 1024
+_READ_MAX = 4 * 1024 * 1024
+
+
+def _read_from(path: Path, offset: int, size: int = -1) -> bytes:
     with open(path, "rb") as f:
         if offset:
             f.seek(offset)
-        return f.read()
+        return f.read(size)
 
 
 def list_segments(d: Path) -> list[tuple[int, Path]]:
