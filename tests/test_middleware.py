@@ -605,6 +605,71 @@ async def test_strict_stream_gets_no_done_when_its_record_is_not_durable(tmp_pat
     )
 
 
+def coalesced(inner: Any) -> Any:
+    """All of a stream's body arrives as one chunk (a fast upstream, or TCP coalescing for a slow
+    reader), then an empty final message: as the proxy hands on what one read returned."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        parts: list[bytes] = []
+
+        async def collect(message: Message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await inner(scope, receive, collect)
+
+    return app
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+async def test_strict_coalesced_stream_sends_its_tokens_now_and_holds_only_the_terminator(
+    tmp_path: Path, crlf: bool
+) -> None:
+    """A stream that arrives in one chunk: its tokens reach the client while the record is not yet
+    durable (time to first token is not the fsync's), the terminator only once it is."""
+    from vllm_audit.writer import AuditWriter
+
+    inner: Any = DemoEngine()
+    if crlf:
+        plain = inner
+
+        async def crlf_app(scope: Scope, receive: Receive, send: Send) -> None:
+            async def to_crlf(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    message = {**message, "body": message.get("body", b"").replace(b"\n\n", b"\r\n\r\n")}
+                await send(message)
+
+            await plain(scope, receive, to_crlf)
+
+        inner = crlf_app
+    # CRLF framing with the usage request off: the usage stripper splits events on LF LF only.
+    edge = {"inject_stream_usage": False} if crlf else {}
+    cfg = make_config(tmp_path, log={"durable_timeout_s": 60, "heavy_record_bytes": 0}, edge=edge)
+    gate = Gate(cfg)
+    writer = AuditWriter(cfg, redactor=gate)
+    writer.start()
+    mw = AuditMiddleware(coalesced(inner), cfg, writer=writer)
+    client = Client(orjson.dumps({**CHAT, "stream": True}))
+    task = asyncio.create_task(mw(http_scope("/v1/chat/completions", client.body), client.receive, client.send))
+    try:
+        assert await asyncio.to_thread(gate.entered.wait, 30)  # the writer holds the record: not durable
+        assert b'"content":"You"' in client.content
+        assert b"[DONE]" not in client.content
+        gate.open.set()
+        await asyncio.wait_for(task, 30)
+    finally:
+        gate.open.set()
+        writer.stop()
+    assert client.content.endswith(b"data: [DONE]\r\n\r\n" if crlf else b"data: [DONE]\n\n")
+    (rec,) = read_records(tmp_path / "log")
+    assert "You" in (rec["output_response"] or "") and [] == delivery_events(tmp_path / "log")
+
+
 async def test_strict_body_with_content_length_holds_its_last_bytes(tmp_path: Path) -> None:
     """A response with a content-length sent in pieces: the piece that completes it waits too."""
 

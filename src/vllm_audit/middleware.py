@@ -368,8 +368,11 @@ class AuditMiddleware:
                                 return
                             message = {"type": "http.response.body", "body": chunk, "more_body": True}
                         if completes is not None and completes(chunk):
-                            tail.append(chunk)
-                            return
+                            cut = _terminator_at(chunk) if completes is _sse_end else 0
+                            tail.append(chunk[cut:] if cut else chunk)
+                            if not cut:
+                                return
+                            message = {"type": "http.response.body", "body": chunk[:cut], "more_body": True}
                     await send(message)
                     return
                 await slow_body(message, chunk, more)
@@ -422,8 +425,11 @@ class AuditMiddleware:
                 await finish(last)
                 return
             if out and (tail or (completes is not None and completes(out))):
-                tail.append(out)
-                out = b""
+                # Only the terminator waits: the events before it in the same chunk (a fast or
+                # coalesced stream) go now, as they would have had they arrived one by one.
+                cut = _terminator_at(out) if not tail and completes is _sse_end else 0
+                tail.append(out[cut:] if cut else out)
+                out = out[:cut]
             pending_start, held_start = held_start, None
             if pending_start is not None:
                 await send(pending_start)
@@ -691,6 +697,13 @@ class _DeliveryFailed(Exception):
 def _sse_end(chunk: bytes) -> bool:
     """The chunk ends with the OpenAI stream terminator ``data: [DONE]``."""
     return chunk.endswith((b"[DONE]\n\n", b"[DONE]\r\n\r\n"))
+
+
+def _terminator_at(chunk: bytes) -> int:
+    """Where the final event of a chunk that :func:`_sse_end` accepts starts (0: it is all of it)."""
+    end = len(chunk) - (4 if chunk.endswith(b"\r\n\r\n") else 2)
+    lf, crlf = chunk.rfind(b"\n\n", 0, end), chunk.rfind(b"\r\n\r\n", 0, end)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _responses_end(chunk: bytes) -> bool:
