@@ -510,18 +510,20 @@ _USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":1,"total_tokens":2},"sys
     usage=st.booleans(),
     tail=st.lists(_SSE_EVENTS, max_size=3),
     cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+    sep=st.sampled_from([b"\n\n", b"\r\n\r\n"]),
 )
 def test_usage_stripper_output_does_not_depend_on_how_the_stream_was_chunked(
-    head: list[bytes], usage: bool, tail: list[bytes], cuts: list[int]
+    head: list[bytes], usage: bool, tail: list[bytes], cuts: list[int], sep: bytes
 ) -> None:
     """The same stream fed one event per message (as vLLM sends it) and coalesced into arbitrary
-    chunks (as a fast upstream's bytes arrive): the client gets the same bytes either way."""
+    chunks (as a fast upstream's bytes arrive): the client gets the same bytes either way, with
+    LF LF or CR LF CR LF between events."""
     from vllm_audit.middleware import _UsageStripper
 
     events = [*head, *([_USAGE] if usage else []), *tail, b"data: [DONE]"]
-    stream = b"".join(e + b"\n\n" for e in events)
+    stream = b"".join(e + sep for e in events)
     one = _UsageStripper()
-    expected = b"".join(one.feed(e + b"\n\n") for e in events) + one.flush()
+    expected = b"".join(one.feed(e + sep) for e in events) + one.flush()
     coalesced = _UsageStripper()
     bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
     got = b"".join(coalesced.feed(stream[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a)
@@ -529,6 +531,24 @@ def test_usage_stripper_output_does_not_depend_on_how_the_stream_was_chunked(
     assert one.captured == coalesced.captured
     if usage:
         assert b'"choices":[]' not in got
+
+
+def test_usage_stripper_passes_crlf_framed_events_on_as_they_come() -> None:
+    """CR LF CR LF framing (allowed by SSE): each event is passed on when it arrives, not held
+    until the stream ends, and the usage event we asked for is removed with its boundary."""
+    from vllm_audit.middleware import _UsageStripper
+
+    s = _UsageStripper()
+    content = b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\r\n\r\n'
+    assert s.feed(content) == content
+    assert s.feed(content) == content
+    finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\r\n\r\n'
+    assert s.feed(finish) == b""  # waits for the usage event (its fingerprint goes back on it)
+    released = s.feed(_USAGE + b"\r\n\r\n")
+    assert released == finish[:-5] + b',"system_fingerprint":"fp"}\r\n\r\n'
+    assert s.captured == _USAGE
+    assert s.feed(b"data: [DONE]\r\n\r\n") == b"data: [DONE]\r\n\r\n"
+    assert s.flush() == b""
 
 
 # -- issue 15 -------------------------------------------------------------------------------------
@@ -647,9 +667,7 @@ async def test_strict_coalesced_stream_sends_its_tokens_now_and_holds_only_the_t
             await plain(scope, receive, to_crlf)
 
         inner = crlf_app
-    # CRLF framing with the usage request off: the usage stripper splits events on LF LF only.
-    edge = {"inject_stream_usage": False} if crlf else {}
-    cfg = make_config(tmp_path, log={"durable_timeout_s": 60, "heavy_record_bytes": 0}, edge=edge)
+    cfg = make_config(tmp_path, log={"durable_timeout_s": 60, "heavy_record_bytes": 0})
     gate = Gate(cfg)
     writer = AuditWriter(cfg, redactor=gate)
     writer.start()

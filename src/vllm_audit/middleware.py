@@ -746,18 +746,23 @@ class _UsageStripper:
     choice's own events keep their order).
     """
 
-    __slots__ = ("captured", "carry", "held")
+    __slots__ = ("captured", "carry", "held", "sep")
 
     def __init__(self) -> None:
         self.carry = b""
         self.captured: bytes | None = None
         self.held: list[bytes] = []
+        #: The stream's event boundary, LF LF (vLLM, OpenAI) or CR LF CR LF (also SSE), learnt
+        #: from the first boundary seen; None until then.
+        self.sep: bytes | None = None
 
     def needs(self, chunk: bytes) -> bool:
         """Whether ``chunk`` must go through :meth:`feed` (the hot path skips it otherwise)."""
+        sep = self.sep
         return bool(
-            self.carry
-            or not chunk.endswith(b"\n\n")
+            sep is None
+            or self.carry
+            or not chunk.endswith(sep)
             or b'"usage"' in chunk
             or (self.captured is None and b'"finish_reason":"' in chunk)
             or (self.held and b"[DONE]" in chunk)
@@ -766,16 +771,22 @@ class _UsageStripper:
     def feed(self, chunk: bytes) -> bytes:
         data = self.carry + chunk if self.carry else chunk
         self.carry = b""
-        if not self.needs(data):
+        sep = self.sep
+        if sep is None:
+            lf, crlf = data.find(b"\n\n"), data.find(b"\r\n\r\n")
+            if lf >= 0 or crlf >= 0:
+                sep = self.sep = b"\r\n\r\n" if crlf >= 0 and (lf < 0 or crlf < lf) else b"\n\n"
+        elif not self.needs(data):
             return data
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
+        cut = data.rfind(sep) if sep is not None else -1
+        if sep is None or cut < 0:
             if len(data) > 1 << 20:  # not SSE framing we understand: stop holding anything
                 return self._release(None) + data
             self.carry = data
             return b""
-        head = data[: cut + 2]
-        self.carry = data[cut + 2 :]
+        n = len(sep)
+        head = data[: cut + n]
+        self.carry = data[cut + n :]
         out = []
         # The events before the first one that may need handling pass on as one slice (a stream
         # that arrives coalesced, many events per read, is not split and re-joined event by event);
@@ -787,14 +798,14 @@ class _UsageStripper:
                 if i >= 0:
                     lead = i
             if lead < len(head):
-                end = head.rfind(b"\n\n", 0, lead)  # the boundary before that event, if any
-                lead = end + 2 if end >= 0 else 0
-        if lead and (head.startswith(b"\n\n") or head.find(b"\n\n\n", 0, lead + 1) >= 0):
+                end = head.rfind(sep, 0, lead)  # the boundary before that event, if any
+                lead = end + n if end >= 0 else 0
+        if lead and (head.startswith(sep) or head.find(sep + sep[: n // 2], 0, lead + n // 2) >= 0):
             lead = 0
         if lead:
             out.append(head if lead == len(head) else head[:lead])
             head = head[lead:]
-        for event in head.split(b"\n\n"):
+        for event in head.split(sep):
             if not event:
                 continue
             if self.captured is None and b'"usage"' in event and _usage_only(event):
@@ -807,13 +818,14 @@ class _UsageStripper:
                 self.held.append(event)
                 continue
             out.append(event)
-            out.append(b"\n\n")
+            out.append(sep)
         return b"".join(out)
 
     def _release(self, fingerprint: str | None) -> bytes:
         if not self.held:
             return b""
         out = []
+        sep = self.sep or b"\n\n"
         patch = b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}" if fingerprint else None
         for event in self.held:
             if (
@@ -824,7 +836,7 @@ class _UsageStripper:
             ):
                 event = event[:-1] + patch
             out.append(event)
-            out.append(b"\n\n")
+            out.append(sep)
         self.held = []
         return b"".join(out)
 
