@@ -646,16 +646,16 @@ def coalesced(inner: Any) -> Any:
     return app
 
 
-@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("kind", ["chat", "chat-crlf", "responses"])
 async def test_strict_coalesced_stream_sends_its_tokens_now_and_holds_only_the_terminator(
-    tmp_path: Path, crlf: bool
+    tmp_path: Path, kind: str
 ) -> None:
     """A stream that arrives in one chunk: its tokens reach the client while the record is not yet
-    durable (time to first token is not the fsync's), the terminator only once it is."""
+    durable (time to first token is not the fsync's), the terminating event only once it is."""
     from vllm_audit.writer import AuditWriter
 
     inner: Any = DemoEngine()
-    if crlf:
+    if kind == "chat-crlf":
         plain = inner
 
         async def crlf_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -672,18 +672,24 @@ async def test_strict_coalesced_stream_sends_its_tokens_now_and_holds_only_the_t
     writer = AuditWriter(cfg, redactor=gate)
     writer.start()
     mw = AuditMiddleware(coalesced(inner), cfg, writer=writer)
-    client = Client(orjson.dumps({**CHAT, "stream": True}))
-    task = asyncio.create_task(mw(http_scope("/v1/chat/completions", client.body), client.receive, client.send))
+    payload: dict[str, Any]
+    if kind == "responses":
+        path, payload = "/v1/responses", {"model": "demo-model", "input": "hi"}
+        token, end = b'"delta":"You"', b"response.completed"
+    else:
+        path, payload, token, end = "/v1/chat/completions", CHAT, b'"content":"You"', b"[DONE]"
+    client = Client(orjson.dumps({**payload, "stream": True}))
+    task = asyncio.create_task(mw(http_scope(path, client.body), client.receive, client.send))
     try:
         assert await asyncio.to_thread(gate.entered.wait, 30)  # the writer holds the record: not durable
-        assert b'"content":"You"' in client.content
-        assert b"[DONE]" not in client.content
+        assert token in client.content
+        assert end not in client.content
         gate.open.set()
         await asyncio.wait_for(task, 30)
     finally:
         gate.open.set()
         writer.stop()
-    assert client.content.endswith(b"data: [DONE]\r\n\r\n" if crlf else b"data: [DONE]\n\n")
+    assert end in client.content.rsplit(b"\n\n" if kind != "chat-crlf" else b"\r\n\r\n", 2)[-2]
     (rec,) = read_records(tmp_path / "log")
     assert "You" in (rec["output_response"] or "") and [] == delivery_events(tmp_path / "log")
 

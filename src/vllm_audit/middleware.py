@@ -368,7 +368,7 @@ class AuditMiddleware:
                                 return
                             message = {"type": "http.response.body", "body": chunk, "more_body": True}
                         if completes is not None and completes(chunk):
-                            cut = _terminator_at(chunk) if completes is _sse_end else 0
+                            cut = _terminator_at(chunk) if completes is _sse_end or completes is _responses_end else 0
                             tail.append(chunk[cut:] if cut else chunk)
                             if not cut:
                                 return
@@ -427,7 +427,7 @@ class AuditMiddleware:
             if out and (tail or (completes is not None and completes(out))):
                 # Only the terminator waits: the events before it in the same chunk (a fast or
                 # coalesced stream) go now, as they would have had they arrived one by one.
-                cut = _terminator_at(out) if not tail and completes is _sse_end else 0
+                cut = _terminator_at(out) if not tail and (completes is _sse_end or completes is _responses_end) else 0
                 tail.append(out[cut:] if cut else out)
                 out = out[:cut]
             pending_start, held_start = held_start, None
@@ -700,20 +700,26 @@ def _sse_end(chunk: bytes) -> bool:
 
 
 def _terminator_at(chunk: bytes) -> int:
-    """Where the final event of a chunk that :func:`_sse_end` accepts starts (0: it is all of it)."""
-    end = len(chunk) - (4 if chunk.endswith(b"\r\n\r\n") else 2)
-    lf, crlf = chunk.rfind(b"\n\n", 0, end), chunk.rfind(b"\r\n\r\n", 0, end)
+    """Where the event that completes a stream starts in ``chunk`` (0: at its start), for a chunk
+    :func:`_sse_end` or :func:`_responses_end` accepts: the first terminal event of a
+    ``/v1/responses`` stream, else the final event (``data: [DONE]``)."""
+    at = -1
+    for marker in _RESPONSES_END:
+        i = chunk.find(marker)
+        if i >= 0 and (at < 0 or i < at):
+            at = i
+    if at < 0:
+        at = len(chunk) - (4 if chunk.endswith(b"\r\n\r\n") else 2)
+    lf, crlf = chunk.rfind(b"\n\n", 0, at), chunk.rfind(b"\r\n\r\n", 0, at)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+_RESPONSES_END = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
 def _responses_end(chunk: bytes) -> bool:
     """A /v1/responses stream's terminal event (it sends no ``[DONE]``)."""
-    return (
-        b"response.completed" in chunk
-        or b"response.incomplete" in chunk
-        or b"response.failed" in chunk
-        or _sse_end(chunk)
-    )
+    return any(marker in chunk for marker in _RESPONSES_END) or _sse_end(chunk)
 
 
 def _length_reached(ex: Exchange, length: int) -> Callable[[bytes], bool]:
