@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vllm_audit.integrity.chain import Chain
 from vllm_audit.integrity.codec import Entry
 from vllm_audit.integrity.config import IntegrityConfig
 from vllm_audit.integrity.reader import Cursor, LogReader
+from vllm_audit.ship.config import ShipConfig
+from vllm_audit.ship.runner import Runner
 
 logging.getLogger("vllm_audit.integrity").setLevel(logging.ERROR)  # the auto-key warning
 
@@ -93,6 +95,26 @@ def build_sinks(log_dir: Path, state_dir: Path, tables: dict[str, dict[str, Any]
 
     env = SinkEnv(log_dir=log_dir, state_dir=state_dir, base_dir=log_dir.parent)
     return [build_sink(spec, env) for spec in parse_sinks(tables, "[sinks").values()]
+
+
+SinkT = TypeVar("SinkT")
+
+#: Ship settings for sink tests: quick polls and retries.
+FAST = ShipConfig(poll_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5, status_interval_s=0.1)
+
+
+def one_sink(tmp_path: Path, name: str, table: dict[str, Any], kind: type[SinkT], state: str = "state") -> SinkT:
+    """The sink ``[sinks.NAME]`` = ``table`` builds over ``tmp_path/log`` (state in ``tmp_path/state``)."""
+    sink = build_sinks(tmp_path / "log", tmp_path / state, {name: table})[0]
+    assert isinstance(sink, kind)
+    return sink
+
+
+def drain(tmp_path: Path, sink: Any, state: str = "state", ship: ShipConfig = FAST) -> Runner:
+    """Run ``sink`` over ``tmp_path/log`` until it has caught up (at most 60 s)."""
+    runner = Runner(tmp_path / "log", tmp_path / state, [sink], ship)
+    assert runner.run_until_caught_up(60)
+    return runner
 
 
 #: A shipper process for kill -9 tests: argv[1] is a JSON object {log_dir, state_dir, sinks, ship}.

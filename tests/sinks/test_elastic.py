@@ -27,19 +27,20 @@ import pytest
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
 from tests.sinks.conftest import (
+    FAST,
     NOIDA_VENV,
     LiveLog,
     ServerProcess,
-    build_sinks,
+    drain,
     entries_by_leaf,
     gateway_outage,
     inference,
     noida_binary,
+    one_sink,
     shipper_argv,
 )
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import Entry
-from vllm_audit.ship.config import ShipConfig
 from vllm_audit.ship.runner import Runner
 from vllm_audit.sinks._http import TransientError
 from vllm_audit.sinks.ecs import to_ecs
@@ -48,7 +49,6 @@ from vllm_audit.sinks.registry import parse_sinks
 
 pytestmark = pytest.mark.service
 
-FAST = ShipConfig(poll_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5, status_interval_s=0.1)
 INDEX = "vllm-audit-2026.07.01"  # the records' day (conftest.inference); events land in today's index
 
 
@@ -107,15 +107,7 @@ def _table(es: Search, **options: Any) -> dict[str, Any]:
 
 
 def _sink(tmp_path: Path, es: Search, **options: Any) -> ElasticSink:
-    sink = build_sinks(tmp_path / "log", tmp_path / "state", {"es": _table(es, **options)})[0]
-    assert isinstance(sink, ElasticSink)
-    return sink
-
-
-def _drain(tmp_path: Path, sink: ElasticSink) -> Runner:
-    runner = Runner(tmp_path / "log", tmp_path / "state", [sink], FAST)
-    assert runner.run_until_caught_up(60)
-    return runner
+    return one_sink(tmp_path, "es", _table(es, **options), ElasticSink)
 
 
 def _entries(tmp_path: Path) -> dict[str, Entry]:
@@ -150,7 +142,7 @@ def test_records_arrive_complete_and_in_per_writer_order(tmp_path: Path, es: Sea
     a.write(700, batch=70)
     b.write(400, batch=30)
     sink = _sink(tmp_path, es, batch_max=200)
-    runner = _drain(tmp_path, sink)
+    runner = drain(tmp_path, sink)
     assert runner.statuses["es"].delivered == a.next_seq + b.next_seq
     docs = es.docs()
     assert len(docs) == a.next_seq + b.next_seq
@@ -160,7 +152,7 @@ def test_records_arrive_complete_and_in_per_writer_order(tmp_path: Path, es: Sea
     # a replay of everything (cursor lost) stores nothing twice: create answers 409 for each
     (tmp_path / "state" / "es" / "cursors.json").unlink()
     sink2 = _sink(tmp_path, es)
-    _drain(tmp_path, sink2)
+    drain(tmp_path, sink2)
     assert sink2.already_there == a.next_seq + b.next_seq
     assert len(es.docs()) == len(docs)
 
@@ -168,10 +160,10 @@ def test_records_arrive_complete_and_in_per_writer_order(tmp_path: Path, es: Sea
 def test_index_op_type_replays_overwrite_in_place(tmp_path: Path, es: Search) -> None:
     log = LiveLog(tmp_path / "log")
     log.write(50)
-    _drain(tmp_path, _sink(tmp_path, es, op_type="index"))
+    drain(tmp_path, _sink(tmp_path, es, op_type="index"))
     (tmp_path / "state" / "es" / "cursors.json").unlink()
     sink = _sink(tmp_path, es, op_type="index")
-    _drain(tmp_path, sink)
+    drain(tmp_path, sink)
     assert sink.already_there == 0
     docs = es.docs()
     _check(docs, tmp_path)
@@ -190,7 +182,7 @@ def test_rejected_documents_are_quarantined_and_do_not_block(tmp_path: Path, es:
     recs[12]["output_response"] = "x" * 40_000
     log.write(0, records=recs, batch=10)
     sink = _sink(tmp_path, es, batch_max=8, max_request_bytes=20_000)
-    runner = _drain(tmp_path, sink)
+    runner = drain(tmp_path, sink)
     seq0 = log.next_seq - 30  # the writer_started event came first
     bad = {seq0 + 7, seq0 + 21, seq0 + 12}
     assert runner.statuses["es"].quarantined == 3
@@ -276,7 +268,7 @@ def test_kill_9_of_the_shipper_mid_batch_resumes_from_the_cursor(tmp_path: Path,
             proc.wait()
         assert stored() < log.next_seq  # killed mid-way
     sink = _sink(tmp_path, es)
-    _drain(tmp_path, sink)
+    drain(tmp_path, sink)
     docs = es.docs()
     _check(docs, tmp_path)
     print(f"elasticsearch kill -9: {log.next_seq} entries, {sink.already_there} replays deduped, 0 duplicates stored")
@@ -292,7 +284,7 @@ def test_a_refused_request_is_retried_never_quarantined(tmp_path: Path, es: Sear
         runner.run_until_caught_up(10)
     assert runner.statuses["es"].quarantined == 0
     assert not (tmp_path / "state" / "es" / "cursors.json").exists()
-    _drain(tmp_path, _sink(tmp_path, es))  # the right URL: everything arrives
+    drain(tmp_path, _sink(tmp_path, es))  # the right URL: everything arrives
     _check(es.docs(), tmp_path)
 
 

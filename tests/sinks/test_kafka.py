@@ -24,18 +24,26 @@ import pytest
 
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import NOIDA_VENV, LiveLog, ServerProcess, build_sinks, noida_binary, shipper_argv
+from tests.sinks.conftest import (
+    FAST,
+    NOIDA_VENV,
+    LiveLog,
+    ServerProcess,
+    build_sinks,
+    drain,
+    noida_binary,
+    one_sink,
+    shipper_argv,
+)
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import ZERO_HASH, leaf_hash
 from vllm_audit.integrity.reader import Cursor, LogReader
-from vllm_audit.ship.config import ShipConfig
 from vllm_audit.ship.runner import Runner
 from vllm_audit.sinks.kafka import KafkaSink, producer_config
 from vllm_audit.sinks.registry import SinkEnv, parse_sinks
 
 pytestmark = pytest.mark.service
 
-FAST = ShipConfig(poll_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5, status_interval_s=0.1)
 TOPIC = "audit"
 
 
@@ -86,9 +94,7 @@ def _table(broker: Broker, **options: Any) -> dict[str, Any]:
 
 
 def _sink(tmp_path: Path, broker: Broker, **options: Any) -> KafkaSink:
-    sink = build_sinks(tmp_path / "log", tmp_path / "state", {"k": _table(broker, **options)})[0]
-    assert isinstance(sink, KafkaSink)
-    return sink
+    return one_sink(tmp_path, "k", _table(broker, **options), KafkaSink)
 
 
 @dataclass(frozen=True)
@@ -166,23 +172,17 @@ def _check(messages: list[Message], logs: list[LiveLog], tmp_path: Path) -> int:
     return dups
 
 
-def _drain(tmp_path: Path, sink: KafkaSink) -> Runner:
-    runner = Runner(tmp_path / "log", tmp_path / "state", [sink], FAST)
-    assert runner.run_until_caught_up(60)
-    return runner
-
-
 def test_records_arrive_complete_and_in_per_writer_order(tmp_path: Path, broker: Broker) -> None:
     a, b = LiveLog(tmp_path / "log"), LiveLog(tmp_path / "log")
     a.write(700, batch=70)
     b.write(400, batch=30)
-    runner = _drain(tmp_path, _sink(tmp_path, broker, batch_max=200))
+    runner = drain(tmp_path, _sink(tmp_path, broker, batch_max=200))
     assert runner.statuses["k"].delivered == a.next_seq + b.next_seq
     messages = _consume(broker)
     assert len(messages) == a.next_seq + b.next_seq
     assert _check(messages, [a, b], tmp_path) == 0
     # a second run finds the cursor at the end and produces nothing
-    _drain(tmp_path, _sink(tmp_path, broker))
+    drain(tmp_path, _sink(tmp_path, broker))
     assert len(_consume(broker)) == len(messages)
 
 
@@ -194,12 +194,12 @@ def test_too_large_records_are_quarantined_and_do_not_block(tmp_path: Path, brok
     big = log.next_seq
     log.write(1, pad=3_000_000)  # under message_max_bytes but over the broker's limit: the broker refuses it
     log.write(20)
-    runner = _drain(tmp_path, _sink(tmp_path, broker, message_max_bytes=25_000))
+    runner = drain(tmp_path, _sink(tmp_path, broker, message_max_bytes=25_000))
     # the 3 MB entry is refused locally too at this limit; raise it to see the broker refuse one
     log.write(1, pad=3_000_000)
     broker_big = log.next_seq - 1
     log.write(5)
-    runner2 = _drain(tmp_path, _sink(tmp_path, broker, message_max_bytes=20_000_000))
+    runner2 = drain(tmp_path, _sink(tmp_path, broker, message_max_bytes=20_000_000))
     assert runner.statuses["k"].quarantined == 2
     assert runner2.statuses["k"].quarantined == 1
     q = [orjson.loads(x) for x in (tmp_path / "state" / "k" / "quarantine.jsonl").read_bytes().splitlines()]
@@ -272,7 +272,7 @@ def test_broker_unresponsive_under_load_then_back_loses_nothing(tmp_path: Path, 
         _wait(lambda: status.delivered > down_at + 1500, "catching up")
     _wait(lambda: status.lag_records == 0 and status.state == "running", "caught up")
     runner.stop()
-    _drain(tmp_path, _sink(tmp_path, broker))
+    drain(tmp_path, _sink(tmp_path, broker))
     dups = _check(_consume(broker), [log], tmp_path)
     print(f"kafka broker hang: {log.next_seq} entries, {dups} duplicates")
     assert dups <= 3 * 100  # at most a few replayed batches (batch_max 100)
@@ -308,7 +308,7 @@ def test_broker_restarted_while_the_log_grows_loses_nothing(tmp_path: Path, brok
         _wait(lambda: status.delivered > down_at + 1500, "catching up")
     _wait(lambda: status.lag_records == 0 and status.state == "running", "caught up")
     runner.stop()
-    _drain(tmp_path, _sink(tmp_path, broker))
+    drain(tmp_path, _sink(tmp_path, broker))
     dups = _check(_consume(broker), [log], tmp_path)
     print(f"kafka broker restart: {log.next_seq} entries, {dups} duplicates")
     assert dups == 0  # nothing was in flight when the broker went away
@@ -320,7 +320,7 @@ def test_kill_9_of_the_shipper_mid_batch_resumes_from_the_cursor(tmp_path: Path,
 
     log = LiveLog(tmp_path / "log")
     log.write(10)
-    _drain(tmp_path, _sink(tmp_path, broker))  # the topic exists
+    drain(tmp_path, _sink(tmp_path, broker))  # the topic exists
     log.write(6000, batch=500)
     table = _table(broker, batch_max=200)
     c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "watch"})
@@ -343,7 +343,7 @@ def test_kill_9_of_the_shipper_mid_batch_resumes_from_the_cursor(tmp_path: Path,
             assert produced() < log.next_seq  # killed mid-way
     finally:
         c.close()
-    _drain(tmp_path, _sink(tmp_path, broker))
+    drain(tmp_path, _sink(tmp_path, broker))
     dups = _check(_consume(broker), [log], tmp_path)
     print(f"kafka kill -9: {log.next_seq} entries, {dups} duplicates")
     assert dups <= 2 * 200

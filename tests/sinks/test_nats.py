@@ -23,19 +23,17 @@ import pytest
 
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, shipper_argv
+from tests.sinks.conftest import FAST, LiveLog, build_sinks, drain, one_sink, shipper_argv
 from tests.sinks.test_kafka import GATEWAY_SHIP, Load, _wait, chat, ship_status
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import ZERO_HASH, leaf_hash
 from vllm_audit.integrity.reader import Cursor, LogReader
-from vllm_audit.ship.config import ShipConfig
 from vllm_audit.ship.runner import Runner
 from vllm_audit.sinks.nats import NatsSink, subject_for
 from vllm_audit.sinks.registry import parse_sinks
 
 pytestmark = pytest.mark.service
 
-FAST = ShipConfig(poll_interval_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5, status_interval_s=0.1)
 STREAM = "AUDIT"
 PREFIX = "audit"
 MAX_PAYLOAD = 256 * 1024
@@ -175,15 +173,7 @@ def _table(server: Server, **options: Any) -> dict[str, Any]:
 
 
 def _sink(tmp_path: Path, server: Server, **options: Any) -> NatsSink:
-    sink = build_sinks(tmp_path / "log", tmp_path / "state", {"n": _table(server, **options)})[0]
-    assert isinstance(sink, NatsSink)
-    return sink
-
-
-def _drain(tmp_path: Path, sink: NatsSink) -> Runner:
-    runner = Runner(tmp_path / "log", tmp_path / "state", [sink], FAST)
-    assert runner.run_until_caught_up(60)
-    return runner
+    return one_sink(tmp_path, "n", _table(server, **options), NatsSink)
 
 
 def _check(messages: list[Message], logs: list[LiveLog], tmp_path: Path) -> int:
@@ -219,7 +209,7 @@ def test_records_arrive_complete_and_in_per_writer_order(tmp_path: Path, server:
     a, b = LiveLog(tmp_path / "log"), LiveLog(tmp_path / "log")
     a.write(700, batch=70)
     b.write(400, batch=30)
-    runner = _drain(tmp_path, _sink(tmp_path, server, batch_max=200))
+    runner = drain(tmp_path, _sink(tmp_path, server, batch_max=200))
     assert runner.statuses["n"].delivered == a.next_seq + b.next_seq
     messages = _messages(server)
     assert len(messages) == a.next_seq + b.next_seq
@@ -240,7 +230,7 @@ def test_a_replayed_batch_is_stored_once(tmp_path: Path, server: Server) -> None
     """The crash window: JetStream acknowledged, the cursor was not committed; the replay dedupes."""
     log = LiveLog(tmp_path / "log")
     log.write(100)
-    _drain(tmp_path, _sink(tmp_path, server))
+    drain(tmp_path, _sink(tmp_path, server))
     log.write(300)
     entries = LogReader(tmp_path / "log").read(Cursor(log.writer_id, 101, ""), 1000)
     assert len(entries) == 300
@@ -250,7 +240,7 @@ def test_a_replayed_batch_is_stored_once(tmp_path: Path, server: Server) -> None
     first.close()
     assert _count(server) == log.next_seq
     again = _sink(tmp_path, server)
-    _drain(tmp_path, again)
+    drain(tmp_path, again)
     assert again.duplicates == 300  # JetStream acknowledged them as duplicates and dropped them
     assert _check(_messages(server), [log], tmp_path) == 0
 
@@ -260,7 +250,7 @@ def test_too_large_records_are_quarantined_and_do_not_block(tmp_path: Path, serv
     log.write(20)
     log.write(1, pad=MAX_PAYLOAD)  # over the server's max_payload: never sent
     log.write(20)
-    _drain(tmp_path, _sink(tmp_path, server))
+    drain(tmp_path, _sink(tmp_path, server))
     # a stream whose max_msg_size is below the server's max_payload: JetStream refuses it
 
     async def shrink(js: Any) -> None:
@@ -271,7 +261,7 @@ def test_too_large_records_are_quarantined_and_do_not_block(tmp_path: Path, serv
     _js(server, shrink)
     log.write(1, pad=60_000)
     log.write(20)
-    runner = _drain(tmp_path, _sink(tmp_path, server, create_stream=False))
+    runner = drain(tmp_path, _sink(tmp_path, server, create_stream=False))
     assert runner.statuses["n"].quarantined == 1
     q = [orjson.loads(x) for x in (tmp_path / "state" / "n" / "quarantine.jsonl").read_bytes().splitlines()]
     assert [r["seq"] for r in q] == [21, 42]
@@ -306,7 +296,7 @@ def test_server_restarted_under_load_loses_and_duplicates_nothing(tmp_path: Path
         _wait(lambda: status.delivered > down_at + 1500, "catching up")
     _wait(lambda: status.lag_records == 0 and status.state == "running", "caught up")
     runner.stop()
-    _drain(tmp_path, _sink(tmp_path, server))
+    drain(tmp_path, _sink(tmp_path, server))
     dups = _check(_messages(server), [log], tmp_path)
     print(f"nats restart: {log.next_seq} entries, {dups} duplicates stored")
     assert dups == 0
@@ -333,7 +323,7 @@ def test_server_unresponsive_under_load_then_back_loses_and_duplicates_nothing(t
         _wait(lambda: status.delivered > down_at + 1500, "catching up")
     _wait(lambda: status.lag_records == 0 and status.state == "running", "caught up")
     runner.stop()
-    _drain(tmp_path, _sink(tmp_path, server))
+    drain(tmp_path, _sink(tmp_path, server))
     dups = _check(_messages(server), [log], tmp_path)
     print(f"nats hang: {log.next_seq} entries, {dups} duplicates stored")
     assert dups == 0
@@ -353,7 +343,7 @@ def test_kill_9_of_the_shipper_mid_batch_resumes_from_the_cursor(tmp_path: Path,
             proc.wait()
         assert _count(server) < log.next_seq  # killed mid-way
     again = _sink(tmp_path, server)
-    _drain(tmp_path, again)
+    drain(tmp_path, again)
     assert _check(_messages(server), [log], tmp_path) == 0
     print(f"nats kill -9: {log.next_seq} entries, {again.duplicates} replays dropped by JetStream")
 

@@ -28,7 +28,15 @@ import orjson
 import pytest
 
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, entries_by_leaf, gateway_outage, inference, shipper_argv
+from tests.sinks.conftest import (
+    LiveLog,
+    drain,
+    entries_by_leaf,
+    gateway_outage,
+    inference,
+    one_sink,
+    shipper_argv,
+)
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import Entry, leaf_hash
 from vllm_audit.ship.config import ShipConfig
@@ -127,15 +135,7 @@ def _table(r: Receiver, **options: Any) -> dict[str, Any]:
 
 
 def _sink(tmp_path: Path, r: Receiver, **options: Any) -> OtlpSink:
-    sink = build_sinks(tmp_path / "log", tmp_path / "state", {"o": _table(r, **options)})[0]
-    assert isinstance(sink, OtlpSink)
-    return sink
-
-
-def _drain(tmp_path: Path, sink: OtlpSink) -> Runner:
-    runner = Runner(tmp_path / "log", tmp_path / "state", [sink], FAST)
-    assert runner.run_until_caught_up(60)
-    return runner
+    return one_sink(tmp_path, "o", _table(r, **options), OtlpSink)
 
 
 def _entries(tmp_path: Path) -> dict[str, Entry]:
@@ -168,7 +168,7 @@ def test_records_arrive_complete_and_in_per_writer_order(tmp_path: Path, tap: Re
     a, b = LiveLog(tmp_path / "log"), LiveLog(tmp_path / "log")
     a.write(700, batch=70)
     b.write(400, batch=30)
-    runner = _drain(tmp_path, _sink(tmp_path, tap, batch_max=200))
+    runner = drain(tmp_path, _sink(tmp_path, tap, batch_max=200), ship=FAST)
     assert runner.statuses["o"].delivered == a.next_seq + b.next_seq
     deadline = time.monotonic() + 20
     while len(tap.records()) < a.next_seq + b.next_seq and time.monotonic() < deadline:
@@ -287,7 +287,7 @@ def test_kill_9_of_the_shipper_mid_batch_resumes_from_the_cursor(tmp_path: Path,
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         assert len({r["attrs"]["vllm_audit.record_hash"] for r in tap.records()}) < log.next_seq  # killed mid-way
-    _drain(tmp_path, _sink(tmp_path, tap))
+    drain(tmp_path, _sink(tmp_path, tap), ship=FAST)
     deadline = time.monotonic() + 20
     while len({r["attrs"]["vllm_audit.record_hash"] for r in tap.records()}) < log.next_seq:
         assert time.monotonic() < deadline
@@ -316,7 +316,7 @@ def test_bad_data_is_bisected_and_only_the_refused_records_quarantined(tmp_path:
     log.write(10)
     big = {31, 72}  # seq 0 is the writer_started event
     sink = _sink(tmp_path, strict, batch_max=64)
-    runner = _drain(tmp_path, sink)
+    runner = drain(tmp_path, sink, ship=FAST)
     assert runner.statuses["o"].quarantined == 2
     q = [orjson.loads(x) for x in (tmp_path / "state" / "o" / "quarantine.jsonl").read_bytes().splitlines()]
     assert [r["seq"] for r in q] == sorted(big)
@@ -356,7 +356,7 @@ def test_partial_success_is_counted_not_retried(tmp_path: Path) -> None:
         log = LiveLog(tmp_path / "log")
         log.write(49)
         sink = _sink(tmp_path, r, batch_max=25)
-        runner = _drain(tmp_path, sink)
+        runner = drain(tmp_path, sink, ship=FAST)
         assert sink.partial_rejected == 10  # seqs 0, 5, ..., 45
         assert runner.statuses["o"].retried == 0 and sink.requests == 2
         assert "receiver rejected" in runner.statuses["o"].last_error
@@ -412,7 +412,7 @@ def test_gzip_compression(tmp_path: Path) -> None:
     try:
         log = LiveLog(tmp_path / "log")
         log.write(30)
-        runner = _drain(tmp_path, _sink(tmp_path, r, compression="gzip"))
+        runner = drain(tmp_path, _sink(tmp_path, r, compression="gzip"), ship=FAST)
         assert runner.statuses["o"].quarantined == 0
         assert _check(r.records(), tmp_path) == 0
     finally:

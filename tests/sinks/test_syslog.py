@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import need_service
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, gateway_outage, inference, make_tls_files, shipper_argv
+from tests.sinks.conftest import LiveLog, build_sinks, gateway_outage, inference, make_tls_files, one_sink, shipper_argv
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.codec import Entry
 from vllm_audit.integrity.reader import Cursor, LogReader
@@ -147,9 +147,7 @@ def _table(rs: Rsyslog, **options: Any) -> dict[str, Any]:
 
 
 def _sink(tmp_path: Path, rs: Rsyslog, **options: Any) -> SyslogSink:
-    sink = build_sinks(tmp_path / "log", tmp_path / "state", {"s": _table(rs, **options)})[0]
-    assert isinstance(sink, SyslogSink)
-    return sink
+    return one_sink(tmp_path, "s", _table(rs, **options), SyslogSink)
 
 
 def _entries(log_dir: Path, log: LiveLog) -> list[Entry]:

@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from tests.helpers import ROOT, free_port
-from tests.sinks.conftest import LiveLog, build_sinks, gateway_outage, inference, make_tls_files, shipper_argv
+from tests.sinks.conftest import LiveLog, build_sinks, gateway_outage, inference, make_tls_files, one_sink, shipper_argv
 from vllm_audit.errors import ConfigError
 from vllm_audit.integrity.reader import Cursor, LogReader
 from vllm_audit.ship.config import ShipConfig
@@ -168,9 +168,7 @@ def _table(rx: Receiver, **options: Any) -> dict[str, Any]:
 
 
 def _sink(tmp_path: Path, rx: Receiver, **options: Any) -> WebhookSink:
-    sink = build_sinks(tmp_path / "log", tmp_path / "state", {"w": _table(rx, **options)})[0]
-    assert isinstance(sink, WebhookSink)
-    return sink
+    return one_sink(tmp_path, "w", _table(rx, **options), WebhookSink)
 
 
 def _seqs(rx: Receiver) -> list[int]:
