@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import run as R  # noqa: E402  (the bench harness: processes, wrk, TTFT client)
+import run as R  # the bench harness: processes, wrk, TTFT client
 
 
 def main() -> None:
