@@ -568,3 +568,52 @@ def test_proxied_streams_match_the_upstream_for_n2_and_continuous_usage(tmp_path
     assert all(b'"usage"' not in body and b'"system_fingerprint"' in body for body in proxied)
     recs = read_records(gw_log)
     assert 3 == len(recs) and all(r["usage_source"] == "injected" and r["total_tokens"] for r in recs)
+
+
+async def _startup(app: Any) -> tuple[int, Any]:
+    """Run ``app``'s lifespan start-up; returns the collector's freeze count then, and a shutdown."""
+    import gc
+
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    started = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    inbox.put_nowait({"type": "lifespan.startup"})
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send))
+    await asyncio.wait_for(started.wait(), 30)
+    frozen = gc.get_freeze_count()
+
+    async def shutdown() -> None:
+        inbox.put_nowait({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(task, 30)
+
+    return frozen, shutdown
+
+
+async def test_the_gateway_freezes_its_start_up_heap_as_vllm_does_and_the_middleware_leaves_it(
+    tmp_path: Path,
+) -> None:
+    """``vllm-audit serve`` moves its start-up heap out of the collector's way once started (as
+    vLLM's API server does); the middleware on its own never touches a host's collector."""
+    import gc
+
+    from vllm_audit.config import config_from_mapping
+    from vllm_audit.demo import DemoEngine
+    from vllm_audit.gateway import create_app
+    from vllm_audit.middleware import AuditMiddleware
+
+    gc.unfreeze()
+    try:
+        mw = AuditMiddleware(DemoEngine(), config_from_mapping({"log": {"dir": str(tmp_path / "mw")}}))
+        frozen, shutdown = await _startup(mw)
+        await shutdown()
+        assert frozen == 0
+        app = create_app(config_from_mapping({"log": {"dir": str(tmp_path / "gw")}}))
+        frozen, shutdown = await _startup(app)
+        await shutdown()
+        assert frozen > 10_000  # the interpreter, the server's modules, the redactor, the writer
+    finally:
+        gc.unfreeze()

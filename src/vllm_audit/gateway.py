@@ -41,7 +41,9 @@ def create_app(config: Config | None = None) -> AuditMiddleware:
     upstream = gw.upstream
     inner: ASGIApp = Proxy(upstream, gw) if upstream else DemoEngine(gw)
     ops = (gw.ops_host, gw.ops_port) if gw.ops_port else None
-    return AuditMiddleware(inner, cfg, upstream=upstream or "demo", ops_at_root=True, ops_listener=ops)
+    return AuditMiddleware(
+        inner, cfg, upstream=upstream or "demo", ops_at_root=True, ops_listener=ops, freeze_gc_at_startup=True
+    )
 
 
 class GuardedHttpTools(HttpToolsProtocol):

@@ -13,6 +13,7 @@ With vLLM: ``vllm serve MODEL --middleware vllm_audit.AuditMiddleware`` (vLLM co
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -96,8 +97,10 @@ class AuditMiddleware:
         upstream: str | None = None,
         ops_at_root: bool = False,
         ops_listener: tuple[str, int] | None = None,
+        freeze_gc_at_startup: bool = False,
     ) -> None:
         self.app = app
+        self.freeze_gc_at_startup = freeze_gc_at_startup
         self.config = config if config is not None else config_from_env()
         cfg = self.config
         self.ips = ClientIPResolver(cfg.edge.trusted_proxies, cfg.edge.client_ip_header)
@@ -156,8 +159,11 @@ class AuditMiddleware:
         """
 
         async def wrapped(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and self.ops_listener is not None:
-                await self._start_ops_listener()
+            if message["type"] == "lifespan.startup.complete":
+                if self.ops_listener is not None:
+                    await self._start_ops_listener()
+                if self.freeze_gc_at_startup:
+                    freeze_gc_heap()
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 if self._ops_server is not None:
                     self._ops_server.close()
@@ -872,6 +878,22 @@ def _usage_only(event: bytes) -> bool:
                 return False
             return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
     return False
+
+
+def freeze_gc_heap() -> None:
+    """Move everything alive now into the collector's permanent generation, as vLLM's API server
+    does after start-up (``vllm.utils.gc_utils.freeze_gc_heap``).
+
+    Full collections then no longer walk the start-up heap (modules, the redactor's tables, the
+    server): in the in-process strict bench (64 requests in flight) each full collection cost
+    10-23 ms on the loop thread, ~10 µs per request. Only the gateway calls it (``vllm-audit
+    serve`` owns its process); inside vLLM, vLLM does it itself, and another host's heap is the
+    host's business.
+    """
+    gc.collect(0)
+    gc.collect(1)
+    gc.collect(2)
+    gc.freeze()
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
