@@ -593,27 +593,30 @@ async def _startup(app: Any) -> tuple[int, Any]:
     return frozen, shutdown
 
 
-async def test_the_gateway_freezes_its_start_up_heap_as_vllm_does_and_the_middleware_leaves_it(
-    tmp_path: Path,
-) -> None:
+async def test_the_gateway_tunes_its_collector_once_started_and_the_middleware_leaves_it(tmp_path: Path) -> None:
     """``vllm-audit serve`` moves its start-up heap out of the collector's way once started (as
-    vLLM's API server does); the middleware on its own never touches a host's collector."""
+    vLLM's API server does) and raises the young generation's threshold; the middleware on its
+    own never touches a host's collector."""
     import gc
 
     from vllm_audit.config import config_from_mapping
     from vllm_audit.demo import DemoEngine
     from vllm_audit.gateway import create_app
-    from vllm_audit.middleware import AuditMiddleware
+    from vllm_audit.middleware import GC_YOUNG_THRESHOLD, AuditMiddleware
 
+    threshold = gc.get_threshold()
     gc.unfreeze()
+    gc.set_threshold(700, threshold[1], threshold[2])
     try:
         mw = AuditMiddleware(DemoEngine(), config_from_mapping({"log": {"dir": str(tmp_path / "mw")}}))
         frozen, shutdown = await _startup(mw)
         await shutdown()
-        assert frozen == 0
+        assert (frozen, gc.get_threshold()[0]) == (0, 700)
         app = create_app(config_from_mapping({"log": {"dir": str(tmp_path / "gw")}}))
         frozen, shutdown = await _startup(app)
         await shutdown()
         assert frozen > 10_000  # the interpreter, the server's modules, the redactor, the writer
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, threshold[1], threshold[2])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)

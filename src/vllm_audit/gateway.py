@@ -42,7 +42,7 @@ def create_app(config: Config | None = None) -> AuditMiddleware:
     inner: ASGIApp = Proxy(upstream, gw) if upstream else DemoEngine(gw)
     ops = (gw.ops_host, gw.ops_port) if gw.ops_port else None
     return AuditMiddleware(
-        inner, cfg, upstream=upstream or "demo", ops_at_root=True, ops_listener=ops, freeze_gc_at_startup=True
+        inner, cfg, upstream=upstream or "demo", ops_at_root=True, ops_listener=ops, tune_gc=True
     )
 
 
