@@ -31,7 +31,8 @@ import _upstream  # noqa: E402
 
 from vllm_audit.config import load_config  # noqa: E402
 from vllm_audit.demo import DemoEngine  # noqa: E402
-from vllm_audit.middleware import AuditMiddleware, freeze_gc_heap  # noqa: E402
+from vllm_audit._gc import freeze_gc_heap  # noqa: E402
+from vllm_audit.middleware import AuditMiddleware  # noqa: E402
 
 _SSE_HDR = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 

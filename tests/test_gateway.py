@@ -599,10 +599,11 @@ async def test_the_gateway_tunes_its_collector_once_started_and_the_middleware_l
     own never touches a host's collector."""
     import gc
 
+    from vllm_audit._gc import GC_YOUNG_THRESHOLD
     from vllm_audit.config import config_from_mapping
     from vllm_audit.demo import DemoEngine
     from vllm_audit.gateway import create_app
-    from vllm_audit.middleware import GC_YOUNG_THRESHOLD, AuditMiddleware
+    from vllm_audit.middleware import AuditMiddleware
 
     threshold = gc.get_threshold()
     gc.unfreeze()

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.collect.conftest import PG_DSN, NatsServer, collect_toml, publish
 from tests.sinks.conftest import inference
 
+from vllm_audit._gc import tune_gc_for_serving
 from vllm_audit.collect.collector import Collector
 from vllm_audit.collect.source import Message
 from vllm_audit.config import load_config
@@ -111,6 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=50_000)
     ap.add_argument("--archive", action="store_true")
+    ap.add_argument("--default-gc", action="store_true", help="leave the collector settings as CPython's defaults")
     ap.add_argument("--skip-nats", action="store_true")
     ap.add_argument("--profile", metavar="FILE", help="write cProfile stats of the collector loop to FILE.<mode>")
     a = ap.parse_args()
@@ -153,6 +155,10 @@ def main() -> None:
         config = load_config(cfg)
         src = ListSource([Message(wid, s, ln) for s, ln in lines]) if mode == "process" else None
         c = Collector(config, src)
+        if not a.default_gc:
+            # As `vllm-audit collect` does once its collector is built (this also keeps the
+            # collector from walking the bench's own input, every entry held in `lines`).
+            tune_gc_for_serving()
         try:
             c.open()
             os.sched_setaffinity(0, {cpus[0]})

@@ -38,9 +38,11 @@ def _collect(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else config_from_env()
     if args.report:
         return _report(config, args.json)
+    from vllm_audit._gc import tune_gc_for_serving
     from vllm_audit.collect.collector import Collector
 
     collector = Collector(config)
+    tune_gc_for_serving()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

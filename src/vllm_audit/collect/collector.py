@@ -236,7 +236,7 @@ class Collector:
                         if b'"record_type":"inference"' in line:
                             rec = orjson.loads(line)
                             state.last_time = str(rec.get("timestamp") or state.last_time)
-                            rows.append(row_from_entry(rec))
+                            rows.append(row_from_entry(rec, line))
                     self.stats.stored_entries += len(good)
                     if self.archive is not None and good:
                         self.archive.write(wid, [(s, got[s].line) for s in good], out.checkpoints, out.sealed)

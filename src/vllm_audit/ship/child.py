@@ -119,6 +119,7 @@ class ShipperProcess:
 
 
 def main(argv: list[str]) -> int:
+    from vllm_audit._gc import tune_gc_for_serving
     from vllm_audit.ship.build import build_runner
 
     config_file, parent = argv[0], int(argv[1]) if len(argv) > 1 else 0
@@ -131,6 +132,7 @@ def main(argv: list[str]) -> int:
     runner = build_runner(config)
     if runner is None:
         return 0
+    tune_gc_for_serving()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -39,6 +39,7 @@ def _load(path: str | None) -> Any:
 
 
 def _ship(args: argparse.Namespace) -> int:
+    from vllm_audit._gc import tune_gc_for_serving
     from vllm_audit.ship.build import build_runner
     from vllm_audit.ship.config import state_dir
 
@@ -54,6 +55,7 @@ def _ship(args: argparse.Namespace) -> int:
         for st in runner.statuses.values():
             print(f"{st.name}: delivered {st.delivered}, quarantined {st.quarantined}, lag {st.lag_records}")
         return 0 if ok else 1
+    tune_gc_for_serving()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
