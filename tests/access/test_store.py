@@ -4,10 +4,13 @@ direct SQL as a tenant's own database role)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.access.conftest import TENANTS, inference, project, sample_entries, write_log
 from vllm_audit.access.store import BadQuery, RecordQuery, Store, Viewer, open_store
@@ -227,3 +230,35 @@ def test_postgres_row_level_security_as_the_tenants_own_role(
     # ... and leave nothing behind that another session could use.
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute(f"SELECT count(*) FROM {prefix}_viewers").fetchone() == (0,)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    when=st.datetimes(min_value=dt.datetime(1, 1, 1), max_value=dt.datetime(9999, 12, 31, 23, 59, 59)),
+    junk=st.sampled_from(["", "13", "32", "24", "60", "99", "00"]),
+    field=st.integers(min_value=0, max_value=4),
+)
+def test_norm_time_of_the_stored_form_is_what_the_full_parse_gives(when: dt.datetime, junk: str, field: int) -> None:
+    """The stored form's fast path returns what the full parse and format return, and refuses
+    what it refuses (a month 13, a day 32, an hour 24, a minute or second 60, a day 00)."""
+    from vllm_audit.access import store
+
+    def full(value: str) -> str:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(dt.UTC)
+        return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+    text = f"{when.year:04d}-{when:%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"
+    assert store.norm_time(text) == full(text)
+    if junk:
+        spans = [(5, 7), (8, 10), (11, 13), (14, 16), (17, 19)]
+        a, b = spans[field]
+        bad = text[:a] + junk + text[b:]
+        try:
+            expected: str | None = full(bad)
+        except ValueError:
+            expected = None
+        if expected is None:
+            with pytest.raises(store.BadQuery):
+                store.norm_time(bad)
+        else:
+            assert store.norm_time(bad) == expected
