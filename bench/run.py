@@ -14,7 +14,8 @@
    on CPU 1. CPU ms per request of the server's own process and of all its processes (from
    /proc), and time to first token at c=1 for every system.
 2. Middleware mode (bench/_inproc.py): loop-thread CPU µs per request and per streamed chunk.
-3. Writer (bench/_writer.py): records/s made durable with group commit.
+3. Writer (bench/_writer.py): records/s made durable with group commit, in the writer thread (one
+   CPU) and with 2 prepare processes on both CPUs (the target's setting).
 4. The other areas' benches beside their baselines: verifier (bench/verify/run.py), inclusion
    proofs verified per second per core (bench/_proofs.py), redaction vs Presidio
    (bench/redaction/run.py, with ``--redaction-python`` an interpreter that has presidio-analyzer).
@@ -562,13 +563,18 @@ def report(
     out.append("### Writer (AuditWriter thread: finalize + redact + hash chain + group commit)")
     out.append("")
     out.append(
-        "| records | batch_max | seconds | records/s | CPU µs/record | fdatasyncs | mean batch | lines on disk |"
+        "| records | batch_max | prepare processes | seconds | records/s | CPU µs/record (writer + prepare) "
+        "| fdatasyncs | mean batch | lines on disk |"
     )
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in wr:
+        procs = w.get("prepare_processes", 0)
+        cpu = f"{w['cpu_us_per_record']:.1f}"
+        if procs:
+            cpu += f" + {w.get('prepare_cpu_us_per_record', 0.0):.1f}"
         out.append(
-            f"| {w['n']:,} | {w['batch_max']} | {w['seconds']:.2f} | **{w['records_per_s']:,}** | {w['cpu_us_per_record']:.1f} | "
-            f"{w['fsyncs']} | {w['mean_batch']:.0f} | {w['lines_inference']:,} |"
+            f"| {w['n']:,} | {w['batch_max']} | {procs or '— (in-thread, 1 CPU)'} | {w['seconds']:.2f} | "
+            f"**{w['records_per_s']:,}** | {cpu} | {w['fsyncs']} | {w['mean_batch']:.0f} | {w['lines_inference']:,} |"
         )
     out.append("")
     out.extend(_others_table(wr, others))
@@ -612,9 +618,11 @@ def report(
     out.append(f"| middleware CPU per request (non-stream, strict, c=64) | {a:.1f} µs | ≤ 50 µs | {verdict(a <= 50)} |")
     a = mw["added_us_per_chunk"]
     out.append(f"| middleware CPU per streamed chunk | {a:.2f} µs | ≤ 2 µs | {verdict(a <= 2.0)} |")
-    w = wr[0]
+    w = max(wr, key=lambda x: int(x["records_per_s"]))
+    how = f"{w['prepare_processes']} prepare processes" if w.get("prepare_processes") else "in-thread"
     out.append(
-        f"| writer records/s durable ({w['n']:,} records) | {w['records_per_s']:,} | ≥ 50,000 | {verdict(w['records_per_s'] >= 50000)} |"
+        f"| writer records/s durable ({w['n']:,} records, {how}) | {w['records_per_s']:,} | ≥ 50,000 | "
+        f"{verdict(w['records_per_s'] >= 50000)} |"
     )
     v = others.get("verify")
     if v and "verify_records_per_s" in v:
@@ -756,6 +764,9 @@ def main() -> int:
         print(f"writer ({n:,} records) ...", flush=True)
         wr = [run_helper([str(HERE / "_writer.py"), str(n)], 900)]
         wr.append(run_helper([str(HERE / "_writer.py"), str(max(2000, n // 10)), "64"], 900))
+        # The target's setting: 2 cores, finalize + redaction in 2 prepare processes ([log]
+        # prepare_processes = 2), the writer thread sealing; not pinned, so both CPUs are used.
+        wr.append(run_helper([str(HERE / "_writer.py"), str(n), "4096", "2"], 900, cpu=None))
         others: dict[str, Any] = {}
         if not args.skip_others:
             nv = args.verify_records or (100_000 if args.quick else 300_000)
