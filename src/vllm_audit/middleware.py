@@ -301,7 +301,8 @@ class AuditMiddleware:
         stripper = _UsageStripper() if ex.usage_injected else None
         # Strict durability: whatever completes the response for the client (the SSE terminator,
         # the last bytes of a known content-length) is held with the final message until durable.
-        completes: Callable[[bytes], bool] | None = None
+        # ``completes(chunk)``: where in the chunk the held part starts, -1 when it completes nothing.
+        completes: Callable[[bytes], int] | None = None
         tail: list[bytes] = []
         max_capture = self.max_capture
 
@@ -373,8 +374,8 @@ class AuditMiddleware:
                             if not chunk:
                                 return
                             message = {"type": "http.response.body", "body": chunk, "more_body": True}
-                        if completes is not None and completes(chunk):
-                            cut = _terminator_at(chunk) if completes is _sse_end or completes is _responses_end else 0
+                        cut = completes(chunk) if completes is not None else -1
+                        if cut >= 0:
                             tail.append(chunk[cut:] if cut else chunk)
                             if not cut:
                                 return
@@ -400,7 +401,7 @@ class AuditMiddleware:
                 held_start = {**message, "headers": hdrs}
                 if b"text/event-stream" in ex.content_type:
                     if self.strict:
-                        completes = _responses_end if ex.route == "/v1/responses" else _sse_end
+                        completes = _responses_hold if ex.route == "/v1/responses" else _sse_hold
                 elif self.strict and length >= 0:
                     completes = _length_reached(ex, length)
                 if stripper is not None and (ex.http_status != 200 or b"text/event-stream" not in ex.content_type):
@@ -430,10 +431,11 @@ class AuditMiddleware:
                 last = message if out is chunk else {"type": "http.response.body", "body": out, "more_body": False}
                 await finish(last)
                 return
-            if out and (tail or (completes is not None and completes(out))):
-                # Only the terminator waits: the events before it in the same chunk (a fast or
-                # coalesced stream) go now, as they would have had they arrived one by one.
-                cut = _terminator_at(out) if not tail and (completes is _sse_end or completes is _responses_end) else 0
+            # Only what completes the response waits: the events before a terminator in the same
+            # chunk (a fast or coalesced stream) go now, as they would have one by one; once
+            # something is held, everything after it is too.
+            cut = (0 if tail else completes(out) if completes is not None else -1) if out else -1
+            if cut >= 0:
                 tail.append(out[cut:] if cut else out)
                 out = out[:cut]
             pending_start, held_start = held_start, None
@@ -705,34 +707,36 @@ def _sse_end(chunk: bytes) -> bool:
     return chunk.endswith((b"[DONE]\n\n", b"[DONE]\r\n\r\n"))
 
 
-def _terminator_at(chunk: bytes) -> int:
-    """Where the event that completes a stream starts in ``chunk`` (0: at its start), for a chunk
-    :func:`_sse_end` or :func:`_responses_end` accepts: the first terminal event of a
-    ``/v1/responses`` stream, else the final event (``data: [DONE]``)."""
-    at = -1
-    for marker in _RESPONSES_END:
-        i = chunk.find(marker)
-        if i >= 0 and (at < 0 or i < at):
-            at = i
-    if at < 0:
-        at = len(chunk) - (4 if chunk.endswith(b"\r\n\r\n") else 2)
+def _event_start(chunk: bytes, at: int) -> int:
+    """Where the SSE event holding position ``at`` of ``chunk`` starts (0: the chunk's start)."""
     lf, crlf = chunk.rfind(b"\n\n", 0, at), chunk.rfind(b"\r\n\r\n", 0, at)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _sse_hold(chunk: bytes) -> int:
+    """A chat or completions stream: where its terminator (the final ``data: [DONE]`` event)
+    starts in ``chunk``, -1 when the chunk does not end the stream."""
+    if not _sse_end(chunk):
+        return -1
+    return _event_start(chunk, len(chunk) - (4 if chunk.endswith(b"\r\n\r\n") else 2))
 
 
 _RESPONSES_END = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
-def _responses_end(chunk: bytes) -> bool:
-    """A /v1/responses stream's terminal event (it sends no ``[DONE]``)."""
-    return any(marker in chunk for marker in _RESPONSES_END) or _sse_end(chunk)
+def _responses_hold(chunk: bytes) -> int:
+    """A /v1/responses stream (no ``[DONE]``): where its first terminal event starts in
+    ``chunk``, else as :func:`_sse_hold`."""
+    at = min((i for i in (chunk.find(m) for m in _RESPONSES_END) if i >= 0), default=-1)
+    return _sse_hold(chunk) if at < 0 else _event_start(chunk, at)
 
 
-def _length_reached(ex: Exchange, length: int) -> Callable[[bytes], bool]:
-    """For a response with a content-length: the chunk that brings the body to its full length."""
+def _length_reached(ex: Exchange, length: int) -> Callable[[bytes], int]:
+    """For a response with a content-length: the chunk that brings the body to its full length is
+    held whole (0), earlier ones not at all (-1)."""
 
-    def reached(chunk: bytes) -> bool:
-        return ex.response_bytes >= length
+    def reached(chunk: bytes) -> int:
+        return 0 if ex.response_bytes >= length else -1
 
     return reached
 
