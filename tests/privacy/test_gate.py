@@ -20,7 +20,7 @@ _ALPHABET = "0123456789 .-\t\n@:AZKSIBN_abxyz+()（）：\u3000\u200b١٣８ｂ�
 
 
 def _python(text: str) -> int:
-    return gate.python_hits(text, rz._HINTS, rz._GATES)
+    return gate.python_hits(text, rz._HINTS, rz._GATES, rz._GATE_PATTERNS)
 
 
 def test_hyperscan_is_installed() -> None:
@@ -30,7 +30,7 @@ def test_hyperscan_is_installed() -> None:
 
 def test_compiled_and_python_gates_agree_on_samples() -> None:
     """Same bits on Chinese, English, full-width, secrets and look-alikes; every sample sets some bit."""
-    compiled = gate.make_hits(rz._HINTS, rz._GATES)
+    compiled = gate.make_hits(rz._HINTS, rz._GATES, rz._GATE_PATTERNS)
     for text in _SAMPLES[:12]:
         assert compiled(text) == _python(text) != 0, text
     for text in _SAMPLES[12:]:
@@ -41,7 +41,7 @@ def test_compiled_and_python_gates_agree_on_samples() -> None:
 @given(st.text(alphabet=_ALPHABET, max_size=60))
 def test_compiled_and_python_gates_agree(text: str) -> None:
     """Same bits on arbitrary mixes of the characters the gates look at."""
-    assert gate.make_hits(rz._HINTS, rz._GATES)(text) == _python(text)
+    assert gate.make_hits(rz._HINTS, rz._GATES, rz._GATE_PATTERNS)(text) == _python(text)
 
 
 @settings(max_examples=300, deadline=None)
@@ -50,3 +50,39 @@ def test_nothing_is_found_where_the_gate_is_clear(text: str) -> None:
     """A text whose gate bits (besides NORM) are clear holds no finding: skipping it loses nothing."""
     if not rz.scannable(text):
         assert find(text) == []
+
+
+_SECRET_BODY = st.text(alphabet="aZ09_-.=+/~ Ab", min_size=0, max_size=60)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.text(alphabet=_ALPHABET, max_size=12),
+    st.sampled_from(rz._SECRET_DEFS),
+    st.lists(st.sampled_from(["ant-", "proj-", "p_", "s_", "a-", "eyJ", ".", "hbGci", ":", "@", "-----", " ", "KEY"]),
+             max_size=6),
+    _SECRET_BODY,
+    st.text(alphabet=_ALPHABET, max_size=12),
+)  # fmt: skip
+def test_a_secret_pattern_never_matches_where_its_gate_bit_is_clear(
+    head: str, secret: tuple[str, str, str | None, str], pieces: list[str], body: str, tail: str
+) -> None:
+    """Every gate pattern is a prefix of each match of its secret: a match implies the bit, in both gates.
+
+    Texts are built from the hint, pieces of the secrets' syntax and their alphabet, so matches and
+    near misses both occur; the bare hints ("gh" in "though") set no bit.
+    """
+    hint = secret[0]
+    text = head + hint + "".join(pieces) + body + tail
+    compiled, python = rz._hits(text), _python(text)
+    assert compiled == python
+    for i, (_, _, pattern, _) in enumerate(rz._SECRETS):
+        if pattern.search(text) is not None:
+            assert compiled & gate.secret_bit(i), (text, rz._HINTS[i])
+
+
+def test_a_bare_hint_in_prose_sets_no_secret_bit() -> None:
+    """'gh' in 'though', 'sk-' in 'task-list', 'Bearer ' in prose: no secret pattern runs on them."""
+    text = "Although the high task-list is long, the Bearer of bad news said -----BEGIN review."
+    assert rz._hits(text) & rz._SECRET_MASK == 0 == _python(text) & rz._SECRET_MASK
+    assert rz._hits("token ghp_" + "a" * 36) & gate.secret_bit(rz._HINTS.index("gh"))

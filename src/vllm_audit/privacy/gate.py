@@ -3,7 +3,8 @@
 ``hits(text)`` returns a bit mask: ``NORM`` (the text holds a character the detection copy
 changes, see ``normalize``), ``NUM`` (a number/ID/IPv4 seed: seven digits with separators,
 ``d.d.d.d``, or two capitals then two digits), ``EMAIL`` (``@``), ``IPV6`` (``::`` or six
-colons), ``IBAN`` (the literal), and one bit per secret hint (``secret_bit(i)``). A recognizer
+colons), ``IBAN`` (the literal), and one bit per secret (``secret_bit(i)``: its gate pattern, a
+prefix every match of the secret holds, or its literal hint where it has none). A recognizer
 whose bit is clear cannot match, so it does not run: a clean text costs one scan.
 
 With the ``hyperscan`` package (Intel Hyperscan, a DFA-based multi-pattern matcher; Linux/macOS
@@ -57,10 +58,11 @@ AVAILABLE = _hs is not None
 class _Scanner:
     """A compiled hyperscan database of every gate, with its scratch space (one per thread)."""
 
-    def __init__(self, hints: Sequence[str]) -> None:
+    def __init__(self, hints: Sequence[str], patterns: Sequence[str | None]) -> None:
         assert _hs is not None
         norm = nz.trigger_pattern()
-        exprs = [norm, NUM_SEED, "@", IPV6_SEED, "IBAN", *(re.escape(h) for h in hints)]
+        secrets = (re.escape(h) if p is None else p for h, p in zip(hints, patterns, strict=True))
+        exprs = [norm, NUM_SEED, "@", IPV6_SEED, "IBAN", *secrets]
         self.db = _hs.Database()
         flags = _hs.HS_FLAG_UTF8 | _hs.HS_FLAG_SINGLEMATCH
         self.db.compile(
@@ -94,12 +96,23 @@ def _on_match(i: int, _a: int, _b: int, _f: int, bits: list[int]) -> None:
 
 
 @functools.cache
-def _scanner(hints: tuple[str, ...]) -> _Scanner:
-    return _Scanner(hints)
+def _scanner(hints: tuple[str, ...], patterns: tuple[str | None, ...]) -> _Scanner:
+    return _Scanner(hints, patterns)
 
 
-def python_hits(text: str, hints: Sequence[str], gates: Sequence[str]) -> int:
-    """The same bits as the compiled scanner, from Python checks (``gates``: a rare character per hint)."""
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def python_hits(
+    text: str, hints: Sequence[str], gates: Sequence[str], patterns: Sequence[str | None] | None = None
+) -> int:
+    """The same bits as the compiled scanner, from Python checks.
+
+    ``gates``: a rare character per hint (checked first, at C speed); ``patterns``: the secrets'
+    gate patterns (None: the hint alone), searched only where the hint occurs.
+    """
     bits = 0
     if not text.isascii() and nz.needs_normalize(text):
         bits |= NORM
@@ -116,15 +129,23 @@ def python_hits(text: str, hints: Sequence[str], gates: Sequence[str]) -> int:
         bits |= IPV6
     if "IBAN" in text:
         bits |= IBAN
-    for i, (hint, gate) in enumerate(zip(hints, gates, strict=True)):
-        if gate in text and hint in text:
+    pats = (None,) * len(hints) if patterns is None else patterns
+    for i, (hint, gate, pattern) in enumerate(zip(hints, gates, pats, strict=True)):
+        if gate in text and hint in text and (pattern is None or _compiled(pattern).search(text) is not None):
             bits |= secret_bit(i)
     return bits
 
 
-def make_hits(hints: Sequence[str], gates: Sequence[str], *, compiled: bool = True) -> Callable[[str], int]:
-    """The gate function for these secret hints: compiled when hyperscan is installed (and wanted)."""
+def make_hits(
+    hints: Sequence[str],
+    gates: Sequence[str],
+    patterns: Sequence[str | None] | None = None,
+    *,
+    compiled: bool = True,
+) -> Callable[[str], int]:
+    """The gate function for these secrets: compiled when hyperscan is installed (and wanted)."""
+    pats = (None,) * len(hints) if patterns is None else tuple(patterns)
     if compiled and AVAILABLE:
-        return _scanner(tuple(hints)).hits
+        return _scanner(tuple(hints), pats).hits
     hints, gates = tuple(hints), tuple(gates)
-    return lambda text: python_hits(text, hints, gates)
+    return lambda text: python_hits(text, hints, gates, pats)

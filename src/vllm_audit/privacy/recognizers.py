@@ -70,27 +70,41 @@ _INVOICE_CONTEXT = re.compile(r"(?i:发票|票据|税控|invoice)[^0-9]{0,8}$")
 #: A rare character every match of a secret pattern holds (default: the hint's last character).
 _SECRET_GATE = {"gh": "_", "aws_secret_access_key": "_", "AKIA": "K", "ASIA": "S", "xox": "-", "eyJ": "J"}
 _SECRET_GATE |= {"-----BEGIN": "-", "Bearer ": "B"}
-#: Secrets start with a literal: ``hint in text`` (fast) gates a search for the pattern.
+#: Secrets start with a literal: ``hint in text`` (fast) gates a search for the pattern. The gate
+#: pattern (third) is a prefix of what every match of the pattern holds, hyperscan- and ``re``-valid,
+#: so text where only the hint occurs ("gh" in "though", "sk-" in "task-list") sets no bit; None: the
+#: hint alone gates.
+_SECRET_DEFS = (
+    ("sk-", r"sk-(?:ant-|proj-|svcacct-|admin-)?(?P<s>[A-Za-z0-9_\-]{20,})", r"sk-[A-Za-z0-9_\-]{20}", "API_KEY"),
+    ("AKIA", r"AKIA[A-Z0-9]{16}(?![A-Za-z0-9])", r"AKIA[A-Z0-9]{16}", "API_KEY"),
+    ("ASIA", r"ASIA[A-Z0-9]{16}(?![A-Za-z0-9])", r"ASIA[A-Z0-9]{16}", "API_KEY"),
+    ("gh", r"gh[pousr]_[A-Za-z0-9]{36,}", r"gh[pousr]_[A-Za-z0-9]{36}", "API_KEY"),
+    ("github_pat_", r"github_pat_[A-Za-z0-9_]{22,}", r"github_pat_[A-Za-z0-9_]{22}", "API_KEY"),
+    ("xox", r"xox[abposre]-[A-Za-z0-9\-]{10,}", r"xox[abposre]-[A-Za-z0-9\-]{10}", "API_KEY"),
+    (
+        "eyJ",
+        r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{8,}",
+        r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{8}",
+        "JWT",
+    ),
+    (
+        "-----BEGIN",
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*\Z)",
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY",
+        "PRIVATE_KEY",
+    ),
+    ("://", r"://(?P<s>[^\s/:@]{1,256}:[^\s/@]{1,256})@", None, "URL_CREDENTIALS"),
+    (
+        "aws_secret_access_key",
+        r"aws_secret_access_key[ \t]*[=:][ \t]*[\"']?(?P<s>[A-Za-z0-9/+=]{40})",
+        None,
+        "API_KEY",
+    ),
+    ("Bearer ", r"Bearer (?P<s>[A-Za-z0-9._~+/\-]{20,}=*)", r"Bearer [A-Za-z0-9._~+/\-]{20}", "API_KEY"),
+)
 _SECRETS: tuple[tuple[str, str, re.Pattern[str], str], ...] = tuple(
-    (_SECRET_GATE.get(hint, hint[-1]), hint, re.compile(pattern), kind)
-    for hint, pattern, kind in (
-        ("sk-", r"sk-(?:ant-|proj-|svcacct-|admin-)?(?P<s>[A-Za-z0-9_\-]{20,})", "API_KEY"),
-        ("AKIA", r"AKIA[A-Z0-9]{16}(?![A-Za-z0-9])", "API_KEY"),
-        ("ASIA", r"ASIA[A-Z0-9]{16}(?![A-Za-z0-9])", "API_KEY"),
-        ("gh", r"gh[pousr]_[A-Za-z0-9]{36,}", "API_KEY"),
-        ("github_pat_", r"github_pat_[A-Za-z0-9_]{22,}", "API_KEY"),
-        ("xox", r"xox[abposre]-[A-Za-z0-9\-]{10,}", "API_KEY"),
-        ("eyJ", r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{8,}", "JWT"),
-        (
-            "-----BEGIN",
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-            r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*\Z)",
-            "PRIVATE_KEY",
-        ),
-        ("://", r"://(?P<s>[^\s/:@]{1,256}:[^\s/@]{1,256})@", "URL_CREDENTIALS"),
-        ("aws_secret_access_key", r"aws_secret_access_key[ \t]*[=:][ \t]*[\"']?(?P<s>[A-Za-z0-9/+=]{40})", "API_KEY"),
-        ("Bearer ", r"Bearer (?P<s>[A-Za-z0-9._~+/\-]{20,}=*)", "API_KEY"),
-    )
+    (_SECRET_GATE.get(hint, hint[-1]), hint, re.compile(pattern), kind) for hint, pattern, _, kind in _SECRET_DEFS
 )
 
 
@@ -109,7 +123,8 @@ def _glued(t: str, a: int) -> bool:
 
 _HINTS = tuple(hint for _, hint, _, _ in _SECRETS)
 _GATES = tuple(g for g, _, _, _ in _SECRETS)
-_hits = gate.make_hits(_HINTS, _GATES)
+_GATE_PATTERNS = tuple(gate_re for _, _, gate_re, _ in _SECRET_DEFS)
+_hits = gate.make_hits(_HINTS, _GATES, _GATE_PATTERNS)
 #: (gate bit, pattern, kind) per secret pattern, and the union of their bits: a text without a
 #: secret hint skips the loop with one ``&``.
 _SECRET_SCANS = tuple((gate.secret_bit(i), pattern, kind, "s" in pattern.groupindex)
