@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from vllm_audit.config import Config
 from vllm_audit.privacy import checksums as cs
+from vllm_audit.privacy import gate
 from vllm_audit.privacy import recognizers as rz
 from vllm_audit.privacy import redactor as rd
 from vllm_audit.privacy.recognizers import Finding, find
@@ -90,6 +91,70 @@ def test_seeded_runs_find_what_a_full_scan_finds(text: str) -> None:
     found: list[Finding] = []
     rz._scan_numbers(t, found)
     assert found == ref_scan_numbers(t)
+
+
+_GROUP = st.text(alphabet="0123456789", min_size=1, max_size=11)
+_SEP = st.sampled_from(["", " ", "-", ".", "  ", " - ", "\n", ":", "T", "/"])
+_LEAD = st.sampled_from(["", "+", "+ ", "00", "(", "(+", "(0", "E", "G", "C", "CA", "H", "M", "W", "EA", "DE", "GB",
+                         "91", "Y1", "ID", "Tel", "x"])  # fmt: skip
+_TAIL = st.sampled_from(["", ")", ") ", "X", "x", "Z", "AB", ".", "1.2"])
+
+
+@st.composite
+def _number_like(draw: st.DrawFn) -> str:
+    """Digit groups with the separators, prefixes and suffixes the number/ID recognizers read."""
+    parts = [draw(_LEAD)]
+    for _ in range(draw(st.integers(1, 5))):
+        parts.append(draw(_GROUP))
+        parts.append(draw(_SEP))
+    parts.append(draw(_TAIL))
+    return "".join(parts)
+
+
+_FILLER = st.sampled_from([" the ", " 会议 ", ", then ", " at ", "\n", " (see below) ", " version ", " 身份证 "])
+
+
+_numbers_in_prose = st.lists(st.tuples(_FILLER, _number_like()), min_size=1, max_size=8).map(
+    lambda pairs: "".join(f + n for f, n in pairs)
+)
+_PROSE_330 = "Please summarise the notes below and list the action items for each team. " * 5
+
+
+@settings(max_examples=500, deadline=None)
+@given(_numbers_in_prose, _numbers_in_prose, st.booleans())
+def test_seeded_runs_find_what_a_full_scan_finds_in_long_texts(head: str, tail: str, dense: bool) -> None:
+    """Over 320 characters the scan visits only runs holding a seed: it finds what a scan of all finds."""
+    text = head + (" " if dense else _PROSE_330) + tail + ("" if dense else _PROSE_330) + head
+    if len(text) <= rz._SHORT_SCAN:
+        text += _PROSE_330
+    found: list[Finding] = []
+    rz._scan_numbers(text, found)
+    full: list[Finding] = []
+    rz._scan_range(text, 0, len(text), full)
+    assert found == full
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_numbers_in_prose)
+def test_no_number_or_id_is_found_where_the_seed_gate_is_clear(text: str) -> None:
+    """A text without a number seed (dates, clock times, 8-digit counters ...) holds no number finding."""
+    if not gate.python_hits(text, (), ()) & gate.NUM or not rz._hits(text) & gate.NUM:
+        full: list[Finding] = []
+        rz._scan_range(text, 0, len(text), full)
+        assert full == []
+    assert bool(gate.python_hits(text, (), ()) & gate.NUM) == bool(rz._hits(text) & gate.NUM)
+
+
+def test_dates_and_clock_times_set_no_number_seed() -> None:
+    """What made most clean prompts pay the number scan: an ISO date, a time, short counters."""
+    clean = ("[2025-06-03T14:22:51.093Z] GET /v1", "LIMIT 100 OFFSET 2000", "build 2025.06.03", "port 8080 pid 424242")
+    for text in clean:
+        assert not rz._hits(text) & gate.NUM, text
+    for text in ("call 138 1234 5678", "+44 20 7946 0958", "(010) 1234 5678", "E12345678", "DE89370400440532013000"):
+        assert rz._hits(text) & gate.NUM, text
+    # The shortest numbers each seed exists for: 8 digits after "+", an area code in parentheses.
+    assert [f[2] for f in find("call +376 12345 now")] == ["PHONE"]
+    assert [f[2] for f in find("tel (010)6234 5678")] == ["CN_LANDLINE"]
 
 
 @settings(max_examples=600, deadline=None)

@@ -1,10 +1,11 @@
 """Which recognizers can match a text: one compiled multi-pattern pass (hyperscan), or Python gates.
 
 ``hits(text)`` returns a bit mask: ``NORM`` (the text holds a character the detection copy
-changes, see ``normalize``), ``NUM`` (a number/ID/IPv4 seed: seven digits with separators,
-``d.d.d.d``, or two capitals then two digits), ``EMAIL`` (``@``), ``IPV6`` (``::`` or six
-colons), ``IBAN`` (the literal), and one bit per secret (``secret_bit(i)``: its gate pattern, a
-prefix every match of the secret holds, or its literal hint where it has none). A recognizer
+changes, see ``normalize``), ``NUM`` (a number/ID/IPv4 seed, ``NUM_SEED``: nine digits with
+separators, ``+`` and eight, an area code in parentheses and four, seven in a row, ``d.d.d.d``,
+or two capitals then two digits), ``EMAIL`` (``@``), ``IPV6`` (``::`` or six colons), ``IBAN``
+(the literal), and one bit per secret (``secret_bit(i)``: its gate pattern, a prefix every match
+of the secret holds, or its literal hint where it has none). A recognizer
 whose bit is clear cannot match, so it does not run: a clean text costs one scan.
 
 With the ``hyperscan`` package (Intel Hyperscan, a DFA-based multi-pattern matcher; Linux/macOS
@@ -32,12 +33,20 @@ IPV6 = 1 << 3
 IBAN = 1 << 4
 _SECRET0 = 5
 
-#: Number/ID seeds (a superset of what the number scan needs).
-NUM_SEED = r"[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){6}|[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|[A-Z]{2}[0-9]{2}"
+#: Number/ID seeds: a superset of what any validated finding of the number scan holds. Nine digits
+#: with separators (every national number, ID and card: 9 to 19 digits), ``+`` and eight (an
+#: international number: a country code and at least 7 more), ``(0xx)`` / ``(+cc)`` and four more
+#: digits (the area or code in parentheses, then 7-8 / 4+), seven digits in a row (passports,
+#: permits: a letter or two then 7-8 digits; a USCC's 2nd-8th characters), ``d.d.d.d`` (IPv4) and
+#: two capitals then two digits (IBAN). Dates and clock times (``2025-06-03``, ``14:22:51``) hold none.
+NUM_SEED = (
+    r"[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){8}|[0-9]{7}|[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|[A-Z]{2}[0-9]{2}"
+    r"|\+[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){7}|\(\+?[0-9]{1,4}\)[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){3}"
+)
 IPV6_SEED = r"::|:(?:[0-9A-Fa-f.]*:){5}"
 _NUM_RE = re.compile(NUM_SEED)
 _NUM_BYTES = re.compile(NUM_SEED.encode())
-_NOT_NUM = bytes(sorted(set(range(256)) - set(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ \t\r\n.-")))
+_NOT_NUM = bytes(sorted(set(range(256)) - set(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ \t\r\n.-+()")))
 _IPV6_RE = re.compile(IPV6_SEED)
 
 

@@ -41,10 +41,14 @@ _SCAN = re.compile(
 #: Every _SCAN match lies inside one run of these characters (lower-case only in ``[Xx]``).
 _RUN_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+() .-x\t\r\n")
 _RUN = re.compile(r"[0-9A-Z+() .\-x\t\r\n]*")
-#: Every _SCAN match that can yield an entity contains one of these (7 digits with separators:
-#: numbers, IDs, passports, permits, USCCs; "1.2": IPv4; two capitals then two digits: IBAN), and a
-#: run without one holds no such match. Runs are independent: a match never spans two of them.
-_SEED = re.compile(r"[0-9](?:(?:[ \t\r\n.\-]{0,3}[0-9]){6}|\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?<=[A-Z]{2}[0-9])[0-9])")
+#: Every _SCAN match that can yield an entity contains one of these (the seeds of ``gate.NUM_SEED``:
+#: 9 digits with separators, "+" and 8, "(0xx)"/"(+cc)" and 4, 7 in a row, "1.2.3.4", two capitals
+#: then two digits), and a run without one holds no such match. Runs are independent: a match never
+#: spans two of them.
+_SEED = re.compile(
+    r"[0-9](?:(?:[ \t\r\n.\-]{0,3}[0-9]){8}|[0-9]{6}|\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?<=[A-Z]{2}[0-9])[0-9])"
+    r"|\+[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){7}|\(\+?[0-9]{1,4}\)[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){3}"
+)
 _MAX_RUNS = 4
 _ALL = frozenset(ENTITY_TYPES)
 #: The types the number/ID scan reports.
