@@ -141,6 +141,38 @@ def test_huge_and_deep_values_become_unredactable(make_config: Callable[..., Con
     assert rec["redaction"]["entities"]["UNREDACTABLE"] == 2
 
 
+def test_tuples_and_mapping_subclasses_are_walked_like_lists_and_dicts() -> None:
+    """Values built in Python (a tuple of messages, an OrderedDict, a str subclass) are scanned
+    like the JSON types they stand for, never stored unscanned and never dropped."""
+    from collections import OrderedDict
+
+    class Text(str):
+        pass
+
+    prompt = (
+        OrderedDict(role="user", content=f"mail {PII[2]} now"),
+        {"role": "user", "content": Text(f"call {PII[1]}")},
+    )
+    rec = build_redactor(Config())(record(input_prompt=prompt))
+    assert rec["input_prompt"] == [
+        {"role": "user", "content": "mail <EMAIL> now"},
+        {"role": "user", "content": "call <CN_PHONE>"},
+    ]
+    stored = orjson.dumps(rec).decode()
+    assert PII[1] not in stored and PII[2] not in stored
+
+
+def test_a_text_limit_below_short_strings_is_refused(make_config: Callable[..., Config]) -> None:
+    """``max_text_chars`` under 64 is a config error naming the value (short strings seen clean are
+    kept without a length check, so a smaller limit could not hold)."""
+    import pytest
+
+    from vllm_audit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_text_chars must be at least 64 \(got 10\)"):
+        make_config({"max_text_chars": 10})
+
+
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(), st.binary())
 json_value = st.recursive(json_leaf, lambda kids: st.lists(kids) | st.dictionaries(st.text(), kids), max_leaves=30)
 

@@ -111,7 +111,8 @@ class PrivacyConfig:
     key_dir: str = ""
     #: How often a cached data key is checked against the key directory (erasure by another process).
     key_recheck_seconds: float = 1.0
-    #: Strings longer than this are not scanned; they are stored as ``<UNREDACTABLE>``.
+    #: Strings longer than this are not scanned; they are stored as ``<UNREDACTABLE>`` (at least 64:
+    #: the redactor keeps short strings it has seen to be clean, keys and roles, without a length check).
     max_text_chars: int = 64 * 1024 * 1024
     default: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
     tenants: dict[str, PolicyConfig] = dataclasses.field(default_factory=dict)
@@ -119,5 +120,5 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         if self.key_recheck_seconds < 0:
             raise ValueError("key_recheck_seconds must not be negative.")
-        if self.max_text_chars < 1:
-            raise ValueError("max_text_chars must be positive.")
+        if self.max_text_chars < 64:
+            raise ValueError(f"max_text_chars must be at least 64 (got {self.max_text_chars}).")
