@@ -86,3 +86,30 @@ def test_a_bare_hint_in_prose_sets_no_secret_bit() -> None:
     text = "Although the high task-list is long, the Bearer of bad news said -----BEGIN review."
     assert rz._hits(text) & rz._SECRET_MASK == 0 == _python(text) & rz._SECRET_MASK
     assert rz._hits("token ghp_" + "a" * 36) & gate.secret_bit(rz._HINTS.index("gh"))
+
+
+_SEED_ALPHABET = list("0123456789  .-+()\t\nABZIx:")
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.text(alphabet=_SEED_ALPHABET, max_size=40))
+def test_the_number_scan_seeds_where_the_gate_seeds(text: str) -> None:
+    """``NUM_SEED_SEARCH`` (the number scan's search) matches exactly where ``NUM_SEED`` (the gate)
+    does: the two spellings of one set of seeds cannot drift apart (a text the gate lets through
+    but the scan finds no seed in would lose its findings; the other way round costs scans)."""
+    import re
+
+    assert (re.search(gate.NUM_SEED, text) is None) == (re.search(gate.NUM_SEED_SEARCH, text) is None)
+
+
+def test_seed_samples_of_every_branch_agree() -> None:
+    """One text per seed branch, and near misses: both spellings say the same."""
+    import re
+
+    for text, seeded in [
+        ("138 1234 5678", True), ("1234567", True), ("1.2.3.4", True), ("GB82", True), ("+1 415 555 0", True),
+        ("(010)6234", True), ("(+44)2079", True), ("123456", False), ("2025-06-03", False), ("G8 2", False),
+        ("+1 415 555", False), ("(010)623", False), ("14:22:51", False), ("1.2.3", False),
+    ]:  # fmt: skip
+        assert (re.search(gate.NUM_SEED, text) is not None) is seeded, text
+        assert (re.search(gate.NUM_SEED_SEARCH, text) is not None) is seeded, text

@@ -41,20 +41,16 @@ _SCAN = re.compile(
 #: Every _SCAN match lies inside one run of these characters (lower-case only in ``[Xx]``).
 _RUN_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+() .-x\t\r\n")
 _RUN = re.compile(r"[0-9A-Z+() .\-x\t\r\n]*")
-#: Every _SCAN match that can yield an entity contains one of these (the seeds of ``gate.NUM_SEED``:
-#: 9 digits with separators, "+" and 8, "(0xx)"/"(+cc)" and 4, 7 in a row, "1.2.3.4", two capitals
-#: then two digits), and a run without one holds no such match. Runs are independent: a match never
-#: spans two of them.
-_SEED = re.compile(
-    r"[0-9](?:(?:[ \t\r\n.\-]{0,3}[0-9]){8}|[0-9]{6}|\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?<=[A-Z]{2}[0-9])[0-9])"
-    r"|\+[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){7}|\(\+?[0-9]{1,4}\)[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){3}"
-)
+#: Every _SCAN match that can yield an entity contains a seed of ``gate.NUM_SEED`` (9 digits with
+#: separators, "+" and 8, "(0xx)"/"(+cc)" and 4, 7 in a row, "1.2.3.4", two capitals then two
+#: digits), and a run without one holds no such match. Runs are independent: a match never spans
+#: two of them. The search form of the same seeds:
+_SEED = re.compile(gate.NUM_SEED_SEARCH)
 _MAX_RUNS = 4
 _ALL = frozenset(ENTITY_TYPES)
 #: The types the number/ID scan reports.
 _SCAN_TYPES = _ALL - {"EMAIL", "API_KEY", "JWT", "PRIVATE_KEY", "URL_CREDENTIALS"}
-#: A valid IPv6 candidate holds "::" or at least six colons with only hex digits and dots between.
-_IPV6_SEED = re.compile(r"::|:(?:[0-9A-Fa-f.]*:){5}")
+_IPV6_SEED = re.compile(gate.IPV6_SEED)
 _HEX_COLON_DOT_RUN = re.compile(r"[0-9A-Fa-f:.]*")
 #: ASCII words a number may be glued to in Chinese text ("ID110...", "Tel138...").
 _GLUE_OK = ("ID", "Id", "No", "Tel", "TEL", "NO", "SSN")
