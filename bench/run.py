@@ -1,7 +1,12 @@
 """vllm-audit performance bench: one command, one table, ratios measured side by side.
 
     .venv/bin/python bench/run.py [--quick] [--seconds S] [--skip-http] [--skip-others]
-                                  [--redaction-python PY] [--json OUT]
+                                  [--redaction-python PY] [--native auto|off] [--json OUT]
+
+0. What a regular install runs: the record path's hot modules compiled by mypyc
+   (``vllm_audit.native.MODULES``, ``hatch_build.py``), built once into a copy of ``src/`` that
+   every process of the run gets on ``PYTHONPATH`` (``--native off``, or a failed build: the
+   sources). The writer and redaction benches also run on the sources, side by side.
 
 1. HTTP (wrk, Lua POST bodies): the fake upstream alone ("bare", bench/_upstream.py: asyncio +
    uvloop replaying DemoEngine's bytes) vs nginx pass-through (JSON access log, proxy_buffering
@@ -429,10 +434,12 @@ def fsync_probe(tmp: Path, n: int = 300) -> dict[str, float]:
     return {"p50": lat[len(lat) // 2], "p90": lat[int(len(lat) * 0.9)], "p99": lat[int(len(lat) * 0.99)]}
 
 
-def run_helper(args: list[str], timeout: float, cpu: str | None = PROXY_CPU) -> dict[str, Any]:
+def run_helper(
+    args: list[str], timeout: float, cpu: str | None = PROXY_CPU, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run a bench script (pinned to ``cpu`` unless None); its result is the JSON object it prints last."""
     cmd = ["taskset", "-c", cpu, PY, *args] if cpu else [PY, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
     text = out.stdout
     start_at = text.rfind("\n{") + 1 if not text.startswith("{") or "\n{" in text else 0
     try:
@@ -442,13 +449,30 @@ def run_helper(args: list[str], timeout: float, cpu: str | None = PROXY_CPU) -> 
     return result
 
 
-def redaction_bench(python: str, timeout: float = 900) -> dict[str, Any]:
+def native_tree(tmp: Path) -> Path | None:
+    """Build the compiled hot modules into a copy of src/ (``hatch_build.native_tree``); None when it fails."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vllm_audit_hatch_build", ROOT / "hatch_build.py")
+    assert spec is not None and spec.loader is not None
+    hb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hb)
+    try:
+        hb.native_tree(ROOT / "src", tmp / "native")
+    except Exception as exc:
+        print(f"warning: compiling the hot modules failed, benchmarking the sources: {exc}", file=sys.stderr)
+        return None
+    return tmp / "native"
+
+
+def redaction_bench(python: str, src: Path, timeout: float = 900) -> dict[str, Any]:
     """bench/redaction/run.py (owned by the privacy area), its figures taken from what it prints.
 
     ``python``: an interpreter with presidio-analyzer (bench-only) for the comparison; the package
-    itself comes from this checkout's src/. Its exit code says whether its own targets were met.
+    itself comes from ``src`` (this checkout's src/, or the compiled tree). Its exit code says
+    whether its own targets were met.
     """
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=str(src))
     out = subprocess.run(
         [python, str(HERE / "redaction" / "run.py")],
         capture_output=True,
@@ -678,8 +702,13 @@ def _others_table(wr: list[dict[str, Any]], others: dict[str, Any]) -> list[str]
     out.append("| bench | measured | baseline | target |")
     out.append("|---|---:|---:|---:|")
     w = wr[0]
-    out.append(f"| writer: records/s durable, {w['n']:,} records (bench/_writer.py) | {w['records_per_s']:,} "
-               f"({w['cpu_us_per_record']:.1f} µs CPU/record) | 9,632 (issue 10's first landing) | 50,000 |")  # fmt: skip
+    out.append(f"| writer: records/s durable, {w['n']:,} records (bench/_writer.py; {others.get('package', '')}) | "
+               f"{w['records_per_s']:,} ({w['cpu_us_per_record']:.1f} µs CPU/record) | "
+               "9,632 (issue 10's first landing) | 50,000 |")  # fmt: skip
+    wp = others.get("writer_pure")
+    if wp:
+        out.append(f"| writer, same run on the sources (pure Python) | {wp['records_per_s']:,} "
+                   f"({wp['cpu_us_per_record']:.1f} µs CPU/record) | — | — |")  # fmt: skip
     v = others.get("verify")
     if v and "verify_records_per_s" in v:
         out.append(
@@ -721,6 +750,12 @@ def _others_table(wr: list[dict[str, Any]], others: dict[str, Any]) -> list[str]
             )
     elif rd:
         out.append(f"| redaction | failed: {str(rd.get('error', ''))[:200]} | | |")
+    rp = others.get("redaction_pure")
+    if rp and "mb_s_one" in rp:
+        ratio = f" ({rp['x_presidio_one']:.1f}× / {rp['x_presidio_fifty']:.1f}×)" if rp.get("x_presidio_one") else ""
+        us2k = rp.get("us_clean_2kb", float("nan"))
+        out.append(f"| redaction on the sources (pure Python): MB/s one / 50 texts{ratio}; clean 2 KB record | "
+                   f"{rp['mb_s_one']:.2f} / {rp['mb_s_fifty']:.2f}; {us2k:.1f} µs | — | — |")  # fmt: skip
     out.append("")
     return out
 
@@ -742,6 +777,12 @@ def main() -> int:
         default=PY,
         help="interpreter for bench/redaction/run.py: one with presidio-analyzer installed gives the baseline",
     )
+    ap.add_argument(
+        "--native",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: compile the hot modules (as a regular install does) and run everything on them; off: the sources",
+    )
     ap.add_argument("--json", help="also write all raw results to this file")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
@@ -755,6 +796,14 @@ def main() -> int:
     t0 = time.time()
     load0 = os.getloadavg()[0]
     try:
+        src = ROOT / "src"
+        tree = native_tree(tmp) if args.native == "auto" else None
+        # Every process of the run (gateways, helpers) imports the package from here.
+        os.environ["PYTHONPATH"] = str(tree or src)
+        pure_env = dict(os.environ, PYTHONPATH=str(src))
+        version = subprocess.run([PY, "-m", "vllm_audit.cli", "--version"], capture_output=True, text=True)
+        flavour = version.stdout.strip()
+        print(f"package: {flavour}", flush=True)
         fs = fsync_probe(tmp)
         print(f"fdatasync probe: p50 {fs['p50']:.2f} ms p99 {fs['p99']:.2f} ms", flush=True)
         http = None if args.skip_http else http_bench(tmp, seconds, not args.no_uvicorn_row, not args.no_variants)
@@ -767,7 +816,9 @@ def main() -> int:
         # The target's setting: 2 cores, finalize + redaction in 2 prepare processes ([log]
         # prepare_processes = 2), the writer thread sealing; not pinned, so both CPUs are used.
         wr.append(run_helper([str(HERE / "_writer.py"), str(n), "4096", "2"], 900, cpu=None))
-        others: dict[str, Any] = {}
+        others: dict[str, Any] = {"package": flavour}
+        if tree is not None:  # the same in-thread run on the sources, for the difference the compiled modules make
+            others["writer_pure"] = run_helper([str(HERE / "_writer.py"), str(n)], 900, env=pure_env)
         if not args.skip_others:
             nv = args.verify_records or (100_000 if args.quick else 300_000)
             print(f"verifier ({nv:,} records, processes on every CPU) ...", flush=True)
@@ -777,7 +828,10 @@ def main() -> int:
             print("inclusion proofs ...", flush=True)
             others["proofs"] = run_helper([str(HERE / "_proofs.py")], 600)
             print("redaction (vs Presidio) ...", flush=True)
-            others["redaction"] = redaction_bench(args.redaction_python)
+            others["redaction"] = redaction_bench(args.redaction_python, tree or src)
+            if tree is not None:
+                print("redaction on the sources ...", flush=True)
+                others["redaction_pure"] = redaction_bench(args.redaction_python, src)
         text = report(http, mw, wr, seconds, fs, others)
         print()
         print(text)

@@ -83,10 +83,24 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """``--version``: the version and whether the record path's hot modules run compiled (imported
+    only when asked: every other command starts without loading the recognizers)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        from vllm_audit import native
+
+        print(f"vllm-audit {__version__} ({native.summary()})")
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (``command`` given) one with only that command's area loaded."""
     parser = argparse.ArgumentParser(prog="vllm-audit", description="Tamper-evident audit records for LLM servers.")
-    parser.add_argument("--version", action="version", version=f"vllm-audit {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and whether the hot modules run compiled")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -41,7 +41,7 @@ UNREDACTABLE = "<UNREDACTABLE>"
 MAX_DEPTH = 64
 #: Keys of chat messages / content parts whose string values are structure, not content.
 _STRUCTURAL_KEYS = frozenset({"role", "type"})
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile("[" + chr(0xD800) + "-" + chr(0xDFFF) + "]")  # lone surrogates (no literal: mypyc)
 _STRING_FIELDS = frozenset({"client_ip", "peer_ip", "user_id"})
 _FIELD_ENTITY = {"client_ip": "IP_ADDRESS", "peer_ip": "IP_ADDRESS", "user_id": "USER_ID"}
 _POLICY_FIELDS = frozenset(FIELDS)
