@@ -1,7 +1,8 @@
 """Wheel build hook: compile the record path's hot modules with mypyc (falls back to pure Python).
 
-The modules named in ``vllm_audit.native.MODULES`` (the recognizers, their checksums, the detection
-copy, the gate and the redactor: what the writer runs for every record) are plain, mypy-strict Python. When a
+The modules named in ``vllm_audit.native.MODULES`` (the record built from an exchange, the
+recognizers, their checksums, the detection copy, the gate and the redactor: what the writer runs
+for every record) are plain, mypy-strict Python. When a
 regular wheel is built (``pip install .``, ``pip wheel .``) this hook compiles them to C extension
 modules with mypyc (the compiler mypy ships) and puts them in the wheel beside their ``.py``
 sources; Python imports the extension, the source stays as documentation and as the oracle the

@@ -5,7 +5,7 @@ preparing N1 and N2 records (default 50 and 250) after 50 warm-up ones, and prin
 the instruction totals divided by N2 - N1. The exchanges and records are built before, the same
 whatever N is, so only the stage's work differs. Stages:
 
-- ``finalize``: :func:`vllm_audit.capture.finalize` of the writer bench's exchanges (1 KB prompts,
+- ``finalize``: :func:`vllm_audit.finalize.finalize` of the writer bench's exchanges (1 KB prompts,
   half 20-event streams);
 - ``prepare``: finalize + redact (default policy) + ``orjson.dumps``, what a prepare process does;
 - ``clean2k``: the redactor on clean ~2 KB records (``bench/redaction/realistic.py``).
@@ -31,7 +31,7 @@ def _work(stage: str, n: int) -> None:
     import orjson
     from realistic import records
 
-    from vllm_audit import capture
+    from vllm_audit import finalize
     from vllm_audit.config import Config
     from vllm_audit.writer import load_redactor
 
@@ -39,14 +39,14 @@ def _work(stage: str, n: int) -> None:
     exchanges = _writer.make_exchanges(350)
     recs = records(seed=11, n=300, size=2000)
     for ex in exchanges[:50]:  # warm every path (caches, lazy tables): steady state per record
-        redact(capture.finalize(ex))
+        redact(finalize.finalize(ex))
     todo = exchanges[50 : 50 + n]
     if stage == "finalize":
         for ex in todo:
-            capture.finalize(ex)
+            finalize.finalize(ex)
     elif stage == "prepare":
         for ex in todo:
-            orjson.dumps(redact(capture.finalize(ex)))
+            orjson.dumps(redact(finalize.finalize(ex)))
     else:
         for rec in recs[:n]:
             redact(rec)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from vllm_audit.capture import Exchange, finalize
+from vllm_audit.capture import Exchange
+from vllm_audit.finalize import finalize
 
 
 def exchange(route: str, req: object, chunks: list[bytes], ctype: bytes, status: int = 200) -> Exchange:

@@ -4,8 +4,9 @@ A regular wheel runs ``vllm_audit.native.MODULES`` compiled; the editable instal
 suite uses runs the sources. These tests compile the modules once (``hatch_build.native_tree``:
 a copy of the package with the extension files beside the sources), check that a process with
 that tree on ``PYTHONPATH`` really imports the compiled modules, run the whole privacy test suite
-against them, and compare their output with the sources' on the redaction corpora (development,
-held-out, every adversarial variant, realistic prompts, records) and on random digit soup. They
+against them (and the tests of the record built from an exchange, and of the writer), and compare
+their output with the sources' on the redaction corpora (development, held-out, every adversarial
+variant, realistic prompts, records), on random digit soup and on the records of 300 exchanges. They
 skip where no C compiler is found; in CI (``VLLM_AUDIT_REQUIRE_SERVICES=1``) they fail instead.
 """
 
@@ -31,12 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 #: redacted record of the corpora, as JSON (the same script for the sources and the compiled tree).
 PROBE = r"""
 import json, random, sys
-sys.path[:0] = [sys.argv[1] + "/bench/redaction"]
+sys.path[:0] = [sys.argv[1] + "/bench/redaction", sys.argv[1] + "/bench"]
+import _writer
 from adversarial import variants
 from corpus import generate
 from realistic import prompts, records
 from vllm_audit import native
 from vllm_audit.config import Config
+from vllm_audit.finalize import finalize
 from vllm_audit.privacy import build_redactor
 from vllm_audit.privacy.recognizers import find
 
@@ -52,10 +55,16 @@ soup = "0123456789 -+().:@xX\tIBANGB中文１２３ａ\u200b\uff0d"
 texts += ["".join(rng.choice(soup) for _ in range(rng.randrange(1, 90))) for _ in range(3000)]
 redact = build_redactor(Config())
 recs = records(seed=3, n=150, pii=2, size=800) + records(seed=4, n=50, pii=0, size=2000)
+volatile = ("record_id", "request_id", "timestamp", "latency_ms", "ttft_ms")  # per process
+finalized = []
+for ex in _writer.make_exchanges(300):  # chat, half streamed with usage, 1 KB prompts, some PII
+    rec = finalize(ex)
+    finalized.append({k: v for k, v in rec.items() if k not in volatile})
 out = {
     "native": native.status(),
     "find": [find(t) for t in texts],
     "records": [redact(r) for r in recs],
+    "finalize": finalized,
 }
 print(json.dumps(out, ensure_ascii=False, default=str))
 """
@@ -102,21 +111,25 @@ def test_the_tree_imports_every_module_compiled(tree: Path) -> None:
     status = json.loads(got.stdout)
     assert status and all(status.values()), status
     version = _run(tree, "-m", "vllm_audit.cli", "--version")
-    assert "compiled (mypyc), 5 of 5 modules" in version.stdout, version.stdout + version.stderr
+    n = len(status)
+    assert f"compiled (mypyc), {n} of {n} modules" in version.stdout, version.stdout + version.stderr
     pure = _run(ROOT / "src", "-m", "vllm_audit.cli", "--version")
     assert "(pure Python)" in pure.stdout, pure.stdout + pure.stderr
 
 
-def test_the_privacy_suite_passes_against_the_compiled_modules(tree: Path) -> None:
-    """Every test of ``tests/privacy`` (property tests included) passes with the compiled modules."""
-    got = _run(tree, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/privacy")
+def test_the_privacy_and_capture_tests_pass_against_the_compiled_modules(tree: Path) -> None:
+    """Every test of ``tests/privacy`` (property tests included), of the record built from an
+    exchange and of the writer passes with the compiled modules."""
+    got = _run(tree, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/privacy", "tests/test_capture.py",
+               "tests/test_writer.py")  # fmt: skip
     assert got.returncode == 0, got.stdout[-6000:] + got.stderr[-2000:]
     assert " passed" in got.stdout and " failed" not in got.stdout
 
 
 def test_compiled_and_python_modules_give_the_same_findings_and_records(tree: Path) -> None:
     """The sources are the compiled code's oracle: identical findings on ~9,000 texts (corpora,
-    adversarial variants, prompts, random soup) and identical redacted records."""
+    adversarial variants, prompts, random soup), identical redacted records and identical records
+    finalized from 300 exchanges (streamed and not)."""
     pure = _run(ROOT / "src", "-c", PROBE, str(ROOT))
     compiled = _run(tree, "-c", PROBE, str(ROOT))
     assert pure.returncode == 0, pure.stderr[-3000:]
@@ -127,3 +140,4 @@ def test_compiled_and_python_modules_give_the_same_findings_and_records(tree: Pa
     diffs = [i for i, (x, y) in enumerate(zip(a["find"], b["find"], strict=True)) if x != y]
     assert not diffs, f"{len(diffs)} texts differ, first at {diffs[0]}: {a['find'][diffs[0]]} != {b['find'][diffs[0]]}"
     assert a["records"] == b["records"]
+    assert len(a["finalize"]) == 300 and a["finalize"] == b["finalize"]

@@ -3,8 +3,8 @@
 A regular wheel (``pip install .``) holds these modules compiled to C extension modules by mypyc
 beside their Python sources (``hatch_build.py``); an editable install, a build with
 ``VLLM_AUDIT_PURE_PYTHON=1`` or a machine without a C compiler runs the sources. Both behave the
-same (``tests/test_native.py`` runs the privacy tests and a differential corpus against the
-compiled modules); the compiled ones take about a third less CPU per record (``docs/performance.md``).
+same (``tests/test_native.py`` runs the privacy, capture and writer tests and a differential
+corpus against the compiled modules); the compiled ones take about a third less CPU per record (``docs/performance.md``).
 ``vllm-audit --version`` and the gateway's start-up log say which is in use.
 """
 
@@ -19,6 +19,7 @@ MODULES = (
     "vllm_audit.privacy.gate",
     "vllm_audit.privacy.recognizers",
     "vllm_audit.privacy.redactor",
+    "vllm_audit.finalize",
 )
 
 
@@ -32,7 +33,7 @@ def status() -> dict[str, bool]:
 
 
 def summary() -> str:
-    """``"compiled (mypyc), 5 of 5 modules"``, ``"pure Python"`` or a partial count."""
+    """``"compiled (mypyc), 6 of 6 modules"``, ``"pure Python"`` or a partial count."""
     st = status()
     n = sum(st.values())
     if n == 0:

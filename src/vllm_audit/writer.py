@@ -3,7 +3,7 @@
 The request path calls :meth:`AuditWriter.submit` (an enqueue, a few microseconds) and, in
 strict durability, awaits the returned future before releasing a response's last byte. One
 thread does everything else: it drains a batch from the queue, turns each exchange into a
-record (:func:`vllm_audit.capture.finalize`), redacts it, appends the batch to this process's
+record (:func:`vllm_audit.finalize.finalize`), redacts it, appends the batch to this process's
 chain, fsyncs once, and then resolves the whole batch's futures with one call into the event
 loop. Throughput grows with load (bigger batches) while each fsync is paid once per batch.
 
@@ -30,9 +30,10 @@ from typing import Any
 
 import orjson
 
-from vllm_audit.capture import Exchange, finalize
+from vllm_audit.capture import Exchange
 from vllm_audit.config import Config
 from vllm_audit.errors import LogWriteError
+from vllm_audit.finalize import finalize
 from vllm_audit.integrity.chain import Chain
 from vllm_audit.metrics import Metrics
 from vllm_audit.record import prompt_sha256

@@ -1,0 +1,474 @@
+"""How an exchange becomes a record: the schema-v1 record dict, built on the writer thread.
+
+:func:`finalize` reads what the request path captured in an :class:`~vllm_audit.capture.Exchange`
+(references to the raw bytes, timestamps, flags): JSON parsing of the request (the prompt the
+route acts on, with how completely it was kept), SSE or JSON parsing of the response (text,
+finish reason, usage, model, response id). Nothing here runs on the event loop. A regular wheel
+runs this module compiled (``vllm_audit.native``); it never raises: a record is never lost
+because parsing failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any
+
+import orjson
+
+from vllm_audit.access.identity import Identity
+from vllm_audit.capture import ABSENT, CAPTURED, LOSSY, TRUNCATED, UNPARSED, Exchange, outcome, parse_json
+from vllm_audit.record import SCHEMA_VERSION
+
+#: The request body fields each route acts on (what the model receives); the record stores these.
+PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("messages",),
+    "/v1/completions": ("prompt",),
+    "/v1/embeddings": ("input", "messages"),
+    "/v1/responses": ("instructions", "input"),
+    "/v1/messages": ("system", "messages"),
+    "/v1/messages/count_tokens": ("system", "messages"),
+    "/invocations": ("messages", "prompt", "input"),
+    "/tokenize": ("prompt", "messages"),
+    "/detokenize": ("tokens",),
+    "/pooling": ("input", "messages"),
+    "/classify": ("input", "messages"),
+    "/score": ("text_1", "text_2", "queries", "documents"),
+    "/v1/score": ("text_1", "text_2", "queries", "documents"),
+    "/rerank": ("query", "documents"),
+    "/v1/rerank": ("query", "documents"),
+    "/v2/rerank": ("query", "documents"),
+}
+_DEFAULT_PROMPT_FIELDS = ("messages", "prompt", "input")
+
+_SURROGATE = re.compile("[" + chr(0xD800) + "-" + chr(0xDFFF) + "]")  # lone surrogates (no literal: mypyc)
+
+def finalize(ex: Exchange) -> dict[str, Any]:
+    """Build the schema-v1 record for one exchange (writer thread)."""
+    try:
+        return _finalize(ex)
+    except Exception as exc:  # never lose a record because parsing failed
+        rec = _base(ex)
+        rec["capture_error"] = f"{type(exc).__name__} while parsing the exchange"
+        return rec
+
+
+_iso_cache: tuple[int, str] = (-1, "")
+
+
+def _iso(ts: float) -> str:
+    """``2026-11-25T01:02:03.456Z`` (UTC, ms); the per-second prefix is cached (hot path)."""
+    global _iso_cache
+    sec = int(ts)
+    ms = int((ts - sec) * 1000)
+    cached_sec, prefix = _iso_cache
+    if cached_sec != sec:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _iso_cache = (sec, prefix)
+    return f"{prefix}.{ms:03d}Z"
+
+
+#: The identity fields of a record, per caller: ``(user_id, org_id, auth_status, auth_method,
+#: key_id, quota_subject, roles, failure_reason)``. ``quota_subject`` hashes three strings and an
+#: identity is frozen, so the fields are computed once per distinct identity (bounded: cleared
+#: when full). Callers that pass something other than an ``Identity`` take the getattr path.
+_IDENT_CACHE: dict[Any, tuple[Any, ...]] = {}
+_IDENT_CACHE_MAX = 4096
+
+
+def _identity_fields(ident: Any) -> tuple[Any, ...]:
+    cacheable = type(ident) is Identity
+    if cacheable:
+        try:
+            got = _IDENT_CACHE.get(ident)
+        except TypeError:  # a field that is not hashable (roles given as a list): not cached
+            cacheable = False
+        else:
+            if got is not None:
+                return got
+    fields = (
+        getattr(ident, "user_id", "anonymous"),
+        getattr(ident, "org_id", "unknown"),
+        getattr(ident, "auth_status", "anonymous"),
+        getattr(ident, "auth_method", "none"),
+        getattr(ident, "key_id", None),
+        # One-way hashes naming the caller's quota counters (from the raw identity, so charging
+        # from the redacted record charges the caller the check counted).
+        getattr(ident, "quota_subject", None),
+        tuple(getattr(ident, "roles", ())),
+        getattr(ident, "failure_reason", None),
+    )
+    if cacheable:
+        if len(_IDENT_CACHE) >= _IDENT_CACHE_MAX:
+            _IDENT_CACHE.clear()
+        _IDENT_CACHE[ident] = fields
+    return fields
+
+
+def _base(ex: Exchange) -> dict[str, Any]:
+    user_id, org_id, auth_status, auth_method, key_id, quota, roles, failure = _identity_fields(ex.identity)
+    t_end = ex.t_end if ex.t_end is not None else time.perf_counter()
+    rec: dict[str, Any] = {
+        "record_type": "inference",
+        "schema_version": SCHEMA_VERSION,
+        "timestamp": _iso(ex.started_at),
+        "record_id": ex.record_id,
+        "request_id": ex.request_id,
+        "request_id_source": ex.request_id_source,
+        "client_ip": ex.client_ip,
+        "peer_ip": ex.peer_ip,
+        "forwarded_ignored": ex.forwarded_ignored,
+        "user_id": user_id,
+        "org_id": org_id,
+        "auth_status": auth_status,
+        "auth_method": auth_method,
+        "key_id": key_id,
+        "quota_subject": dict(quota) if type(quota) is dict else quota,  # each record owns its dict
+        "roles": list(roles),
+        "method": ex.method,
+        "route": ex.route,
+        "model_name": None,
+        "model_revision": None,
+        "response_id": None,
+        "stream": ex.stream,
+        "http_status": ex.http_status,
+        "status": outcome(ex),
+        "finish_reason": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "usage_source": None,
+        "latency_ms": round((t_end - ex.t0) * 1000.0, 3),
+        "ttft_ms": round((ex.t_first - ex.t0) * 1000.0, 3) if ex.t_first is not None and ex.stream else None,
+        "input_prompt": None,
+        "output_response": None,
+        "prompt_sha256": None,
+        "prompt_status": ABSENT,
+        "prompt_error": None,
+        "request_body_sha256": hashlib.sha256(ex.request_body).hexdigest(),
+        "request_bytes": ex.request_bytes,
+        "response_bytes": ex.response_bytes,
+        "request_truncated": ex.request_truncated,
+        "response_truncated": ex.response_truncated,
+        "upstream": ex.upstream,
+        "error_type": ex.error_type,
+        "error_message": ex.error_message,
+    }
+    if failure:
+        rec["error_message"] = rec["error_message"] or failure
+        rec["error_type"] = rec["error_type"] or "authentication_error"
+    if ex.request_id_note:
+        rec["notes"] = [ex.request_id_note]
+    return rec
+
+
+def _finalize(ex: Exchange) -> dict[str, Any]:
+    rec = _base(ex)
+    _apply_request(ex, rec)
+
+    if ex.chunks:
+        body = ex.chunks[0] if len(ex.chunks) == 1 else b"".join(ex.chunks)
+        if b"text/event-stream" in ex.content_type:
+            _parse_sse(body, ex.usage_chunk, rec)
+        elif b"json" in ex.content_type and not ex.response_truncated:
+            _parse_json_response(body, rec)
+    elif ex.usage_chunk:
+        _parse_sse(b"", ex.usage_chunk, rec)
+    return rec
+
+
+def _apply_request(ex: Exchange, rec: dict[str, Any]) -> None:
+    """The prompt the route acts on, with ``prompt_status`` saying how completely it was kept."""
+    if not ex.request_body:
+        return
+    req, error = ex.request_json, ex.request_parse_error
+    if req is None and error is None:
+        req, error = parse_json(ex.request_body)
+    if error is not None or not isinstance(req, dict):
+        rec["prompt_status"] = UNPARSED
+        rec["prompt_error"] = error or "the request body is not a JSON object"
+        return
+    lossy = False
+    model = req.get("model")
+    if isinstance(model, str):
+        rec["model_name"], lossy = _clean_str(model)
+    fields = PROMPT_FIELDS.get(rec["route"], _DEFAULT_PROMPT_FIELDS)
+    present = [f for f in fields if f in req]
+    if not present:
+        return
+    prompt: Any = req[present[0]] if len(present) == 1 else {f: req[f] for f in present}
+    try:
+        prompt, changed = _clean(prompt)
+    except RecursionError:
+        rec["prompt_status"] = UNPARSED
+        rec["prompt_error"] = "the prompt is nested too deeply to store"
+        return
+    lossy = lossy or changed
+    status = CAPTURED
+    limit = ex.capture_limit
+    if len(ex.request_body) > limit:
+        # A big body may be padding around a small prompt: measure the prompt itself.
+        size = len(prompt.encode("utf-8")) if isinstance(prompt, str) else len(orjson.dumps(prompt))
+        if size > limit:
+            text = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode("utf-8")
+            prompt = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+            status = TRUNCATED
+            rec["request_truncated"] = True
+            rec["prompt_error"] = f"the prompt ({size} bytes) was cut to [log] max_capture_bytes ({limit})"
+    if lossy and status == CAPTURED:
+        status = LOSSY
+        rec["prompt_error"] = "lone surrogate escapes in the request were stored as U+FFFD"
+    rec["input_prompt"] = prompt
+    rec["prompt_status"] = status
+
+
+def _clean_str(value: str) -> tuple[str, bool]:
+    if value.isascii():
+        return value, False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", value), True
+    return value, False
+
+
+def _clean(value: Any) -> tuple[Any, bool]:
+    """Replace lone surrogates (valid in ``json.loads`` output, not storable as UTF-8) with U+FFFD."""
+    if isinstance(value, str):
+        return _clean_str(value)
+    if isinstance(value, list):
+        changed = False
+        out = []
+        for item in value:
+            item, c = _clean(item)
+            changed = changed or c
+            out.append(item)
+        return (out, True) if changed else (value, False)
+    if isinstance(value, dict):
+        changed = False
+        d: dict[str, Any] = {}
+        for k, v in value.items():
+            k2, ck = _clean_str(k) if isinstance(k, str) else (k, False)
+            v2, cv = _clean(v)
+            changed = changed or ck or cv
+            d[k2] = v2
+        return (d, True) if changed else (value, False)
+    if isinstance(value, float) and (value != value or value in (_INF, -_INF)):
+        return None, True  # NaN / Infinity (json.loads accepts them): JSON has no value for them
+    return value, False
+
+
+_INF = float("inf")
+
+
+def _apply_usage(usage: Any, rec: dict[str, Any], source: str) -> None:
+    if not isinstance(usage, dict):
+        return
+    pt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    ct = usage.get("completion_tokens", usage.get("output_tokens"))
+    tt = usage.get("total_tokens")
+    if isinstance(pt, int):
+        rec["prompt_tokens"] = pt
+    if isinstance(ct, int):
+        rec["completion_tokens"] = ct
+    if isinstance(tt, int):
+        rec["total_tokens"] = tt
+    elif isinstance(pt, int) and isinstance(ct, int):
+        rec["total_tokens"] = pt + ct
+    rec["usage_source"] = source
+
+
+def _apply_meta(obj: dict[str, Any], rec: dict[str, Any]) -> None:
+    rid = obj.get("id")
+    if isinstance(rid, str) and rec["response_id"] is None:
+        rec["response_id"] = rid
+    model = obj.get("model")
+    if isinstance(model, str):
+        rec["model_name"] = rec["model_name"] or model
+        rec.setdefault("served_model", model)
+    fp = obj.get("system_fingerprint")
+    if isinstance(fp, str):
+        rec["model_revision"] = fp
+
+
+def _parse_json_response(body: bytes, rec: dict[str, Any]) -> None:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(obj, dict):
+        return
+    err = obj.get("error")
+    if isinstance(err, dict):
+        msg = err.get("message")
+        rec["error_type"] = rec["error_type"] or (str(err.get("type")) if err.get("type") else "error")
+        rec["error_message"] = rec["error_message"] or (str(msg)[:2000] if msg is not None else None)
+        return
+    if isinstance(obj.get("detail"), str | list) and rec["http_status"] >= 400:
+        rec["error_type"] = rec["error_type"] or "error"
+        rec["error_message"] = rec["error_message"] or str(obj["detail"])[:2000]
+    _apply_meta(obj, rec)
+    _apply_usage(obj.get("usage"), rec, "response")
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices:
+        texts: list[Any] = []
+        reasons: list[str] = []
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            msg = ch.get("message")
+            if isinstance(msg, dict):
+                text: Any = msg.get("content")
+                if msg.get("tool_calls"):
+                    text = {"content": text, "tool_calls": msg["tool_calls"]}
+                texts.append(text)
+            else:
+                texts.append(ch.get("text"))
+            fr = ch.get("finish_reason")
+            if isinstance(fr, str):
+                reasons.append(fr)
+        rec["output_response"] = texts[0] if len(texts) == 1 else texts
+        rec["finish_reason"] = reasons[0] if len(reasons) == 1 else (reasons or None)
+        return
+    if obj.get("object") == "list" and isinstance(obj.get("data"), list):
+        data = obj["data"]
+        if data and isinstance(data[0], dict) and "embedding" in data[0]:
+            emb = data[0]["embedding"]
+            dims = len(emb) if isinstance(emb, list) else None
+            rec["output_response"] = {"embeddings": len(data), "dimensions": dims}
+        return
+    if obj.get("object") == "response":  # /v1/responses
+        _apply_responses_output(obj, rec)
+
+
+def _apply_responses_output(obj: dict[str, Any], rec: dict[str, Any]) -> None:
+    texts: list[str] = []
+    for item in obj.get("output") or []:
+        if isinstance(item, dict):
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+    rec["output_response"] = "".join(texts)
+    status = obj.get("status")
+    if isinstance(status, str):
+        rec["finish_reason"] = status
+    _apply_usage(obj.get("usage"), rec, "response")
+
+
+#: A ``data:`` field line of an event stream (its value: the rest of the line).
+_DATA_LINE = re.compile(rb"^data:([^\n]*)", re.M)
+
+
+def _sse_payloads(body: bytes) -> list[bytes]:
+    """The non-empty ``data:`` values of an event stream, ``[DONE]`` left out (whitespace stripped)."""
+    return [p for p in [v.strip() for v in _DATA_LINE.findall(body)] if p and p != b"[DONE]"]
+
+
+def _load_events(payloads: list[bytes]) -> list[Any]:
+    """Parse every event with one orjson call (one JSON array); fall back event by event."""
+    if not payloads:
+        return []
+    try:
+        events: list[Any] = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        return events
+    except orjson.JSONDecodeError:
+        out = []
+        for p in payloads:
+            try:
+                out.append(orjson.loads(p))
+            except orjson.JSONDecodeError:
+                continue
+        return out
+
+
+def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> None:
+    texts: dict[int, list[str]] = {}  # pieces per choice index other than 0
+    first: list[str] = []  # pieces of choice 0 (most streams have no other)
+    add_first = first.append
+    reasons: dict[int, str] = {}
+    events = _load_events(_sse_payloads(body))
+    injected = _load_events(_sse_payloads(usage_chunk)) if usage_chunk else []
+    meta_done = False
+    last_obj: dict[str, Any] | None = None
+    for obj in events:
+        if type(obj) is not dict:
+            continue
+        choices = obj.get("choices")
+        if choices:
+            last_obj = obj
+            if not meta_done:
+                _apply_meta(obj, rec)
+                meta_done = True
+            for ch in choices:
+                if type(ch) is not dict:
+                    continue
+                idx = ch.get("index", 0)
+                if type(idx) is not int:
+                    idx = 0
+                delta = ch.get("delta")
+                piece = delta.get("content") if type(delta) is dict else ch.get("text")
+                if type(piece) is str and piece:
+                    if idx == 0:
+                        add_first(piece)
+                    else:
+                        bucket = texts.get(idx)
+                        if bucket is None:
+                            texts[idx] = [piece]
+                        else:
+                            bucket.append(piece)
+                fr = ch.get("finish_reason")
+                if fr is not None and type(fr) is str:
+                    reasons[idx] = fr
+            usage = obj.get("usage")
+            if usage:
+                _apply_usage(usage, rec, "stream")
+            continue
+        fp = obj.get("system_fingerprint")
+        if isinstance(fp, str):  # vLLM's usage-only chunk (choices: []) carries it when usage is on
+            rec["model_revision"] = fp
+        if "error" in obj and isinstance(obj["error"], dict):
+            err = obj["error"]
+            rec["error_type"] = rec["error_type"] or str(err.get("type") or "error")
+            rec["error_message"] = rec["error_message"] or str(err.get("message"))[:2000]
+            continue
+        etype = obj.get("type")
+        if isinstance(etype, str) and etype.startswith("response."):  # /v1/responses events
+            if etype == "response.output_text.delta" and isinstance(obj.get("delta"), str):
+                add_first(obj["delta"])
+            elif etype in ("response.completed", "response.incomplete", "response.failed"):
+                resp = obj.get("response")
+                if isinstance(resp, dict):
+                    _apply_meta(resp, rec)
+                    _apply_usage(resp.get("usage"), rec, "stream")
+                    if isinstance(resp.get("status"), str):
+                        rec["finish_reason"] = resp["status"]
+            continue
+        if not meta_done:
+            _apply_meta(obj, rec)
+            meta_done = True
+        usage = obj.get("usage")
+        if usage:
+            _apply_usage(usage, rec, "stream")
+    if last_obj is not None and rec["model_revision"] is None:
+        fp = last_obj.get("system_fingerprint")
+        if isinstance(fp, str):
+            rec["model_revision"] = fp
+    for obj in injected:
+        if type(obj) is dict:
+            if not meta_done:
+                _apply_meta(obj, rec)
+                meta_done = True
+            fp = obj.get("system_fingerprint")
+            if isinstance(fp, str):
+                rec["model_revision"] = fp
+            if obj.get("usage"):
+                _apply_usage(obj["usage"], rec, "injected")
+    if first:
+        texts[0] = first
+    if texts:
+        joined = ["".join(texts[i]) for i in sorted(texts)]
+        rec["output_response"] = joined[0] if len(joined) == 1 else joined
+    if reasons:
+        rs = [reasons[i] for i in sorted(reasons)]
+        rec["finish_reason"] = rs[0] if len(rs) == 1 else rs
