@@ -4,8 +4,8 @@ A regular wheel (``pip install .``) holds these modules compiled to C extension 
 beside their Python sources (``hatch_build.py``); an editable install, a build with
 ``VLLM_AUDIT_PURE_PYTHON=1`` or a machine without a C compiler runs the sources. Both behave the
 same (``tests/test_native.py`` runs the privacy, capture and writer tests and a differential
-corpus against the compiled modules); the compiled ones take about a third less CPU per record (``docs/performance.md``).
-``vllm-audit --version`` and the gateway's start-up log say which is in use.
+corpus against the compiled modules); the compiled ones take less CPU per record
+(``docs/performance.md``). ``vllm-audit --version`` says which is in use.
 """
 
 from __future__ import annotations
