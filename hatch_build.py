@@ -109,7 +109,8 @@ class NativeBuildHook(_Base):  # type: ignore[misc, unused-ignore]
         if os.environ.get("VLLM_AUDIT_PURE_PYTHON", "") not in ("", "0"):
             sys.stderr.write("vllm-audit: VLLM_AUDIT_PURE_PYTHON set: building a pure-Python wheel\n")
             return
-        out = Path(self.directory) / "native-build"
+        out = Path(tempfile.mkdtemp(prefix="vllm-audit-native-"))  # removed in finalize()
+        self._native_out = out
         try:
             made = compile_native(Path(self.root) / "src", out)
         except Exception as exc:  # no compiler, no headers, no mypyc: the pure wheel works the same
@@ -119,6 +120,11 @@ class NativeBuildHook(_Base):  # type: ignore[misc, unused-ignore]
             build_data["force_include"][str(out / rel)] = str(rel)
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
+
+    def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
+        out = getattr(self, "_native_out", None)
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def native_tree(src: Path, out: Path) -> list[Path]:
