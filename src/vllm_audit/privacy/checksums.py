@@ -164,8 +164,10 @@ def uscc_check_char(first17: str) -> str:
     return _USCC_CHARS[(31 - total % 31) % 31]
 
 
-#: A -> "10" ... Z -> "35" (ISO 13616 letter values), for str.translate.
+#: A -> "10" ... Z -> "35" (ISO 13616 letter values), for str.translate; digits map to themselves
+#: (a hit: a character missing from the table costs a KeyError inside translate).
 _IBAN_DIGITS = {ord(c): str(i) for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ", 10)}
+_IBAN_DIGITS |= {ord(d): d for d in "0123456789"}
 
 
 def is_iban(value: str) -> bool:

@@ -36,10 +36,14 @@ _QUIET = "\uff08\uff09\uff1a\u3000"
 @dataclass(frozen=True, slots=True)
 class _Tables:
     one: dict[int, str]  # one original character -> one ASCII character (str.translate)
+    one_chars: dict[str, str]  # the same, keyed by the character (for the sparse path)
+    one_filled: dict[int, str | int]  # ``one`` plus identity entries for CJK text (a hit is cheaper than a miss)
+    one_bmp_re: re.Pattern[str]  # any key of ``one`` below U+10000
     var: dict[str, str]  # one original character -> "" or several characters
     trigger: str
     trigger_re: re.Pattern[str]
     var_re: re.Pattern[str] | None
+    var_bmp_re: re.Pattern[str] | None  # the keys of ``var`` below U+10000
 
 
 def _class(chars: list[str]) -> str:
@@ -95,7 +99,59 @@ def _tables() -> _Tables:
     loud = [chr(cp) for cp in one if chr(cp) not in _QUIET] + list(var)
     trigger = _class(loud) + "|" + _class(list(_QUIET)) + "[0-9A-Fa-f\uff10-\uff19\uff21-\uff26\uff41-\uff46]"
     var_re = re.compile(_class(list(var))) if var else None
-    return _Tables(one, var, trigger, re.compile(trigger), var_re)
+    one_chars = {chr(cp): m for cp, m in one.items()}
+    one_filled: dict[int, str | int] = dict.fromkeys(_IDENTITY_FILL, 0)
+    for cp in one_filled:
+        one_filled[cp] = cp
+    one_filled.update(one)
+    # ``re`` matches a class holding only BMP characters with a bitmap, one holding a character
+    # above U+FFFF range by range: ~30 times slower. Texts without such characters (nearly all)
+    # are scanned with the BMP parts.
+    one_bmp_re = re.compile(_class([c for c in one_chars if c <= _BMP_MAX]))
+    var_bmp = [c for c in var if c <= _BMP_MAX]
+    var_bmp_re = re.compile(_class(var_bmp)) if var_bmp else None
+    return _Tables(one, one_chars, one_filled, one_bmp_re, var, trigger, re.compile(trigger), var_re, var_bmp_re)
+
+
+#: Code points that ``str.translate`` meets most in Chinese text and leaves alone (CJK punctuation,
+#: Hiragana/Katakana, the unified ideographs): looked up as identity entries instead of misses.
+_IDENTITY_FILL = (*range(0x3000, 0x3100), *range(0x4E00, 0xA000))
+_BMP_MAX = "\uffff"
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+#: Up to this share of mapped characters, ``_map_one`` replaces them one by one (slices between
+#: them); above it, ``str.translate`` over the whole text is cheaper.
+_SPARSE = 16
+
+
+def _map_one(text: str, tables: _Tables, bmp: bool) -> str:
+    """``text.translate(tables.one)``, without a dictionary miss per unmapped character.
+
+    ``str.translate`` looks every non-ASCII character up in the table, and each one not in it
+    (every Chinese character) costs a ``KeyError`` raised and caught inside it: ~50 ns a
+    character. Where few characters map (the usual case: a phone number in full-width digits in a
+    Chinese prompt), one regex pass finds them and the copy is built from slices. ``bmp``: the
+    text holds no character above U+FFFF (else the table does it all).
+    """
+    if not bmp:
+        return text.translate(tables.one_filled)
+    one = tables.one_chars
+    budget = len(text) // _SPARSE  # more mapped characters than this: the table is cheaper
+    pieces: list[str] = []
+    last = 0
+    for m in tables.one_bmp_re.finditer(text):
+        if budget == 0:
+            return text.translate(tables.one_filled)
+        budget -= 1
+        i = m.start()
+        pieces.append(text[last:i])
+        pieces.append(one[text[i]])
+        last = i + 1
+    if not pieces:
+        return text
+    pieces.append(text[last:])
+    return "".join(pieces)
 
 
 def trigger_pattern() -> str:
@@ -133,14 +189,16 @@ def normalize(text: str, *, checked: bool = False) -> tuple[str, OffsetMap | Non
     tables = _tables()
     if not checked and tables.trigger_re.search(text) is None:
         return text, None
-    t = text.translate(tables.one)  # one character to one: spans unchanged
-    if tables.var_re is None or tables.var_re.search(t) is None:
+    bmp = _ASTRAL.search(text) is None
+    t = _map_one(text, tables, bmp)  # one character to one: spans unchanged
+    var_re = tables.var_bmp_re if bmp else tables.var_re
+    if var_re is None or var_re.search(t) is None:
         return t, None
     var = tables.var
     pieces: list[str] = []
     origin: list[int] = []
     last = 0
-    for m in tables.var_re.finditer(t):
+    for m in var_re.finditer(t):
         i = m.start()
         if i > last:
             pieces.append(t[last:i])
