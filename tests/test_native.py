@@ -141,3 +141,44 @@ def test_compiled_and_python_modules_give_the_same_findings_and_records(tree: Pa
     assert not diffs, f"{len(diffs)} texts differ, first at {diffs[0]}: {a['find'][diffs[0]]} != {b['find'][diffs[0]]}"
     assert a["records"] == b["records"]
     assert len(a["finalize"]) == 300 and a["finalize"] == b["finalize"]
+
+
+def _wheel(tmp: Path, env_extra: dict[str, str]) -> tuple[Path, str]:
+    """Build this checkout's wheel with the build hook, in this environment (no isolation)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_AUDIT_PURE_PYTHON")}
+    env.update(env_extra)
+    out = tmp / "wheel"
+    got = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    wheels = list(out.glob("vllm_audit-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0], got.stdout + got.stderr
+
+
+@pytest.mark.parametrize("case", ["compiled", "pure_by_request", "no_compiler"])
+def test_the_wheel_build_compiles_or_falls_back_to_pure_python(tree: Path, tmp_path: Path, case: str) -> None:
+    """``pip wheel .`` (the hook in ``hatch_build.py``): a platform wheel holding every compiled
+    module and its source; with ``VLLM_AUDIT_PURE_PYTHON=1`` or a C compiler that fails, a pure
+    wheel (the second saying why), never a failed install."""
+    import zipfile
+
+    pytest.importorskip("hatchling", reason="hatchling (the build backend) for an in-place wheel build")
+    env = {"VLLM_AUDIT_PURE_PYTHON": "1"} if case == "pure_by_request" else {}
+    if case == "no_compiler":
+        env["CC"] = "/bin/false"
+    wheel, log = _wheel(tmp_path, env)
+    names = zipfile.ZipFile(wheel).namelist()
+    compiled = [n for n in names if n.endswith(".so")]
+    assert "vllm_audit/privacy/recognizers.py" in names and "vllm_audit/finalize.py" in names
+    if case == "compiled":
+        assert "-cp3" in wheel.name and not wheel.name.endswith("-none-any.whl"), wheel.name
+        for module in _hatch_build().NATIVE_MODULES:
+            stem = module.removesuffix(".py")
+            assert any(n.startswith(stem + ".") for n in compiled), (module, compiled)
+    else:
+        assert wheel.name.endswith("-py3-none-any.whl") and not compiled, (wheel.name, compiled)
+    if case == "no_compiler":
+        assert "compiling the hot modules failed; building a pure-Python wheel" in log
