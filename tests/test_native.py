@@ -143,13 +143,19 @@ def test_compiled_and_python_modules_give_the_same_findings_and_records(tree: Pa
     assert len(a["finalize"]) == 300 and a["finalize"] == b["finalize"]
 
 
-def _wheel(tmp: Path, env_extra: dict[str, str]) -> tuple[Path, str]:
-    """Build this checkout's wheel with the build hook, in this environment (no isolation)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_AUDIT_PURE_PYTHON")}
+def _wheel(tmp: Path, env_extra: dict[str, str], isolated: bool) -> tuple[Path, str]:
+    """Build this checkout's wheel with the build hook: ``isolated`` as the README's first command
+    does (the pip of a fresh venv, in an isolated build environment holding only the pinned build
+    requirements, none of the package's own dependencies), else in this environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_AUDIT_PURE_PYTHON", "VIRTUAL_ENV")}
     env.update(env_extra)
     out = tmp / "wheel"
+    python, flags = sys.executable, ["--no-build-isolation"]
+    if isolated:
+        subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=120)
+        python, flags = str(tmp / "venv" / "bin" / "python"), []
     got = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        [python, "-m", "pip", "wheel", "-v", "--no-deps", *flags, "-w", str(out), str(ROOT)],
         env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
@@ -161,7 +167,9 @@ def _wheel(tmp: Path, env_extra: dict[str, str]) -> tuple[Path, str]:
 @pytest.mark.parametrize("case", ["compiled", "pure_by_request", "no_compiler"])
 def test_the_wheel_build_compiles_or_falls_back_to_pure_python(tree: Path, tmp_path: Path, case: str) -> None:
     """``pip wheel .`` (the hook in ``hatch_build.py``): a platform wheel holding every compiled
-    module and its source; with ``VLLM_AUDIT_PURE_PYTHON=1`` or a C compiler that fails, a pure
+    module and its source, built in an isolated build environment as a user's install is (where
+    the package's dependencies, hyperscan among them, are not installed: the sources must
+    type-check without them); with ``VLLM_AUDIT_PURE_PYTHON=1`` or a C compiler that fails, a pure
     wheel (the second saying why), never a failed install."""
     import zipfile
 
@@ -169,7 +177,7 @@ def test_the_wheel_build_compiles_or_falls_back_to_pure_python(tree: Path, tmp_p
     env = {"VLLM_AUDIT_PURE_PYTHON": "1"} if case == "pure_by_request" else {}
     if case == "no_compiler":
         env["CC"] = "/bin/false"
-    wheel, log = _wheel(tmp_path, env)
+    wheel, log = _wheel(tmp_path, env, isolated=case == "compiled")
     names = zipfile.ZipFile(wheel).namelist()
     compiled = [n for n in names if n.endswith(".so")]
     assert "vllm_audit/privacy/recognizers.py" in names and "vllm_audit/finalize.py" in names
