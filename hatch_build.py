@@ -2,12 +2,11 @@
 
 The modules named in ``vllm_audit.native.MODULES`` (the record built from an exchange, the
 recognizers, their checksums, the detection copy, the gate and the redactor: what the writer runs
-for every record) are plain, mypy-strict Python. When a
-regular wheel is built (``pip install .``, ``pip wheel .``) this hook compiles them to C extension
-modules with mypyc (the compiler mypy ships) and puts them in the wheel beside their ``.py``
-sources; Python imports the extension, the source stays as documentation and as the oracle the
-tests compare the compiled code with (``tests/test_native.py``). ``vllm_audit.native.status()``
-says which modules a running process uses.
+for every record) are plain, mypy-strict Python. When a regular wheel is built (``pip install .``,
+``pip wheel .``) this hook compiles them to C extension modules with mypyc (the compiler mypy
+ships) and puts them in the wheel beside their ``.py`` sources; Python imports the extension, the
+source stays as documentation and as the oracle the tests compare the compiled code with
+(``tests/test_native.py``). ``vllm_audit.native.status()`` says which modules a process uses.
 
 Nothing is compiled for an editable install (``pip install -e .``: the source tree is what runs,
 as a developer expects), when ``VLLM_AUDIT_PURE_PYTHON=1`` is set, or when compiling fails (no C
@@ -46,7 +45,6 @@ NATIVE_MODULES = _modules()
 GROUP = "vllm_audit_native"
 
 _SETUP = """\
-import sys
 from setuptools import setup
 from mypyc.build import mypycify
 
