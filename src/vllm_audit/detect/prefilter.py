@@ -28,24 +28,14 @@ identical decisions over the fixtures and thousands of generated records.
 from __future__ import annotations
 
 import functools
-import importlib
 import re
 import threading
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
+from vllm_audit._hyperscan import HS
 
-def _import_hyperscan() -> ModuleType | None:
-    """The ``hyperscan`` module, or None where no wheel exists (typed the same either way, so the
-    module type-checks and compiles in a build environment that does not have it installed)."""
-    try:
-        return importlib.import_module("hyperscan")
-    except ImportError:  # pragma: no cover - exercised where no wheel exists
-        return None
-
-
-_hs = _import_hyperscan()
+_hs = HS
 
 AVAILABLE = _hs is not None
 

@@ -18,13 +18,12 @@ come from Python checks (``in``, a regex per gate); both give the same bits
 from __future__ import annotations
 
 import functools
-import importlib
 import re
 import threading
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any
 
+from vllm_audit._hyperscan import HS
 from vllm_audit.privacy import normalize as nz
 
 NORM = 1 << 0
@@ -70,16 +69,7 @@ def secret_bit(i: int) -> int:
     return 1 << (_SECRET0 + i)
 
 
-def _import_hyperscan() -> ModuleType | None:
-    """The ``hyperscan`` module, or None where no wheel exists (typed the same either way, so the
-    module type-checks and compiles in a build environment that does not have it installed)."""
-    try:
-        return importlib.import_module("hyperscan")
-    except ImportError:  # pragma: no cover - exercised where no wheel exists
-        return None
-
-
-_hs = _import_hyperscan()
+_hs = HS
 
 AVAILABLE = _hs is not None
 
