@@ -253,27 +253,27 @@ _Slot = tuple[Any, Any]  # (container, key or index) holding one string value
 
 def _collect(value: Any, texts: list[str], slots: list[_Slot], key_fn: Callable[[str], str], depth: int) -> Any:
     """A copy of ``value`` whose string values are listed in ``texts`` (in order) with their slots."""
-    vt = type(value)
-    if vt is dict or vt is list or vt is tuple:  # exact JSON types, the common case, checked first
-        pass
-    elif value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | int | float):
         return value
-    elif isinstance(value, dict):
-        value = dict(value)  # a subclass: walked as the mapping it holds
-    elif isinstance(value, list | tuple):
-        value = list(value)
-    else:
-        return UNREDACTABLE  # bytes, objects: never let an unknown type through
     if depth >= MAX_DEPTH:
         raise _TooDeepError
-    if type(value) is dict:
+    if isinstance(value, list | tuple):
+        items: list[Any] = []
+        for v in value:
+            if isinstance(v, str):
+                slots.append((items, len(items)))
+                texts.append(v)
+                items.append(v)
+            else:
+                items.append(_collect(v, texts, slots, key_fn, depth + 1))
+        return items
+    if isinstance(value, dict):
         out: dict[str, Any] = {}
-        clean = _CLEAN_SHORT
         for k, v in value.items():
             # A key already known clean ("role", "content") is kept without a call.
-            key = k if type(k) is str and k in clean else key_fn(k if isinstance(k, str) else str(k))
-            if type(v) is str or isinstance(v, str):
-                if k in _STRUCTURAL_KEYS and len(v) <= 64 and (v in clean or not find(v)):
+            key = k if type(k) is str and k in _CLEAN_SHORT else key_fn(k if isinstance(k, str) else str(k))
+            if isinstance(v, str):
+                if k in _STRUCTURAL_KEYS and len(v) <= 64 and (v in _CLEAN_SHORT or not find(v)):
                     out[key] = v
                 else:
                     slots.append((out, key))
@@ -282,15 +282,7 @@ def _collect(value: Any, texts: list[str], slots: list[_Slot], key_fn: Callable[
             else:
                 out[key] = _collect(v, texts, slots, key_fn, depth + 1)
         return out
-    items: list[Any] = []
-    for v in value:
-        if type(v) is str or isinstance(v, str):
-            slots.append((items, len(items)))
-            texts.append(v)
-            items.append(v)
-        else:
-            items.append(_collect(v, texts, slots, key_fn, depth + 1))
-    return items
+    return UNREDACTABLE  # bytes, objects: never let an unknown type through
 
 
 class Redactor:
