@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,6 +183,57 @@ def test_kill_9_under_load_loses_no_record_of_a_completed_response(tmp_path: Pat
     assert 0 == out.returncode, out.stdout + out.stderr
 
 
+def listeners(port: int) -> list[str]:
+    """Inodes of the TCP sockets listening on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    found.append(cols[9])
+    return found
+
+
+def test_workers_port_taken_is_a_one_line_error(tmp_path: Path) -> None:
+    """--workers 2 on a port another program listens on exits at once, naming the address."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "vllm_audit.cli", "serve", "--workers", "2", "--port", str(port),
+             "--log-dir", str(tmp_path / "log")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert 0 != out.returncode
+    assert f"cannot bind 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_held_port_takes_no_connection() -> None:
+    """The supervisor's socket holds the port without listening: a connection to it is refused
+    (the kernel queues nothing on it), and a worker's SO_REUSEPORT socket can join the port."""
+    from vllm_audit.gateway import hold_port
+
+    held = hold_port("127.0.0.1", 0)
+    port = held.getsockname()[1]
+    try:
+        with socket.socket() as c, contextlib.suppress(ConnectionRefusedError):
+            c.connect(("127.0.0.1", port))
+            raise AssertionError("a held port accepted a connection")
+        with socket.socket() as worker:
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            worker.bind(("127.0.0.1", port))
+            worker.listen()
+            assert [worker_inode(worker)] == listeners(port)
+    finally:
+        held.close()
+
+
+def worker_inode(sock: socket.socket) -> str:
+    return os.readlink(f"/proc/self/fd/{sock.fileno()}").removeprefix("socket:[").rstrip("]")
+
+
 def test_two_workers_write_two_chains(tmp_path: Path) -> None:
     """--workers 2 gives two writers in one log directory, with no lost record."""
 
@@ -197,6 +249,9 @@ def test_two_workers_write_two_chains(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         asyncio.run(many(base))
+        # each worker listens on a socket of its own (SO_REUSEPORT), not on one shared socket
+        port = int(base.rsplit(":", 1)[1])
+        assert 2 == len(listeners(port))
     recs = read_records(log_dir)
     ids = [r["request_id"] for r in recs]
     assert sorted(ids) == sorted(f"w-{i}" for i in range(200))

@@ -12,6 +12,14 @@ connection included) or whose request head grows past ``max_header_bytes``; the 
 bounds the body (``[edge] body_timeout_s``, ``max_request_bytes``). With ``ops_port`` set,
 /healthz, /readyz and /metrics are also served on a listener of their own, so probes still get
 through when the main port is at its connection limit.
+
+With ``--workers N`` every worker listens on a socket of its own on the same port
+(``SO_REUSEPORT``), so the kernel spreads new connections over the workers by their address hash.
+uvicorn's default shares one listening socket between the workers, and whichever worker wakes
+first accepts a whole burst: under wrk's 64 keep-alive connections one worker of two served
+about two thirds of the requests while the other sat partly idle. The supervisor keeps a socket
+bound to the port without listening on it (the port is held and a conflict fails at start; the
+kernel queues no connection on a socket that does not listen).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -108,6 +117,51 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
+def _held_port(sock: socket.socket) -> bool:
+    """A socket the supervisor bound with SO_REUSEPORT and never put in the listening state."""
+    return bool(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    )
+
+
+def hold_port(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` with SO_REUSEPORT without listening: the workers' sockets join it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def reuse_port_loop() -> asyncio.AbstractEventLoop:
+    """uvicorn's loop factory for workers (``loop="vllm_audit.gateway:reuse_port_loop"``)."""
+    import uvloop
+
+    class ReusePortLoop(uvloop.Loop):
+        """uvloop whose ``create_server(sock=<held port>)`` listens on a socket of this process's
+        own, bound to the same address with SO_REUSEPORT, instead of the supervisor's shared one."""
+
+        async def create_server(  # type: ignore[override]  # one signature for the overloads
+            self, protocol_factory: Any, *args: Any, sock: socket.socket | None = None, **kwargs: Any
+        ) -> asyncio.AbstractServer:
+            if sock is not None and _held_port(sock):
+                own = socket.socket(sock.family, socket.SOCK_STREAM)
+                own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                own.bind(sock.getsockname())
+                sock = own
+            return await super().create_server(protocol_factory, *args, sock=sock, **kwargs)
+
+    return ReusePortLoop()
+
+
 def _ensure_logging() -> None:
     """Worker processes start with no handler for our loggers; give them one (stderr, INFO)."""
     ours = logging.getLogger("vllm_audit")
@@ -138,13 +192,10 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
         cfg.log.durability,
         cfg.log.on_failure,
     )
-    uvicorn.run(
-        "vllm_audit.gateway:create_app",
+    settings: dict[str, Any] = dict(
         factory=True,
         host=gw.host,
         port=gw.port,
-        workers=gw.workers if gw.workers > 1 else None,
-        loop="uvloop",
         http="vllm_audit.gateway:GuardedHttpTools",
         access_log=False,
         log_level="warning",
@@ -158,3 +209,21 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
         limit_concurrency=gw.max_client_connections or None,
         timeout_graceful_shutdown=10,
     )
+    if gw.workers <= 1:
+        uvicorn.run("vllm_audit.gateway:create_app", loop="uvloop", **settings)
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        "vllm_audit.gateway:create_app", workers=gw.workers, loop="vllm_audit.gateway:reuse_port_loop", **settings
+    )
+    try:
+        held = hold_port(gw.host, gw.port)
+    except OSError as exc:
+        raise SystemExit(f"vllm-audit serve: cannot bind {gw.host}:{gw.port}: {exc.strerror or exc}") from None
+    try:
+        Multiprocess(config, sockets=[held]).run()
+    except KeyboardInterrupt:  # pragma: no cover - the supervisor handles SIGINT itself
+        pass
+    finally:
+        held.close()
