@@ -262,3 +262,34 @@ def test_norm_time_of_the_stored_form_is_what_the_full_parse_gives(when: dt.date
                 store.norm_time(bad)
         else:
             assert store.norm_time(bad) == expected
+
+
+def test_sqlite_store_pages_fit_records_and_an_older_file_keeps_its_own(tmp_path: Path) -> None:
+    """A new SQLite store is made with 16 KiB pages (a ~2 KB record row wasted half of a 4 KiB
+    page); a store file made before, with 4 KiB pages, is opened, written and read as it is."""
+    import sqlite3
+
+    from vllm_audit.access.store import PAGE_SIZE
+
+    def page_size(path: Path) -> int:
+        with sqlite3.connect(path) as c:
+            return int(c.execute("PRAGMA page_size").fetchone()[0])
+
+    config = make_config(tmp_path, "sqlite")
+    new = ingested(config)
+    root = Viewer("platform_admin", "platform", "root")
+    expected = ids(new.query(root, RecordQuery(limit=50))[0])
+    new.close()
+    assert expected and PAGE_SIZE == 16384 == page_size(Path(config.log.dir) / "index.sqlite")
+
+    old_cfg = make_config(tmp_path / "old", "sqlite")
+    old = Path(old_cfg.log.dir) / "index.sqlite"
+    old.parent.mkdir(parents=True)
+    with sqlite3.connect(old) as c:
+        c.execute("PRAGMA page_size = 4096")
+        c.execute("PRAGMA journal_mode = WAL")
+        c.execute("CREATE TABLE placeholder (x)")
+    store = ingested(old_cfg)
+    assert 4096 == page_size(old)
+    assert ids(store.query(root, RecordQuery(limit=50))[0]) == expected
+    store.close()
