@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -221,3 +222,46 @@ def test_prepare_processes_start_with_the_writer_and_drain_waits_for_the_records
         assert all("138" not in str(r["input_prompt"]) for r in recs)
     finally:
         writer.stop()
+
+
+def test_prepare_pipeline_keeps_order_and_resolves_only_durable_records(tmp_path: Path) -> None:
+    """With prepare processes, batch N+1 is prepared while batch N is sealed: records still take
+    the chain in the order they were submitted, a waiting caller is released only once its record
+    is durable, and the batch in the processes when the writer stops is written too."""
+    cfg = Config(
+        log=LogConfig(dir=str(tmp_path / "log"), prepare_processes=2, prepare_min_batch=2, batch_max=32),
+        ship=ShipConfig(in_process=False),
+    )
+    writer = AuditWriter(cfg)
+    writer.start()
+    writer.prepare_pids(wait=60.0)
+    durable_at: dict[str, int] = {}
+
+    def released(rid: str) -> Callable[[asyncio.Future[None]], None]:
+        def note(_fut: asyncio.Future[None]) -> None:
+            durable_at[rid] = writer.durable_seq  # what was durable when the caller was released
+
+        return note
+
+    async def go() -> None:
+        futs = []
+        for i in range(400):
+            fut = writer.submit(_exchange(f"p{i}", f"mail p{i}@example.com"), wait=True)
+            assert fut is not None
+            fut.add_done_callback(released(f"p{i}"))
+            futs.append(fut)
+        await asyncio.gather(*futs)
+
+    asyncio.run(go())
+    for i in range(200):  # not waited for: the writer stops with batches still being prepared
+        writer.submit(_exchange(f"q{i}", f"call 138{i:08d}"))
+    writer.stop()
+    assert writer.metrics.prepared_in_processes_total > 0 and writer.metrics.batches_total > 10
+    reader = LogReader(tmp_path / "log", limit="all")
+    (wid,) = reader.writer_ids()
+    recs = [e.record() for e in reader.entries(wid) if e.record_type == "inference"]
+    order = [str(r["request_id"]) for r in recs]
+    assert order == [f"p{i}" for i in range(400)] + [f"q{i}" for i in range(200)]
+    for r in recs[:400]:
+        assert int(str(r["seq"])) < durable_at[str(r["request_id"])]  # on disk before the caller went on
+    assert not any("example.com" in str(r["input_prompt"]) or "138" in str(r["input_prompt"]) for r in recs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import logging
 import queue
 import threading
@@ -123,6 +124,21 @@ def _captured_bytes(ex: Exchange) -> int:
     return n + int(getattr(ex, "response_bytes", 0) or 0)
 
 _STOP = object()
+
+
+#: Most records in one batch when prepare processes are on: a burst's first batch is prepared
+#: with nothing to overlap, so smaller batches keep the pipeline full (20,000 queued records on 2
+#: cores, 2 prepare processes: batches of 4096 17.7k records/s, 1024 19.4k, 512 19.0k).
+PREPARE_BATCH_MAX = 1024
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """Items taken from the queue together; ``futs``: their parts in the prepare processes."""
+
+    items: list[Item]
+    parts: list[list[int]]
+    futs: list[Any]
 
 
 def _now_iso() -> str:
@@ -288,22 +304,36 @@ class AuditWriter:
             self._start_prepare_processes()
         q = self._q
         batch_max = self.config.log.batch_max
+        if self.config.log.prepare_processes > 0:
+            batch_max = min(batch_max, PREPARE_BATCH_MAX)
         stopping = False
+        # A batch whose records the prepare processes are working on: it is sealed once the next
+        # batch has been handed to them (or at once when nothing else is queued), so the processes
+        # prepare batch N+1 while this thread seals and syncs batch N.
+        inflight: _Batch | None = None
         while not stopping:
-            try:
-                first = q.get(timeout=self._heartbeat_s if self.failure is None else min(1.0, self._heartbeat_s))
-            except queue.Empty:
-                if chain is None:
-                    chain = self._chain = self._open_chain()
-                elif self.failure is not None:
-                    self._probe(chain)
-                else:
-                    try:
-                        chain.heartbeat()
-                        self.durable_seq = chain.next_seq
-                    except Exception:
-                        log.exception("checkpoint heartbeat failed")
-                continue
+            if inflight is not None:
+                try:
+                    first = q.get_nowait()
+                except queue.Empty:
+                    self._finish(chain, inflight)
+                    inflight = None
+                    continue
+            else:
+                try:
+                    first = q.get(timeout=self._heartbeat_s if self.failure is None else min(1.0, self._heartbeat_s))
+                except queue.Empty:
+                    if chain is None:
+                        chain = self._chain = self._open_chain()
+                    elif self.failure is not None:
+                        self._probe(chain)
+                    else:
+                        try:
+                            chain.heartbeat()
+                            self.durable_seq = chain.next_seq
+                        except Exception:
+                            log.exception("checkpoint heartbeat failed")
+                    continue
             items: list[Item] = []
             if first is _STOP:
                 stopping = True
@@ -320,7 +350,16 @@ class AuditWriter:
                 items.append(nxt)
             if chain is None:
                 chain = self._chain = self._open_chain()
-            self._handle(chain, items)
+            batch = self._begin(items)
+            if inflight is not None:
+                self._finish(chain, inflight)
+                inflight = None
+            if batch.futs:
+                inflight = batch
+            else:
+                self._finish(chain, batch)
+        if inflight is not None:
+            self._finish(chain, inflight)
         # Records still in the heavy lane are part of what was accepted: wait for them.
         deadline = time.monotonic() + 60.0
         while self._heavy_pending > 0 and time.monotonic() < deadline:
@@ -350,14 +389,21 @@ class AuditWriter:
         self.durable_seq = chain.next_seq
 
     def _handle(self, chain: Chain | None, items: list[Item]) -> None:
+        self._finish(chain, self._begin(items))
+
+    def _begin(self, items: list[Item]) -> _Batch:
+        """Start a batch: heavy exchanges to the heavy lane, the others' preparation to the
+        prepare processes (when configured); nothing here waits for them."""
+        ready = [item for item in items if not (isinstance(item[0], Exchange) and self._offload(item))]
+        parts, futs = self._submit_parallel(ready)
+        return _Batch(ready, parts, futs)
+
+    def _finish(self, chain: Chain | None, batch: _Batch) -> None:
+        """Wait for the batch's prepared records (preparing here what is missing), then seal and
+        commit them: the batch's futures resolve once its entries are durable."""
+        items = batch.items
+        prepared = self._collect_parallel(batch.parts, batch.futs)
         entries: list[dict[str, Any] | Encoded] = []
-        ready: list[Item] = []
-        for item in items:
-            if isinstance(item[0], Exchange) and self._offload(item):
-                continue
-            ready.append(item)
-        items = ready
-        prepared = self._prepare_parallel(items)
         for i, item in enumerate(items):
             got = prepared.get(i)
             entries.append(got if got is not None else self._prepare(item[0]))
@@ -399,17 +445,18 @@ class AuditWriter:
         fut.add_done_callback(done)
         return True
 
-    def _prepare_parallel(self, items: list[Item]) -> dict[int, Encoded]:
-        """Finalize and redact a batch's exchanges in the prepare processes (``[log]
-        prepare_processes``), so this process's GIL — shared with the event loop — only seals and
-        writes. Returns ``{index: encoded record}``; what is missing is prepared here."""
+    def _submit_parallel(self, items: list[Item]) -> tuple[list[list[int]], list[Any]]:
+        """Hand a batch's exchanges to the prepare processes (``[log] prepare_processes``) to be
+        finalized, redacted and encoded, so this process's GIL — shared with the event loop — only
+        seals and writes. Returns the parts (indexes into ``items``) and their futures; none when
+        the batch is prepared here."""
         n = self.config.log.prepare_processes
         idx = [i for i, it in enumerate(items) if isinstance(it[0], Exchange)]
         if n <= 0 or len(idx) < self.config.log.prepare_min_batch or self._prepare_failed:
-            return {}
+            return [], []
         pool = self._prepare_pool()
         if pool is None:
-            return {}
+            return [], []
         step = -(-len(idx) // n)
         parts = [idx[k : k + step] for k in range(0, len(idx), step)]
         futs = []
@@ -419,9 +466,16 @@ class AuditWriter:
         except Exception as exc:
             log.warning("prepare processes unavailable (%s); preparing records in the writer thread", exc)
             self._prepare_failed = True
-            return {}
+            for fut in futs:
+                fut.cancel()
+            return [], []
+        return parts, futs
+
+    def _collect_parallel(self, parts: list[list[int]], futs: list[Any]) -> dict[int, Encoded]:
+        """The prepared records of :meth:`_submit_parallel`'s parts, ``{index: encoded record}``;
+        what is missing (a part whose process failed) is prepared here."""
         out: dict[int, Encoded] = {}
-        for part, fut in zip(parts, futs, strict=False):
+        for part, fut in zip(parts, futs, strict=True):
             try:
                 encoded = fut.result()
             except Exception as exc:  # a worker died: this part is prepared here instead
