@@ -37,6 +37,7 @@ import atexit
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -112,6 +113,12 @@ def wait_port(port: int, p: subprocess.Popen[bytes], log: Path, timeout: float =
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"server on port {port} did not come up; log {log}")
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (each wrk run, once waited for)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def proc_cpu(pid: int) -> tuple[float, float]:
@@ -298,11 +305,15 @@ def http_bench(tmp: Path, seconds: float, with_demo: bool, variants: bool) -> di
         for stream, c in cells:
             before = log_records(log_dir) if log_dir else None
             own0, all0 = proc_cpu(pid) if pid else (0.0, 0.0)
+            load0 = proc_cpu(up.pid)[1] + _children_cpu()
+            t0 = time.monotonic()
             r = wrk(port, scripts[stream], c, seconds)
             own1, all1 = proc_cpu(pid) if pid else (0.0, 0.0)
             n = r["requests"]
             r["cpu_ms_per_req"] = (own1 - own0) * 1000 / n if pid and n and one_process else None
             r["cpu_all_ms_per_req"] = (all1 - all0) * 1000 / n if pid and n else None
+            # CPUs used by the load side (wrk and the fake upstream) while the cell ran
+            r["load_cpus"] = (proc_cpu(up.pid)[1] + _children_cpu() - load0) / max(time.monotonic() - t0, 1e-9)
             key = f"{'stream' if stream else 'json'}_c{c}"
             if log_dir is not None and before is not None:
                 time.sleep(0.5)  # cancelled exchanges are submitted without waiting
@@ -636,6 +647,17 @@ def report(
                 out.append(
                     f"| 2 workers / 1 worker req/s, {mode}, c=64 | {two / one:.2f}× | ≥ 1.8× | {verdict(two / one >= 1.8)} |"
                 )
+            for mode in ("json", "stream"):
+                r1, r2 = rows["gateway"][f"{mode}_c64"], rows["gateway2"][f"{mode}_c64"]
+                c1, c2, load = r1["cpu_all_ms_per_req"], r2["cpu_all_ms_per_req"], r2["load_cpus"]
+                if c1 and c2 and r1["rps"]:
+                    # What 2 workers could reach here: the CPUs wrk and the upstream leave them, at
+                    # the CPU per request they spent, against one worker's rate on a CPU of its own.
+                    bound = (2.0 - load) / (c2 / 1000) / r1["rps"]
+                    out.append(
+                        f"| of it, {mode}: CPU/request 2 workers ÷ 1 worker; wrk + upstream CPUs; the ratio the CPUs "
+                        f"left allow | {c2 / c1:.2f}; {load:.2f} of 2; {bound:.2f}× | — | — |"
+                    )
     a = mw["added_us_per_request_nonstream"]
     out.append(f"| middleware CPU per request (non-stream, async) | {a:.1f} µs | ≤ 50 µs | {verdict(a <= 50)} |")
     a = mw["added_us_strict_c64_nonstream"]
