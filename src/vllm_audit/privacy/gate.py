@@ -114,6 +114,36 @@ def _on_match(i: int, _a: int, _b: int, _f: int, bits: list[int]) -> None:
     bits[0] |= 1 << i
 
 
+class _SeedScanner:
+    """``NUM_SEED`` alone, compiled: where the first seed of a stretch of bytes ends."""
+
+    def __init__(self) -> None:
+        assert _hs is not None
+        self.db = _hs.Database()
+        self.db.compile(expressions=[NUM_SEED.encode()], ids=[0], elements=1, flags=[_hs.HS_FLAG_SINGLEMATCH])
+        self._scratch = _hs.Scratch(self.db)
+        self._local = threading.local()
+
+    def end(self, data: bytes, start: int) -> int:
+        """The end offset in ``data`` of the first seed match that ends in ``data[start:]`` and
+        starts there (hyperscan reports matches by their end; with one match per scan, the
+        earliest), or -1. ``start`` must not fall inside a seed's characters."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = self._scratch.clone()
+        found = [-1]
+        self.db.scan(data[start:] if start else data, match_event_handler=_on_seed, context=found, scratch=scratch)
+        return found[0] + start if found[0] >= 0 else -1
+
+
+def _on_seed(_i: int, _a: int, b: int, _f: int, found: list[int]) -> None:
+    found[0] = b
+
+
+#: ``seed_end(data, start)``: the compiled seed search (None without hyperscan).
+seed_end: Callable[[bytes, int], int] | None = _SeedScanner().end if AVAILABLE else None
+
+
 @functools.cache
 def _scanner(hints: tuple[str, ...], patterns: tuple[str | None, ...]) -> _Scanner:
     return _Scanner(hints, patterns)
