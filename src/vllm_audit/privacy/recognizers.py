@@ -484,6 +484,19 @@ def _classify_international(d: str) -> tuple[str, str] | None:
     return "PHONE", "+" + d
 
 
+def _sub_runs_too_short(raw: str) -> bool:
+    """Whether no sub-run of ``raw`` (a run of several digit groups, ``_CHUNK``) has the digits a
+    number needs: every sub-run leaves out the first or the last group, so the longest has all the
+    digits but the shorter end group's, and the fewest a number has are 7 (written international,
+    after "+" or "00") or 9. "2025-06-03 14": 8 digits without the "14"."""
+    need = 7 if "+" in raw or "00" in raw else 9
+    head = raw.lstrip("(+")
+    first = len(head) - len(head.lstrip("0123456789"))
+    tail = raw.rstrip(")Xx")
+    last = len(tail) - len(tail.rstrip("0123456789"))
+    return len(_digits(raw)) - min(first, last) < need
+
+
 def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
     if raw[0] == "(" and ")" not in raw:  # an opening parenthesis before a number
         raw, start = raw[1:], start + 1
@@ -491,8 +504,8 @@ def _classify_run(raw: str, start: int, found: list[Finding]) -> None:
     if hit is not None:
         found.append((start, start + len(raw), hit[0], hit[1]))
         return
-    if raw.isdigit():
-        return  # one chunk: nothing to split
+    if raw.isdigit() or _sub_runs_too_short(raw):
+        return  # one chunk, or chunks whose sub-runs are all too short: nothing to split
     # A run may hold several numbers separated by spaces/hyphens: try the longest sub-runs.
     found_chunks = list(_CHUNK.finditer(raw))
     if len(found_chunks) < 2 or len(found_chunks) > 24:
