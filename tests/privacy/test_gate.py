@@ -147,3 +147,17 @@ def test_compiled_seeds_visit_the_runs_the_search_visits(pieces: list[str], glue
     rz._scan_searched_runs(text, searched)
     rz._scan_range(text, 0, len(text), whole)
     assert compiled == searched == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60))
+def test_the_detection_copy_is_never_triggered_by_ascii(text: str) -> None:
+    """ASCII text is scanned without the detection copy's trigger (hyperscan's ASCII database, the
+    Python gate's ``isascii`` check): that is right only while the trigger matches no ASCII text."""
+    import re
+
+    from vllm_audit.privacy import normalize as nz
+
+    assert re.search(nz.trigger_pattern(), text) is None
+    assert not nz.needs_normalize(text)
+    assert not gate.make_hits(rz._HINTS, rz._GATES, rz._GATE_PATTERNS)(text) & gate.NORM

@@ -91,6 +91,16 @@ class _Scanner:
             flags=[flags] * len(exprs),
         )
         self._scratch = _hs.Scratch(self.db)
+        # ASCII text: the same gates but the detection copy's trigger (which holds no ASCII
+        # character, so its bit stays clear), without UTF-8 decoding: ~40 % less per scan.
+        self.ascii_db = _hs.Database()
+        self.ascii_db.compile(
+            expressions=[e.encode() for e in exprs[1:]],
+            ids=list(range(1, len(exprs))),
+            elements=len(exprs) - 1,
+            flags=[_hs.HS_FLAG_SINGLEMATCH] * (len(exprs) - 1),
+        )
+        self._ascii_scratch = _hs.Scratch(self.ascii_db)
         self._local = threading.local()
 
     def scratch(self) -> Any:
@@ -99,12 +109,23 @@ class _Scanner:
             s = self._local.scratch = self._scratch.clone()
         return s
 
+    def _ascii_scratch_here(self) -> Any:
+        s = getattr(self._local, "ascii_scratch", None)
+        if s is None:
+            s = self._local.ascii_scratch = self._ascii_scratch.clone()
+        return s
+
     def hits(self, text: str) -> int:
+        bits = [0]
+        if text.isascii():
+            self.ascii_db.scan(
+                text.encode(), match_event_handler=_on_match, context=bits, scratch=self._ascii_scratch_here()
+            )
+            return bits[0]
         try:
             data = text.encode()
         except UnicodeEncodeError:  # lone surrogates: hyperscan needs valid UTF-8
             data = text.encode("utf-8", "replace")
-        bits = [0]
         self.db.scan(data, match_event_handler=_on_match, context=bits, scratch=self.scratch())
         return bits[0]
 
