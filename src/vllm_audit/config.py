@@ -66,7 +66,8 @@ class LogConfig:
     #: Processes of that heavy-record lane (started on first use).
     heavy_workers: int = 1
     #: Processes that finalize and redact every batch's records (0: the writer thread does it).
-    #: With 1 or more, the gateway's own process (its event loop) keeps its CPU for proxying.
+    #: With 1 or more, the gateway's own process (its event loop) keeps its CPU for proxying; they
+    #: prepare the next batch (at most 1024 records) while the writer thread seals one.
     prepare_processes: int = 0
     #: Batches with fewer exchanges than this are prepared in the writer thread (a round trip to
     #: the processes costs more than it saves for a handful).
