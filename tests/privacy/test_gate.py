@@ -119,6 +119,7 @@ _PIECES = (
     "138 1234 5678", "1234567", "10.1.2.3", "GB82 WEST 1234 5698 7654 32", "+1 415 555 0134", "(010)6234 5678",
     "2025-06-03 14:22:51,093", "v1.2.3", "ID 11010519491231002X", "4111 1111 1111 1111", "ABCDEF12", "x", "(",
     "ms (p99 845 ms)", "line 653, in run", "Q3-2025", "12-34-56", "+", "\n", "  ", ".", "-", ":", "@",
+    "手机", "，", "：", "\u3000", "日期2025-06-03 14:22", "电话010-6234 5678", "é", "😀",
 )  # fmt: skip
 
 
@@ -133,17 +134,17 @@ _PROSE = st.sampled_from("the quick brown fox jumps over a lazy dog while our te
     st.lists(st.sampled_from([" ", " ", ", ", ":", "a", ";", "\n"]), min_size=1, max_size=8),
 )  # fmt: skip
 def test_compiled_seeds_visit_the_runs_the_search_visits(pieces: list[str], glue: list[str]) -> None:
-    """The number scan of a long ASCII text finds the same with the compiled seed search
-    (hyperscan's ``NUM_SEED`` end offsets) as with the ``re`` search, and what a full ``_SCAN``
-    pass over the whole text finds."""
+    """The number scan of a long text (ASCII, Chinese, an emoji's four UTF-8 bytes) finds the same
+    with the compiled seed search (hyperscan's ``NUM_SEED`` end offsets in the UTF-8 bytes) as with
+    the ``re`` search, and what a full ``_SCAN`` pass over the whole text finds."""
     text = "".join(p + glue[i % len(glue)] for i, p in enumerate(pieces))
     if len(text) <= rz._SHORT_SCAN:
         text = (text + " ") * (rz._SHORT_SCAN // max(1, len(text)) + 1)
-    assert gate.seed_end is not None and text.isascii()
+    assert gate.seed_end is not None
     compiled: list[rz.Finding] = []
     searched: list[rz.Finding] = []
     whole: list[rz.Finding] = []
-    rz._scan_seeded_runs(text, compiled, gate.seed_end)
+    rz._scan_seeded_runs(text, text.encode(), compiled, gate.seed_end)
     rz._scan_searched_runs(text, searched)
     rz._scan_range(text, 0, len(text), whole)
     assert compiled == searched == whole

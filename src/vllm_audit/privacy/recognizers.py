@@ -215,28 +215,36 @@ def _scan_numbers(t: str, found: list[Finding]) -> None:
     if len(t) <= _SHORT_SCAN:  # short text: one pass costs less than looking for seeds and runs
         _scan_range(t, 0, len(t), found)
         return
-    if _SEED_END is not None and t.isascii():
-        _scan_seeded_runs(t, found, _SEED_END)
+    if _SEED_END is not None:
+        try:
+            data = t.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for hyperscan
+            _scan_searched_runs(t, found)
+            return
+        _scan_seeded_runs(t, data, found, _SEED_END)
         return
     _scan_searched_runs(t, found)
 
 
-#: The compiled seed search (hyperscan), for ASCII text: its byte offsets are character offsets.
+#: The compiled seed search (hyperscan), or None.
 _SEED_END = gate.seed_end
 
 
-def _scan_seeded_runs(t: str, found: list[Finding], seed_end: Callable[[bytes, int], int]) -> None:
-    """``_scan_searched_runs`` with the seeds found by the compiled ``gate.NUM_SEED`` instead of
-    ``re`` (ASCII text only). A seed lies inside one run and ends with a digit, so the run around
-    its last character is the run the ``re`` search's seed opens; ``NUM_SEED`` and the search form
-    match in the same runs (``tests/privacy/test_gate.py``), so the same runs are visited. One
-    compiled pass costs ~1 µs per KB where the ``re`` search tried its seed at every digit, "+"
-    and "(" (~15 µs for a 1.4 KB prompt of log lines with one timestamp in it)."""
-    data = t.encode()
-    hi = 0
+def _scan_seeded_runs(t: str, data: bytes, found: list[Finding], seed_end: Callable[[bytes, int], int]) -> None:
+    """``_scan_searched_runs`` with the seeds found by the compiled ``gate.NUM_SEED`` in ``data``
+    (``t`` in UTF-8) instead of by ``re``. A seed lies inside one run and ends with a digit, so the
+    run around its last character is the run the ``re`` search's seed opens; ``NUM_SEED`` and the
+    search form match in the same runs (``tests/privacy/test_gate.py``), so the same runs are
+    visited. Seeds and runs are ASCII and UTF-8 keeps ASCII bytes for ASCII characters, so byte
+    offsets turn into character offsets by decoding the bytes between them (none to decode in
+    ASCII text). One compiled pass costs ~1 µs per KB where the ``re`` search tried its seed at
+    every digit, "+" and "(" (~15 µs for a 1.4 KB prompt of log lines with one timestamp)."""
+    ascii = len(data) == len(t)
+    hi = hi_b = 0  # where the next search starts, in characters and in bytes
     runs = 0
-    end = seed_end(data, 0)
-    while end >= 0:
+    end_b = seed_end(data, 0)
+    while end_b >= 0:
+        end = end_b if ascii else hi + len(data[hi_b:end_b].decode())
         lo = end - 1
         while lo and t[lo - 1] in _RUN_CHARS:
             lo -= 1
@@ -245,7 +253,8 @@ def _scan_seeded_runs(t: str, found: list[Finding], seed_end: Callable[[bytes, i
         _scan_range(t, lo, hi, found)
         if runs > _MAX_RUNS:
             break
-        end = seed_end(data, hi)
+        hi_b = end_b + (hi - end)  # t[end:hi] is run characters: one byte each
+        end_b = seed_end(data, hi_b)
 
 
 def _scan_searched_runs(t: str, found: list[Finding]) -> None:
