@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_audit.capture import Exchange
 from vllm_audit.finalize import finalize
@@ -234,3 +236,21 @@ def test_an_exchange_pickles_with_every_slot() -> None:
     copy = pickle.loads(pickle.dumps(real))
     assert finalize(real) | {"record_id": None} == finalize(copy) | {"record_id": None}
     assert real.record_id == copy.record_id
+
+
+_SSE_PIECES = ["data: ", "data:", "data:  ", "event: x", ": comment", "[DONE]", '{"a":1}', "\n", "\n\n", "\r\n",
+               " ", "id: 7", "xdata: 1", "data", "\t", "\r"]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_SSE_PIECES) | st.text(max_size=6), max_size=40))
+def test_sse_payloads_are_the_data_lines_a_multiline_regex_finds(pieces: list[str]) -> None:
+    """The stream's ``data:`` values, split at newlines, are exactly those of ``^data:([^\\n]*)``
+    (multi-line) stripped, empty ones and ``[DONE]`` left out, whatever else the stream holds."""
+    import re
+
+    from vllm_audit.finalize import _sse_payloads
+
+    body = "".join(pieces).encode()
+    ref = [v.strip() for v in re.findall(rb"^data:([^\n]*)", body, re.M)]
+    assert _sse_payloads(body) == [v for v in ref if v and v != b"[DONE]"]

@@ -356,13 +356,19 @@ def _apply_responses_output(obj: dict[str, Any], rec: dict[str, Any]) -> None:
     _apply_usage(obj.get("usage"), rec, "response")
 
 
-#: A ``data:`` field line of an event stream (its value: the rest of the line).
-_DATA_LINE = re.compile(rb"^data:([^\n]*)", re.M)
-
-
 def _sse_payloads(body: bytes) -> list[bytes]:
-    """The non-empty ``data:`` values of an event stream, ``[DONE]`` left out (whitespace stripped)."""
-    return [p for p in [v.strip() for v in _DATA_LINE.findall(body)] if p and p != b"[DONE]"]
+    """The non-empty ``data:`` values of an event stream, ``[DONE]`` left out (whitespace stripped).
+
+    The lines are those a ``^data:([^\n]*)`` multi-line regex finds; splitting at newlines in C
+    costs a fifth of that regex, which tried its anchor at every byte of the stream.
+    """
+    out: list[bytes] = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:].strip()
+            if value and value != b"[DONE]":
+                out.append(value)
+    return out
 
 
 def _load_events(payloads: list[bytes]) -> list[Any]:
