@@ -220,22 +220,47 @@ def test_event_stream_lines_are_read_as_the_spec_says() -> None:
 
 
 def test_an_exchange_pickles_with_every_slot() -> None:
-    """The prepare processes receive exchanges pickled as one tuple: every slot comes back, a new slot too."""
+    """The prepare processes receive exchanges pickled as one tuple: every slot comes back, a new
+    slot too; the chunks come joined and the path's parse of the request is left out."""
     import pickle
 
     ex = Exchange("rid-p", "POST", "/v1/chat/completions")
     for i, name in enumerate(Exchange.__slots__):
         setattr(ex, name, (name, i))  # a distinct value per slot
+    ex.chunks = [b"a", b"b"]
     back = pickle.loads(pickle.dumps([ex, ex], protocol=pickle.HIGHEST_PROTOCOL))
     assert back[0] is back[1]  # shared within one batch, as pickle memoises
-    assert [(name, i) for i, name in enumerate(Exchange.__slots__)] == [
+    sent = {"chunks": [b"ab"], "request_json": None, "request_parse_error": None}
+    assert [sent.get(name, (name, i)) for i, name in enumerate(Exchange.__slots__)] == [
         getattr(back[0], name) for name in Exchange.__slots__
     ]
-    real = exchange("/v1/chat/completions", {"model": "m", "messages": []}, [b'{"choices": []}'], b"application/json")
-    real.t_end = real.t0 + 0.25
-    copy = pickle.loads(pickle.dumps(real))
-    assert finalize(real) | {"record_id": None} == finalize(copy) | {"record_id": None}
-    assert real.record_id == copy.record_id
+    assert ex.chunks == [b"a", b"b"] and ex.request_json == ("request_json", 17)  # the original is untouched
+
+
+def test_a_pickled_exchange_finalizes_to_the_same_record() -> None:
+    """Parsed on the path or not, one chunk or many, lone surrogates or malformed JSON: the record
+    a prepare process makes from the pickled exchange is the one the writer thread would make."""
+    import pickle
+
+    from vllm_audit.capture import parse_json
+
+    bodies = [
+        b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        b'{"model": "m", "stream": true, "messages": [{"content": NaN}]}',
+        b'{"model": "m", "stream": tru',
+        b'{"model": "m", "stream": false, "prompt": "x"}',
+    ]
+    chunks = [b'data: {"id":"r","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n', b"data: [DONE]\n\n"]
+    for body in bodies:
+        for parsed in (False, True):
+            ex = exchange("/v1/chat/completions", None, list(chunks), b"text/event-stream")
+            ex.request_body, ex.request_bytes = body, len(body)
+            if parsed:
+                ex.request_json, ex.request_parse_error = parse_json(body)
+            ex.t_end = ex.t0 + 0.25
+            copy = pickle.loads(pickle.dumps(ex))
+            assert len(copy.chunks) == 1 and copy.request_json is None
+            assert finalize(ex) == finalize(copy)
 
 
 _SSE_PIECES = ["data: ", "data:", "data:  ", "event: x", ": comment", "[DONE]", '{"a":1}', "\n", "\n\n", "\r\n",
@@ -254,3 +279,143 @@ def test_sse_payloads_are_the_data_lines_a_multiline_regex_finds(pieces: list[st
     body = "".join(pieces).encode()
     ref = [v.strip() for v in re.findall(rb"^data:([^\n]*)", body, re.M)]
     assert _sse_payloads(body) == [v for v in ref if v and v != b"[DONE]"]
+
+
+_TOP = b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+_HEAD = _TOP + b'"choices":[{"index":0,"delta":{"content":'
+#: What may stand where a template chunk's content literal stands: strings the fast path must
+#: read as orjson does, and bytes that are no single JSON string (the chunk is then parsed whole).
+_LITERALS = [b'"a\\"', b'","b"', b'"\\ud800"', b'"x"  ', b' "x"', b'"\\u0041"', b'"\x01"', b"123", b"null",
+             b'"a"}', b'"a","b":"c"', b'""', b'"\\\\"', b'"\\"', b'"a\\u00e9\\ud83d\\ude00"', b'"caf\xc3\xa9"',
+             b'"\xff"', b"[]", b'"a"}}],"usage":{"prompt_tokens":1},"x":{"y":"', b'{}']  # fmt: skip
+_TAILS = [b"}}]}", b'},"logprobs":null,"finish_reason":null}]}', b'},"finish_reason":"stop"}]}', b"}}]} ",
+          b'}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}', b'}}],"system_fingerprint":"fp"}',
+          b"}]}"]  # fmt: skip
+
+
+def _template_obj(text: str, extra: dict[str, object]) -> dict[str, object]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": text}, **extra}]}  # fmt: skip
+
+
+_CHUNK = st.one_of(
+    st.text(max_size=8).map(lambda t: orjson.dumps(_template_obj(t, {}))),
+    st.text(max_size=8).map(lambda t: orjson.dumps(_template_obj(t, {"logprobs": None, "finish_reason": None}))),
+    st.tuples(st.sampled_from(_LITERALS), st.sampled_from(_TAILS)).map(lambda lt: _HEAD + lt[0] + lt[1]),
+    st.tuples(st.text(max_size=4), st.sampled_from(_TAILS)).map(lambda tt: _HEAD + orjson.dumps(tt[0]) + tt[1]),
+    st.sampled_from([
+        _TOP + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+        b'{"id":"chatcmpl-2","model":"m2","choices":[{"index":0,"delta":{"content":"z"}}],"system_fingerprint":"fp2"}',
+        _TOP + b'"choices":[{"index":1,"delta":{"content":"one"}}]}',
+        _TOP + b'"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
+        _TOP.replace(b",", b", ", 1) + b'"choices":[{"index":0,"delta":{"content":"sp"}}]}',
+        _TOP + b'"choices":[{"index":0,"delta":{"\\u0063ontent":"esc"}}]}',
+        _TOP + b'"model":"dup","choices":[{"index":0,"delta":{"content":"d"}}]}',
+        _TOP + b'"choices":[{"index":0,"delta":{"content":"a","content":"b"}}]}',
+        _TOP + b'"choices":[{"index":0,"delta":{"content":"f"},"finish_reason":"length"}]}',
+        _TOP + b'"choices":[],"usage":{"prompt_tokens":5,"total_tokens":9}}',
+        _TOP + b'"choices":[{"index":0,"delta":{"content":"t"}}],"created":{"a":1}}',
+        b'{"error":{"type":"overloaded","message":"later"}}',
+        _TOP + b'"choices":[{"index":0,"delta":{"content":"tr',
+        b"[1,2]", b"not json",
+    ]),
+)  # fmt: skip
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(_CHUNK, max_size=24), st.booleans())
+def test_template_chunks_give_the_record_parsing_every_chunk_gives(chunks: list[bytes], usage: bool) -> None:
+    """A stream read with template chunks (each later chunk that matches the template's bytes
+    around one JSON string taken as that string) gives the record parsing every chunk whole gives:
+    canonical and non-canonical chunks, escapes, quotes, lone surrogates, invalid UTF-8, literals
+    that are no single string, other tails, duplicate keys, other choices, usage, errors."""
+    from vllm_audit.finalize import _parse_sse
+
+    body = b"".join(b"data: " + c + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    usage_chunk = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}' if usage else None
+    base = finalize(exchange("/v1/chat/completions", {"model": "req"}, [], b"text/event-stream"))
+    fast, slow = dict(base), dict(base)
+    _parse_sse(body, usage_chunk, fast)
+    _parse_sse(body, usage_chunk, slow, fast=False)
+    assert fast == slow
+
+
+def test_a_vllm_stream_is_read_through_its_template() -> None:
+    """A vLLM-shaped stream (role chunk, content chunks, a finish chunk) takes the fast path: every
+    content chunk after the first is represented by its text and the first (the template)."""
+    from vllm_audit.finalize import _load_stream
+
+    texts = ["Hel", "lo", ' "w"', "\\orld", "\n", "é", ""]
+    payloads = [orjson.dumps(_template_obj("", {})).replace(b'{"content"', b'{"role":"assistant","content"')]
+    payloads += [orjson.dumps(_template_obj(t, {"logprobs": None, "finish_reason": None})) for t in texts]
+    payloads.append(orjson.dumps(_template_obj("!", {"logprobs": None, "finish_reason": "stop"})))
+    events = _load_stream(payloads)
+    assert [e[0] for e in events[2:-1]] == texts[1:] and isinstance(events[-1], dict)
+    template = events[2][1]
+    assert template["choices"][0]["delta"] == {"content": "Hel"} and template is events[1]
+
+
+def _chunk(choice: dict[str, object], **top: object) -> bytes:
+    return orjson.dumps({"id": "c", "model": "m", **top, "choices": [choice]})
+
+
+#: Streams whose first chunk looks like a template but is not one, each followed by chunks with
+#: its bytes around another string: read whole, they give another record than taking them as text.
+_NOT_TEMPLATES = {
+    "the content literal twice (a nested copy before the delta)": [
+        _chunk({"index": 0, "x": {"delta": {"content": "zz"}}, "delta": {"content": "zz"}}),
+        _chunk({"index": 0, "x": {"delta": {"content": "Q"}}, "delta": {"content": "zz"}}),
+    ],
+    "duplicate choices (the last one counts)": [
+        b'{"id":"c","choices":[{"index":0,"delta":{"content":"x"}}],"choices":[{"index":0,"delta":{"content":"x"}}]}',
+        b'{"id":"c","choices":[{"index":0,"delta":{"content":"Q"}}],"choices":[{"index":0,"delta":{"content":"x"}}]}',
+    ],
+    "a finish reason (set again by each such chunk)": [
+        _chunk({"index": 0, "delta": {"content": "a"}, "finish_reason": "length"}),
+        orjson.dumps({"choices": [{"index": 0, "finish_reason": "stop"}]}),
+        _chunk({"index": 0, "delta": {"content": "c"}, "finish_reason": "length"}),
+    ],
+    "another tail (not JSON)": [
+        _chunk({"index": 0, "delta": {"content": "a"}}),
+        _chunk({"index": 0, "delta": {"content": "b"}})[:-4] + b"}]]}",
+    ],
+    "usage (applied again by each such chunk)": [
+        _chunk({"index": 0, "delta": {"content": "a"}}, usage={"prompt_tokens": 1}),
+        orjson.dumps({"id": "c", "choices": [], "usage": {"prompt_tokens": 7}}),
+        _chunk({"index": 0, "delta": {"content": "b"}}, usage={"prompt_tokens": 1}),
+    ],
+    "choice 1": [_chunk({"index": 1, "delta": {"content": "a"}}), _chunk({"index": 1, "delta": {"content": "b"}})],
+    "two choices": [
+        orjson.dumps({"choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]}),
+        orjson.dumps({"choices": [{"index": 0, "delta": {"content": "c"}}, {"index": 1, "delta": {"content": "b"}}]}),
+    ],
+    "an object where the text stands": [
+        _chunk({"index": 0, "delta": {"content": "a"}}),
+        _chunk({"index": 0, "delta": {"content": "b"}}).replace(b'"b"', b'{"choices":[{"delta":{"content":"INJ"}}]}'),
+    ],
+    "a chunk between (the record's revision is the last chunk's)": [
+        orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}),
+        _chunk({"index": 0, "delta": {"content": "a"}}, system_fingerprint="f2"),
+        _chunk({"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}, system_fingerprint="f3"),
+        _chunk({"index": 0, "delta": {"content": "c"}}, system_fingerprint="f2"),
+    ],
+    "the sentinel in another field": [
+        _chunk({"index": 0, "delta": {"content": "a"}}, id="\x00vllm-audit template content\x00"),
+        _chunk({"index": 0, "delta": {"content": "b"}}, id="\x00vllm-audit template content\x00"),
+    ],
+}  # fmt: skip
+
+
+def test_chunks_that_are_no_template_are_read_whole() -> None:
+    """Each near-template above: the record is the one parsing every chunk whole gives, and its
+    texts are all in it (none replaced by a later chunk's text)."""
+    from vllm_audit.finalize import _parse_sse
+
+    for name, chunks in _NOT_TEMPLATES.items():
+        body = b"".join(b"data: " + c + b"\n\n" for c in chunks)
+        fast: dict[str, object] = {k: None for k in ("response_id", "model_name", "model_revision", "finish_reason",
+                                                      "output_response", "error_type", "error_message")}  # fmt: skip
+        slow = dict(fast)
+        _parse_sse(body, None, fast)
+        _parse_sse(body, None, slow, fast=False)
+        assert fast == slow, name

@@ -388,16 +388,105 @@ def _load_events(payloads: list[bytes]) -> list[Any]:
         return out
 
 
-def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any]) -> None:
+#: How many leading events may be parsed while looking for a template chunk.
+_TEMPLATE_SEARCH = 4
+#: Put in a template's place of content to find where the content literal stands (a string no
+#: chunk holds: it is written ``"\u0000..."``, and a template holding it anyway is no template).
+_SENTINEL = "\x00vllm-audit template content\x00"
+_SENTINEL_JSON = b'"\\u0000vllm-audit template content\\u0000"'
+
+
+def _template_split(obj: Any) -> tuple[bytes, bytes] | None:
+    """``(head, tail)`` when a chunk parsed to ``obj`` can be a template: ``head + <a JSON
+    string> + tail`` is then the compact JSON (what orjson writes) of ``obj`` with one choice,
+    its first, whose delta holds that string as its content.
+
+    JSON is context-free: such bytes parse to that object, which does to a record only what
+    appending the string to choice 0 does, and what ``obj`` does otherwise (its meta, already
+    applied) — when ``obj`` has no usage, and its first choice is of index 0 and without a finish
+    reason (both would be applied again by each such chunk).
+    """
+    if type(obj) is not dict or obj.get("usage"):
+        return None
+    choices = obj.get("choices")
+    if type(choices) is not list or not choices:
+        return None
+    ch = choices[0]
+    if type(ch) is not dict or ch.get("finish_reason") is not None:
+        return None
+    if type(ch.get("index")) is not int or ch["index"] != 0:
+        return None
+    delta = ch.get("delta")
+    if type(delta) is not dict:
+        return None
+    # The chunk with the sentinel for its content: what stands before and after the sentinel
+    # stands before and after the content of every chunk that differs from it in its text only.
+    marked = orjson.dumps({**obj, "choices": [{**ch, "delta": {**delta, "content": _SENTINEL}}]})
+    parts = marked.split(_SENTINEL_JSON)
+    if len(parts) != 2:
+        return None  # another field holds the sentinel
+    head, tail = parts
+    return head, tail
+
+
+def _load_stream(payloads: list[bytes]) -> list[Any]:
+    """The events of a stream, each chunk that matches a template chunk as ``(text, template)``.
+
+    Most of a chat stream is chunks that differ from each other in their text only. Parsing each
+    into its four dicts was most of a stream's finalize; here each chunk parsed whole that is a
+    template (:func:`_template_split`) becomes the one later chunks are matched against, and a
+    chunk with the template's bytes around one JSON string is represented by that string (one
+    orjson call on the literal) and the template (what it parses to, text aside). When none of
+    the first events is a template (tool calls, ``/v1/responses`` events) the rest is parsed as
+    :func:`_load_events` does.
+    """
+    out: list[Any] = []
+    loads = orjson.loads
+    head = tail = b""
+    template: dict[str, Any] | None = None
+    for i, p in enumerate(payloads):
+        if template is not None and p.startswith(head) and p.endswith(tail):
+            try:
+                piece = loads(p[len(head) : len(p) - len(tail)])
+            except orjson.JSONDecodeError:
+                piece = None
+            if type(piece) is str:
+                out.append((piece, template))
+                continue
+        if template is None and i >= _TEMPLATE_SEARCH:
+            return out + _load_events(payloads[i:])
+        try:
+            obj = loads(p)
+        except orjson.JSONDecodeError:
+            continue
+        out.append(obj)
+        split = _template_split(obj)
+        if split is not None:
+            head, tail = split
+            template = obj
+    return out
+
+
+def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any], fast: bool = True) -> None:
+    """Fill ``rec`` from an event stream (and the usage chunk the edge took out of it).
+
+    ``fast=False`` parses every event whole (no template chunks): the reference the fast path
+    is tested against.
+    """
     texts: dict[int, list[str]] = {}  # pieces per choice index other than 0
     first: list[str] = []  # pieces of choice 0 (most streams have no other)
     add_first = first.append
     reasons: dict[int, str] = {}
-    events = _load_events(_sse_payloads(body))
+    events = _load_stream(_sse_payloads(body)) if fast else _load_events(_sse_payloads(body))
     injected = _load_events(_sse_payloads(usage_chunk)) if usage_chunk else []
     meta_done = False
     last_obj: dict[str, Any] | None = None
     for obj in events:
+        if type(obj) is tuple:  # a chunk like a template: its text, the rest as in the template
+            piece, last_obj = obj
+            if piece:
+                add_first(piece)
+            continue
         if type(obj) is not dict:
             continue
         choices = obj.get("choices")

@@ -36,6 +36,7 @@ from vllm_audit.config import Config
 from vllm_audit.errors import LogWriteError
 from vllm_audit.finalize import finalize
 from vllm_audit.integrity.chain import Chain
+from vllm_audit.integrity.codec import body_digest
 from vllm_audit.metrics import Metrics
 from vllm_audit.record import prompt_sha256
 
@@ -86,9 +87,11 @@ def _worker_pid() -> int:
     return os.getpid()
 
 
-#: A record prepared in a prepare process: its JSON object and its ``org_id`` (what the entry codec
-#: tags the entry with; passed along so the writer need not parse the bytes again to find it).
-Encoded = tuple[bytes, str]
+#: A record prepared in a prepare process: its JSON object, its ``org_id`` (what the entry codec
+#: tags the entry with; passed along so the writer need not parse the bytes again to find it) and
+#: the digest of the object its leaf hash covers (``codec.body_digest``: one hash per record fewer
+#: in the writer thread, which shares its process with the event loop).
+Encoded = tuple[bytes, str, bytes]
 
 
 def _prepare_many(exchanges: list[Exchange]) -> list[Encoded]:
@@ -99,7 +102,8 @@ def _prepare_many(exchanges: list[Exchange]) -> list[Encoded]:
     for ex in exchanges:
         rec = _prepare_exchange(ex, _worker_redactor)
         org = rec.get("org_id")
-        out.append((dumps(rec), org if isinstance(org, str) else ""))
+        raw = dumps(rec)
+        out.append((raw, org if isinstance(org, str) else "", body_digest(raw)))
     return out
 
 

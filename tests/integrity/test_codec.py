@@ -105,3 +105,28 @@ def test_a_header_only_entry_or_a_wrong_first_prev_leaves_the_fast_path() -> Non
     assert codec.scan_run(good, 6, prev, tail) is None
     empty, _ = codec.encode_entries([{}], WRITER, 5, prev)  # '{"seq":5,...,"org_tag":"…"}': careful path
     assert codec.scan_run(bytes(empty), 5, prev, tail) is None
+
+
+def test_entries_given_encoded_with_their_digest_are_the_entries_given_as_mappings() -> None:
+    """A prepare process hands the writer ``(body, org_id, body_digest(body))``: the same lines and
+    leaves as the mappings themselves; each leaf is the careful path's hash of its stored line; a
+    wrong digest gives a leaf that is not (verification's finding), a malformed one an error."""
+    import orjson
+    import pytest
+
+    entries = [*_entries(3, 6), {}]
+    prev = b"ab" * 32
+    want, want_leaves = codec.encode_entries(entries, WRITER, 3, prev)
+    triples = []
+    for e in entries:
+        raw = orjson.dumps(e)
+        triples.append((raw, e.get("org_id") if isinstance(e.get("org_id"), str) else "", codec.body_digest(raw)))
+    got, leaves = codec.encode_entries(triples, WRITER, 3, prev)
+    assert (bytes(got), leaves) == (bytes(want), want_leaves)
+    lines = bytes(got).splitlines()
+    assert [codec.leaf_hash(line) for line in lines] == leaves
+    bad = [(raw, org, codec.body_digest(raw + b" ")) for raw, org, _d in triples[:1]]
+    _data, bad_leaves = codec.encode_entries(bad, WRITER, 3, prev)
+    assert bad_leaves[0] != codec.leaf_hash(bytes(_data).rstrip(b"\n"))
+    with pytest.raises(codec.EntryError, match="32 bytes"):
+        codec.encode_entries([(triples[0][0], "", b"short")], WRITER, 3, prev)

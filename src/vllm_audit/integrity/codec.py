@@ -308,8 +308,16 @@ def record_type_at(line: bytes, body: int) -> bytes:
 
 # -- encoding --------------------------------------------------------------------------------
 
-#: One entry for :func:`encode_entries`: a mapping, its JSON object bytes, or ``(bytes, org_id)``.
-EntryInput = Mapping[str, Any] | bytes | tuple[bytes, str]
+#: One entry for :func:`encode_entries`: a mapping, its JSON object bytes, ``(bytes, org_id)`` or
+#: ``(bytes, org_id, body_digest(bytes))``.
+EntryInput = Mapping[str, Any] | bytes | tuple[bytes, str] | tuple[bytes, str, bytes]
+
+
+def body_digest(raw: bytes) -> bytes:
+    """The SHA-256 an entry's leaf hash covers for a pre-encoded body (see :func:`leaf_hash`):
+    of ``raw`` without its ``{``, or of nothing for ``{}``. Computed where the body is made (a
+    prepare process), it is handed to :func:`encode_entries` with the body."""
+    return _sha256(memoryview(raw)[1:]).digest() if len(raw) > 2 else _EMPTY_DIGEST
 
 
 def encode_entries(
@@ -324,6 +332,9 @@ def encode_entries(
       without the header keys, e.g. made in another process) and ``org_id`` what :func:`org_of`
       gives for that mapping (``""`` when it has no string ``org_id``). The caller vouches for the
       pair: the tag is made from ``org_id`` as given (the writer's prepare processes know it);
+    - ``(body, org_id, digest)``: the same with ``digest`` being :func:`body_digest` of ``body``,
+      vouched for by the caller too (one hash less here; a wrong one makes a leaf hash that does
+      not match the stored line, which verification reports);
     - ``bytes`` alone: such a body whose ``org_id`` this function finds by parsing it (correct,
       but a JSON parse per entry: prefer the pair).
 
@@ -337,8 +348,14 @@ def encode_entries(
     hexlify = _hexlify
     tag_seed = sha(ORG_TAG_DOMAIN + writer_id.encode() + b"\x00")
     for entry in entries:
+        digest = None
         if isinstance(entry, tuple):
-            raw, org = entry
+            if len(entry) == 3:
+                raw, org, digest = entry
+                if not isinstance(digest, bytes) or len(digest) != 32:
+                    raise EntryError("a pre-encoded entry's digest must be 32 bytes")
+            else:
+                raw, org = entry
             if not isinstance(raw, bytes) or not isinstance(org, str):
                 raise EntryError("a pre-encoded entry pair must be (bytes, str)")
         elif isinstance(entry, bytes):
@@ -361,7 +378,8 @@ def encode_entries(
         if len(raw) > 2:
             body = memoryview(raw)[1:]  # without its "{"
             head = b'{"seq":%d,"prev":"%b","writer_id":%b,"org_tag":"%b",' % (seq, prev, wid, tag)
-            digest = sha(body).digest()
+            if digest is None:
+                digest = sha(body).digest()
             buf += head
             buf += body
         else:  # an entry without fields: the header alone, closed
