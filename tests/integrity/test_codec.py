@@ -117,10 +117,10 @@ def test_entries_given_encoded_with_their_digest_are_the_entries_given_as_mappin
     entries = [*_entries(3, 6), {}]
     prev = b"ab" * 32
     want, want_leaves = codec.encode_entries(entries, WRITER, 3, prev)
-    triples = []
+    triples: list[tuple[bytes, str, bytes]] = []
     for e in entries:
-        raw = orjson.dumps(e)
-        triples.append((raw, e.get("org_id") if isinstance(e.get("org_id"), str) else "", codec.body_digest(raw)))
+        raw, org = orjson.dumps(e), e.get("org_id")
+        triples.append((raw, org if isinstance(org, str) else "", codec.body_digest(raw)))
     got, leaves = codec.encode_entries(triples, WRITER, 3, prev)
     assert (bytes(got), leaves) == (bytes(want), want_leaves)
     lines = bytes(got).splitlines()
