@@ -90,7 +90,9 @@ class _Compiled:
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = self._scratch.clone()
-        self.db.scan(data, match_event_handler=handler, context=context, scratch=scratch)
+        # Positional: (data, match_event_handler, flags, context, scratch), the binding's order in
+        # every release pyproject admits. Keywords cost ~0.3 µs a call, a third of a short scan.
+        self.db.scan(data, handler, 0, context, scratch)
 
 
 class _Scanner:
