@@ -212,6 +212,15 @@ def test_prepare_processes_start_with_the_writer_and_drain_waits_for_the_records
         assert len(pids) == 1 and pids[0] != os.getpid()
         assert Path(f"/proc/{pids[0]}").exists()
         assert 0 == writer.metrics.prepared_in_processes_total  # nothing submitted yet: started with the writer
+        # Our own process: the collector tuned as the gateway's (the start-up heap frozen, young
+        # collections every GC_YOUNG_THRESHOLD allocations instead of 700).
+        import gc
+
+        from vllm_audit._gc import GC_YOUNG_THRESHOLD
+
+        pool = writer._prepare_pool()
+        assert pool.submit(gc.get_threshold).result(timeout=60)[0] == GC_YOUNG_THRESHOLD
+        assert pool.submit(gc.get_freeze_count).result(timeout=60) > 0
         for i in range(30):
             writer.submit(_exchange(f"d{i}", f"call 138{i:08d} now"))
         assert writer.drain(timeout=60.0)

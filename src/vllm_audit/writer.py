@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from vllm_audit._gc import tune_gc_for_serving
 from vllm_audit.capture import Exchange
 from vllm_audit.config import Config
 from vllm_audit.errors import LogWriteError
@@ -71,8 +72,13 @@ _worker_redactor: Redactor | None = None
 
 
 def _heavy_init(config: Config) -> None:
+    """A prepare or heavy-lane process's initializer: its redactor, then the collector settings of
+    our own processes (``_gc.tune_gc_for_serving``: a batch's exchanges stay alive until it is
+    prepared, so young collections found nothing to free and walked the batch every 700
+    allocations)."""
     global _worker_redactor
     _worker_redactor = load_redactor(config)
+    tune_gc_for_serving()
 
 
 def _heavy_prepare(ex: Exchange) -> dict[str, Any]:
