@@ -399,6 +399,10 @@ _NOT_TEMPLATES = {
         _chunk({"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}, system_fingerprint="f3"),
         _chunk({"index": 0, "delta": {"content": "c"}}, system_fingerprint="f2"),
     ],
+    "shapes no chunk has (each checked before it is used)": [
+        b'{"choices":[]}', b'{"choices":[5]}', b'{"choices":[{"index":0,"delta":"x"}]}', b'{"choices":{"a":1}}',
+        b'"text"', b"[1]", _chunk({"index": 0, "delta": {"content": "a"}}),
+    ],
     "the sentinel in another field": [
         _chunk({"index": 0, "delta": {"content": "a"}}, id="\x00vllm-audit template content\x00"),
         _chunk({"index": 0, "delta": {"content": "b"}}, id="\x00vllm-audit template content\x00"),
