@@ -423,3 +423,17 @@ def test_chunks_that_are_no_template_are_read_whole() -> None:
         _parse_sse(body, None, fast)
         _parse_sse(body, None, slow, fast=False)
         assert fast == slow, name
+
+
+def test_a_stream_whose_chunks_match_no_template_is_parsed_in_one_call_after_a_few() -> None:
+    """Chunks that differ in more than their text (here each its own ``created``) are each a
+    template no later chunk matches: after ``_TEMPLATE_SEARCH`` of them in a row the rest is
+    parsed as one array, so a later pair that would match is parsed whole too."""
+    from vllm_audit.finalize import _TEMPLATE_SEARCH, _load_stream
+
+    payloads = [_chunk({"index": 0, "delta": {"content": f"t{i}"}}, created=i) for i in range(_TEMPLATE_SEARCH)]
+    payloads += [_chunk({"index": 0, "delta": {"content": t}}, created=99) for t in ("a", "b", "c")]
+    events = _load_stream(payloads)
+    assert events == [orjson.loads(p) for p in payloads]  # dicts only: no chunk taken as a text
+    # one chunk fewer before the pair: the pair is read through its template
+    assert isinstance(_load_stream(payloads[1:])[-1], tuple)

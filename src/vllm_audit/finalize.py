@@ -388,7 +388,8 @@ def _load_events(payloads: list[bytes]) -> list[Any]:
         return out
 
 
-#: How many leading events may be parsed while looking for a template chunk.
+#: How many events in a row may be parsed whole (no template yet, or none that they match) before
+#: the rest of the stream is parsed as ``_load_events`` does (one orjson call for all of it).
 _TEMPLATE_SEARCH = 4
 #: Put in a template's place of content to find where the content literal stands (a string no
 #: chunk holds: it is written ``"\u0000..."``, and a template holding it anyway is no template).
@@ -436,14 +437,16 @@ def _load_stream(payloads: list[bytes]) -> list[Any]:
     into its four dicts was most of a stream's finalize; here each chunk parsed whole that is a
     template (:func:`_template_split`) becomes the one later chunks are matched against, and a
     chunk with the template's bytes around one JSON string is represented by that string (one
-    orjson call on the literal) and the template (what it parses to, text aside). When none of
-    the first events is a template (tool calls, ``/v1/responses`` events) the rest is parsed as
+    orjson call on the literal) and the template (what it parses to, text aside). After
+    ``_TEMPLATE_SEARCH`` events in a row parsed whole (tool calls, ``/v1/responses`` events, a
+    server whose chunks differ in more than their text) the rest is parsed as
     :func:`_load_events` does.
     """
     out: list[Any] = []
     loads = orjson.loads
     head = tail = b""
     template: dict[str, Any] | None = None
+    whole = 0  # events parsed whole since the last one taken as a template's text
     for i, p in enumerate(payloads):
         if template is not None and p.startswith(head) and p.endswith(tail):
             try:
@@ -452,9 +455,11 @@ def _load_stream(payloads: list[bytes]) -> list[Any]:
                 piece = None
             if type(piece) is str:
                 out.append((piece, template))
+                whole = 0
                 continue
-        if template is None and i >= _TEMPLATE_SEARCH:
+        if whole >= _TEMPLATE_SEARCH:
             return out + _load_events(payloads[i:])
+        whole += 1
         try:
             obj = loads(p)
         except orjson.JSONDecodeError:
