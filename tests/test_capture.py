@@ -298,7 +298,18 @@ def _template_obj(text: str, extra: dict[str, object]) -> dict[str, object]:
             "choices": [{"index": 0, "delta": {"content": text}, **extra}]}  # fmt: skip
 
 
+_CMPL_HEAD = b'{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":'
+_CMPL_TAILS = [b',"logprobs":null,"finish_reason":null}]}', b"}]}", b',"finish_reason":"length"}]}']
+
+
+def _completion_obj(text: str) -> dict[str, object]:
+    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}  # fmt: skip
+
+
 _CHUNK = st.one_of(
+    st.text(max_size=8).map(lambda t: orjson.dumps(_completion_obj(t))),
+    st.tuples(st.sampled_from(_LITERALS), st.sampled_from(_CMPL_TAILS)).map(lambda lt: _CMPL_HEAD + lt[0] + lt[1]),
     st.text(max_size=8).map(lambda t: orjson.dumps(_template_obj(t, {}))),
     st.text(max_size=8).map(lambda t: orjson.dumps(_template_obj(t, {"logprobs": None, "finish_reason": None}))),
     st.tuples(st.sampled_from(_LITERALS), st.sampled_from(_TAILS)).map(lambda lt: _HEAD + lt[0] + lt[1]),
@@ -403,6 +414,11 @@ _NOT_TEMPLATES = {
         b'{"choices":[]}', b'{"choices":[5]}', b'{"choices":[{"index":0,"delta":"x"}]}', b'{"choices":{"a":1}}',
         b'"text"', b"[1]", _chunk({"index": 0, "delta": {"content": "a"}}),
     ],
+    "a completion chunk with a delta that is no object (its text is read)": [
+        orjson.dumps({"choices": [{"index": 0, "delta": "d", "text": "a"}]}),
+        orjson.dumps({"choices": [{"index": 0, "delta": "d", "text": "b"}]}),
+        orjson.dumps({"choices": [{"index": 0, "delta": {"content": "c"}, "text": "b"}]}),
+    ],
     "the sentinel in another field": [
         _chunk({"index": 0, "delta": {"content": "a"}}, id="\x00vllm-audit template content\x00"),
         _chunk({"index": 0, "delta": {"content": "b"}}, id="\x00vllm-audit template content\x00"),
@@ -437,3 +453,12 @@ def test_a_stream_whose_chunks_match_no_template_is_parsed_in_one_call_after_a_f
     assert events == [orjson.loads(p) for p in payloads]  # dicts only: no chunk taken as a text
     # one chunk fewer before the pair: the pair is read through its template
     assert isinstance(_load_stream(payloads[1:])[-1], tuple)
+
+
+def test_a_completions_stream_is_read_through_its_template() -> None:
+    """``/v1/completions`` chunks (a choice's ``text``, no delta) take the same path."""
+    from vllm_audit.finalize import _load_stream
+
+    texts = ["Once", " upon", ' "a"', " time"]
+    events = _load_stream([orjson.dumps(_completion_obj(t)) for t in texts])
+    assert isinstance(events[0], dict) and [e[0] for e in events[1:]] == texts[1:]

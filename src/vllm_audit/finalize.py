@@ -400,7 +400,8 @@ _SENTINEL_JSON = b'"\\u0000vllm-audit template content\\u0000"'
 def _template_split(obj: Any) -> tuple[bytes, bytes] | None:
     """``(head, tail)`` when a chunk parsed to ``obj`` can be a template: ``head + <a JSON
     string> + tail`` is then the compact JSON (what orjson writes) of ``obj`` with one choice,
-    its first, whose delta holds that string as its content.
+    its first, whose delta holds that string as its content (``/v1/completions`` chunks, which
+    have no delta: as its ``text``).
 
     JSON is context-free: such bytes parse to that object, which does to a record only what
     appending the string to choice 0 does, and what ``obj`` does otherwise (its meta, already
@@ -417,12 +418,15 @@ def _template_split(obj: Any) -> tuple[bytes, bytes] | None:
         return None
     if type(ch.get("index")) is not int or ch["index"] != 0:
         return None
+    # The chunk with the sentinel for its text (a chat delta's content, or a completion's text:
+    # what the record reads when there is no delta object): what stands before and after the
+    # sentinel stands before and after the text of every chunk that differs from it in its text only.
     delta = ch.get("delta")
-    if type(delta) is not dict:
-        return None
-    # The chunk with the sentinel for its content: what stands before and after the sentinel
-    # stands before and after the content of every chunk that differs from it in its text only.
-    marked = orjson.dumps({**obj, "choices": [{**ch, "delta": {**delta, "content": _SENTINEL}}]})
+    if type(delta) is dict:
+        marked_choice = {**ch, "delta": {**delta, "content": _SENTINEL}}
+    else:
+        marked_choice = {**ch, "text": _SENTINEL}
+    marked = orjson.dumps({**obj, "choices": [marked_choice]})
     parts = marked.split(_SENTINEL_JSON)
     if len(parts) != 2:
         return None  # another field holds the sentinel
