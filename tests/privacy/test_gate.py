@@ -162,3 +162,22 @@ def test_the_detection_copy_is_never_triggered_by_ascii(text: str) -> None:
     assert re.search(nz.trigger_pattern(), text) is None
     assert not nz.needs_normalize(text)
     assert not gate.make_hits(rz._HINTS, rz._GATES, rz._GATE_PATTERNS)(text) & gate.NORM
+
+
+_V6_ALPHABET = "0123456789abcdefABCDEF:.::gstxyzGZ -_/(é中"
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(["::", "fe80", "ffff", "1.2.3.4", "std", "x", "2001:db8", ":", "0", "a"])
+                | st.text(alphabet=_V6_ALPHABET, max_size=6), max_size=14))  # fmt: skip
+def test_the_ipv6_scan_finds_nothing_where_the_ipv6_gate_is_clear(pieces: list[str]) -> None:
+    """The IPv6 gate is set wherever the IPv6 scan finds an address (hex, colons, dots, letters
+    that glue and characters that do not, before and after), by both gates alike."""
+    text = "".join(pieces)
+    compiled = gate.make_hits(rz._HINTS, rz._GATES, rz._GATE_PATTERNS)(text)
+    assert compiled & gate.IPV6 == _python(text) & gate.IPV6
+    found: list[rz.Finding] = []
+    rz._scan_ipv6(text, found)
+    if found:
+        assert compiled & gate.IPV6, (text, found)
+
