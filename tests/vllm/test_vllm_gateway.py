@@ -290,3 +290,25 @@ def test_upstream_down_is_recorded(gw: Gw, vllm_setup: harness.Setup, integrity:
     assert rec["status"] == "upstream_error", rec
     assert rec["prompt_tokens"] is None, rec
     verify_log(vllm_setup, integrity, gw.log_dir)
+
+
+@pytest.mark.parametrize("kind", sorted(PATHS))
+def test_a_vllm_stream_is_read_through_its_templates(gw: Gw, kind: str) -> None:
+    """vLLM writes each chunk as orjson would (compact, same escapes): after the first chunks,
+    every chunk that differs from one before only in its text is read as that text (the writer's
+    fast path engages on the real server), and the record is the one parsing every chunk whole
+    gives."""
+    from vllm_audit.finalize import _load_stream, _parse_sse, _sse_payloads
+
+    r, raw = _stream(gw.direct, PATHS[kind], _body(kind, stream=True, **SAMPLING["seeded"]), _rid("tpl"))
+    assert r.status_code == 200
+    payloads = _sse_payloads(raw)
+    texts = sum(1 for e in _load_stream(payloads) if isinstance(e, tuple))
+    assert len(payloads) >= 10 and texts >= len(payloads) - 3, (texts, len(payloads), payloads[:3])
+    keys = ("response_id", "model_name", "model_revision", "finish_reason", "output_response", "prompt_tokens",
+            "completion_tokens", "total_tokens", "usage_source", "error_type", "error_message")  # fmt: skip
+    fast: dict[str, Any] = dict.fromkeys(keys)
+    slow = dict(fast)
+    _parse_sse(raw, None, fast)
+    _parse_sse(raw, None, slow, fast=False)
+    assert fast == slow and fast["output_response"]
