@@ -277,21 +277,6 @@ def test_stream_options_and_n_reach_the_client_as_vllm_sends_them(gw: Gw, kind: 
     rec = record_for(gw.log_dir, rid)
     assert rec["total_tokens"], rec
 
-
-def test_upstream_down_is_recorded(gw: Gw, vllm_setup: harness.Setup, integrity: Integrity) -> None:
-    """Last in the module (it stops vLLM): the gateway answers an error and records it."""
-    gw.vllm.stop()
-    rid = _rid("down")
-    r = gw.via.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": rid})
-    assert r.status_code in (502, 503, 504), r.text
-    assert "error" in r.json(), r.text
-    rec = record_for(gw.log_dir, rid)
-    assert rec["http_status"] == r.status_code, rec
-    assert rec["status"] == "upstream_error", rec
-    assert rec["prompt_tokens"] is None, rec
-    verify_log(vllm_setup, integrity, gw.log_dir)
-
-
 @pytest.mark.parametrize("kind", sorted(PATHS))
 def test_a_vllm_stream_is_read_through_its_templates(gw: Gw, kind: str) -> None:
     """vLLM writes each chunk as orjson would (compact, same escapes): after the first chunks,
@@ -312,3 +297,19 @@ def test_a_vllm_stream_is_read_through_its_templates(gw: Gw, kind: str) -> None:
     _parse_sse(raw, None, fast)
     _parse_sse(raw, None, slow, fast=False)
     assert fast == slow and fast["output_response"]
+
+
+
+def test_upstream_down_is_recorded(gw: Gw, vllm_setup: harness.Setup, integrity: Integrity) -> None:
+    """Last in the module (it stops vLLM): the gateway answers an error and records it."""
+    gw.vllm.stop()
+    rid = _rid("down")
+    r = gw.via.post("/v1/completions", json=completion_body(), headers={"X-Request-Id": rid})
+    assert r.status_code in (502, 503, 504), r.text
+    assert "error" in r.json(), r.text
+    rec = record_for(gw.log_dir, rid)
+    assert rec["http_status"] == r.status_code, rec
+    assert rec["status"] == "upstream_error", rec
+    assert rec["prompt_tokens"] is None, rec
+    verify_log(vllm_setup, integrity, gw.log_dir)
+
