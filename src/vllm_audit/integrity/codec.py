@@ -375,16 +375,14 @@ def encode_entries(
         t = tag_seed.copy()
         t.update(b"%d\x00%b" % (seq, org.encode()))
         tag = t.hexdigest()[:TAG_HEX].encode()
+        if digest is None:
+            digest = body_digest(raw)
         if len(raw) > 2:
-            body = memoryview(raw)[1:]  # without its "{"
             head = b'{"seq":%d,"prev":"%b","writer_id":%b,"org_tag":"%b",' % (seq, prev, wid, tag)
-            if digest is None:
-                digest = sha(body).digest()
             buf += head
-            buf += body
+            buf += memoryview(raw)[1:]  # without its "{"
         else:  # an entry without fields: the header alone, closed
             head = b'{"seq":%d,"prev":"%b","writer_id":%b,"org_tag":"%b"}' % (seq, prev, wid, tag)
-            digest = _EMPTY_DIGEST
             buf += head
         buf += b"\n"
         leaf = sha(b"\x00" + head + digest).digest()
