@@ -181,3 +181,30 @@ def test_the_ipv6_scan_finds_nothing_where_the_ipv6_gate_is_clear(pieces: list[s
     if found:
         assert compiled & gate.IPV6, (text, found)
 
+
+
+def test_utf8_gives_each_text_its_own_bytes_whatever_was_encoded_last() -> None:
+    """The one-slot memo of the gate's encoding answers only for the very object it encoded."""
+    a, b = "naïve " * 8, "façade" * 8  # the same length in characters and in bytes
+    assert gate.utf8(a) == a.encode()
+    assert gate.utf8(a) is gate.utf8(a)  # the memo: the same bytes object, not encoded again
+    assert gate.utf8(b) == b.encode()
+    assert gate.utf8(a) == a.encode()
+    lone = "x\ud800y"
+    try:
+        gate.utf8(lone)
+    except UnicodeEncodeError:
+        pass
+    else:  # pragma: no cover - the assertion below names the failure
+        raise AssertionError("a lone surrogate was encoded")
+    assert gate.utf8(a) == a.encode()
+    assert gate.utf8(a + "") == a.encode() and gate.utf8("".join(["naïve "] * 8)) == a.encode()
+
+
+def test_the_gate_scans_a_text_as_the_memo_last_held_it() -> None:
+    """A scan of a text right after a scan of another gives that text's bits, not the other's."""
+    hits = rz._hits
+    mail, plain = "écrire à bob@example.com", "écrire à bob, example dot com"
+    assert hits(mail) & gate.EMAIL
+    assert not hits(plain) & gate.EMAIL
+    assert hits(mail) & gate.EMAIL

@@ -219,3 +219,18 @@ def test_a_message_part_too_long_to_scan_is_kept_only_when_the_whole_prompt_is_c
     assert "<UNREDACTABLE>" == rec["input_prompt"][1]["content"]
     assert PII[1] not in orjson.dumps(rec["input_prompt"]).decode()
     assert 1 == rec["redaction"]["entities"]["UNREDACTABLE"]
+
+
+def test_lone_surrogates_in_message_parts_are_replaced_whatever_was_scanned_last() -> None:
+    """Each part's lone surrogates become U+FFFD, however many other texts were scanned after its
+    own scan (the gate's encoding memo holds only the last); clean parts stay as they are."""
+    redact = build_redactor(Config())
+    parts = ["héllo \ud800 there, 2025-06-03 14:22:51", "naïve text, std::vector<int> v;", "fin \udfff ¶"]
+    rec = redact(record(input_prompt=[{"role": "user", "content": p} for p in parts], output_response="ça va \ud83d"))
+    assert [m["content"] for m in rec["input_prompt"]] == [
+        "héllo \ufffd there, 2025-06-03 14:22:51",
+        "naïve text, std::vector<int> v;",
+        "fin \ufffd ¶",
+    ]
+    assert rec["output_response"] == "ça va \ufffd"
+    orjson.dumps(rec)  # storable: orjson refuses lone surrogates

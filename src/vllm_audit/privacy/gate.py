@@ -110,15 +110,35 @@ class _Scanner:
 
     def hits(self, text: str) -> int:
         bits = [0]
-        if text.isascii():
-            self.ascii.scan(text.encode(), _on_match, bits)
-            return bits[0]
         try:
-            data = text.encode()
+            data = utf8(text)
         except UnicodeEncodeError:  # lone surrogates: hyperscan needs valid UTF-8
-            data = text.encode("utf-8", "replace")
-        self.full.scan(data, _on_match, bits)
+            self.full.scan(text.encode("utf-8", "replace"), _on_match, bits)
+            return bits[0]
+        if len(data) == len(text):  # ASCII: the database without the detection copy's trigger
+            self.ascii.scan(data, _on_match, bits)
+        else:
+            self.full.scan(data, _on_match, bits)
         return bits[0]
+
+
+#: The text :func:`utf8` encoded last and its UTF-8, replaced whole (one slot: it keeps at most one
+#: text and its bytes alive; threads read the old pair or the new one, never a mix). The gate
+#: encodes every text it scans; the number scan and the redactor's lone-surrogate check, which
+#: look at the same text right after, read its bytes from here.
+_last_utf8: tuple[str, bytes] = ("", b"")
+
+
+def utf8(text: str) -> bytes:
+    """``text.encode()`` (``UnicodeEncodeError`` on a lone surrogate): the bytes of the last call
+    when it was for this very object (strings are immutable), else encoded now and kept."""
+    global _last_utf8
+    last = _last_utf8
+    if last[0] is text:
+        return last[1]
+    data = text.encode()
+    _last_utf8 = (text, data)
+    return data
 
 
 def _on_match(i: int, _a: int, _b: int, _f: int, bits: list[int]) -> None:

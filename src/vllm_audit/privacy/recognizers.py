@@ -217,7 +217,7 @@ def _scan_numbers(t: str, found: list[Finding]) -> None:
         return
     if _SEED_END is not None:
         try:
-            data = t.encode()
+            data = gate.utf8(t)  # encoded by the gate's scan of t just before
         except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for hyperscan
             _scan_searched_runs(t, found)
             return

@@ -30,6 +30,7 @@ import orjson
 from vllm_audit.privacy import operators as op
 from vllm_audit.privacy.classes import field_class
 from vllm_audit.privacy.config import ENTITY_TYPES, FIELDS, PrivacyConfig
+from vllm_audit.privacy.gate import utf8
 from vllm_audit.privacy.keystore import DataKey, FileKeyStore, KeyProvider
 from vllm_audit.privacy.policy import FieldRule, Policy, resolve_all
 from vllm_audit.privacy.recognizers import find, scannable
@@ -175,10 +176,14 @@ def redact_texts(texts: list[str], rule: FieldRule, ctx: _Context, max_chars: in
         starts.append(starts[-1] + len(t))
     # Findings as spans of the joined text: each string's own, then values crossing a boundary.
     spans: list[tuple[int, int, str, str]] = []
+    # Whether each string holds a lone surrogate, checked right after its own scan (which has just
+    # encoded it, see gate.utf8); a short string known clean holds none, a too long one is replaced.
+    surrogate = [False] * len(texts)
     for i, t in enumerate(texts):
         if too_long[i] or (len(t) <= _CLEAN_SHORT_LEN and _clean_short(t)):
             continue  # a short string known clean (a system prompt, "ok") holds nothing of its own
         spans.extend((starts[i] + a, starts[i] + b, e, c) for a, b, e, c in find(t))
+        surrogate[i] = _has_surrogate(t)
     seen = {(a, b) for a, b, _, _ in spans}
     joined_spans: list[tuple[int, int, str, str]] = []
     for i in range(1, len(texts)):
@@ -214,7 +219,7 @@ def redact_texts(texts: list[str], rule: FieldRule, ctx: _Context, max_chars: in
             out[i] = UNREDACTABLE
         elif cuts[i]:
             out[i] = _apply_cuts(t, sorted(cuts[i], key=lambda c: (c[0], -c[1])), rule, ctx)
-        elif _has_surrogate(t):
+        elif surrogate[i]:
             out[i] = _SURROGATE.sub("\ufffd", t)
     return out
 
@@ -242,7 +247,7 @@ def _has_surrogate(text: str) -> bool:
     if text.isascii():  # O(1)
         return False
     try:
-        text.encode()
+        utf8(text)  # the gate's bytes when it has just scanned this text
     except UnicodeEncodeError:
         return _SURROGATE.search(text) is not None
     return False
@@ -253,11 +258,11 @@ _Slot = tuple[Any, Any]  # (container, key or index) holding one string value
 
 def _collect(value: Any, texts: list[str], slots: list[_Slot], key_fn: Callable[[str], str], depth: int) -> Any:
     """A copy of ``value`` whose string values are listed in ``texts`` (in order) with their slots."""
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, (int, float)):  # bool is an int (a tuple: mypyc builds no union)
         return value
     if depth >= MAX_DEPTH:
         raise _TooDeepError
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         items: list[Any] = []
         for v in value:
             if isinstance(v, str):
@@ -313,7 +318,7 @@ class Redactor:
         generated_id = record.get("request_id_source") == "generated"
         for field in self._plan(policy, record):
             value = record[field]
-            if value is None or isinstance(value, bool | int | float):
+            if value is None or isinstance(value, (int, float)):  # bool is an int
                 continue  # None and numbers: every mode leaves them alone; they carry no text
             try:
                 if field in _POLICY_FIELDS:
