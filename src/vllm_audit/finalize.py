@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -22,7 +22,7 @@ from vllm_audit.capture import ABSENT, CAPTURED, LOSSY, TRUNCATED, UNPARSED, Exc
 from vllm_audit.record import SCHEMA_VERSION
 
 #: The request body fields each route acts on (what the model receives); the record stores these.
-PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
+PROMPT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "/v1/chat/completions": ("messages",),
     "/v1/completions": ("prompt",),
     "/v1/embeddings": ("input", "messages"),
@@ -40,9 +40,9 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "/v1/rerank": ("query", "documents"),
     "/v2/rerank": ("query", "documents"),
 }
-_DEFAULT_PROMPT_FIELDS = ("messages", "prompt", "input")
+_DEFAULT_PROMPT_FIELDS: Final = ("messages", "prompt", "input")
 
-_SURROGATE = re.compile("[" + chr(0xD800) + "-" + chr(0xDFFF) + "]")  # lone surrogates (no literal: mypyc)
+_SURROGATE: Final = re.compile("[" + chr(0xD800) + "-" + chr(0xDFFF) + "]")  # lone surrogates (no literal: mypyc)
 
 def finalize(ex: Exchange) -> dict[str, Any]:
     """Build the schema-v1 record for one exchange (writer thread)."""
@@ -73,8 +73,8 @@ def _iso(ts: float) -> str:
 #: key_id, quota_subject, roles, failure_reason)``. ``quota_subject`` hashes three strings and an
 #: identity is frozen, so the fields are computed once per distinct identity (bounded: cleared
 #: when full). Callers that pass something other than an ``Identity`` take the getattr path.
-_IDENT_CACHE: dict[Any, tuple[Any, ...]] = {}
-_IDENT_CACHE_MAX = 4096
+_IDENT_CACHE: Final[dict[Any, tuple[Any, ...]]] = {}
+_IDENT_CACHE_MAX: Final = 4096
 
 
 def _identity_fields(ident: Any) -> tuple[Any, ...]:
@@ -259,7 +259,7 @@ def _clean(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
-_INF = float("inf")
+_INF: Final = float("inf")
 
 
 def _apply_usage(usage: Any, rec: dict[str, Any], source: str) -> None:
@@ -390,11 +390,11 @@ def _load_events(payloads: list[bytes]) -> list[Any]:
 
 #: How many events in a row may be parsed whole (no template yet, or none that they match) before
 #: the rest of the stream is parsed as ``_load_events`` does (one orjson call for all of it).
-_TEMPLATE_SEARCH = 4
+_TEMPLATE_SEARCH: Final = 4
 #: Put in a template's place of content to find where the content literal stands (a string no
 #: chunk holds: it is written ``"\u0000..."``, and a template holding it anyway is no template).
-_SENTINEL = "\x00vllm-audit template content\x00"
-_SENTINEL_JSON = b'"\\u0000vllm-audit template content\\u0000"'
+_SENTINEL: Final = "\x00vllm-audit template content\x00"
+_SENTINEL_JSON: Final = b'"\\u0000vllm-audit template content\\u0000"'
 
 
 def _template_split(obj: Any) -> tuple[bytes, bytes] | None:

@@ -8,27 +8,28 @@ from __future__ import annotations
 
 import datetime
 from operator import mul
+from typing import Final
 
 #: First two digits of a resident ID: provinces, Taiwan (71), Hong Kong (81), Macau (82), 83.
-CN_PROVINCES = frozenset(
+CN_PROVINCES: Final = frozenset(
     {11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43, 44, 45, 46, 50, 51, 52, 53, 54}
     | {61, 62, 63, 64, 65, 71, 81, 82, 83}
 )
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-_ID_OFFSET = 48 * sum(_ID_WEIGHTS)
+_ID_WEIGHTS: Final = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK: Final = "10X98765432"
+_ID_OFFSET: Final = 48 * sum(_ID_WEIGHTS)
 
-_USCC_CHARS = "0123456789ABCDEFGHJKLMNPQRTUWXY"
-_USCC_VALUE = {c: i for i, c in enumerate(_USCC_CHARS)}
+_USCC_CHARS: Final = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+_USCC_VALUE: Final = {c: i for i, c in enumerate(_USCC_CHARS)}
 #: Registration authority + organisation type pairs (GB 32100-2015 tables 1-2).
-_USCC_KINDS = frozenset("11 12 13 19 21 29 31 32 33 34 35 39 41 49 51 52 53 59 61 62 69 71 72 79 81 89 91 92 93 "
+_USCC_KINDS: Final = frozenset("11 12 13 19 21 29 31 32 33 34 35 39 41 49 51 52 53 59 61 62 69 71 72 79 81 89 91 92 93 "
                         "A1 A9 N1 N2 N3 N9 Y1".split())
-_USCC_WEIGHTS = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
-_USCC_DROP = dict.fromkeys(map(ord, _USCC_CHARS))  # translate() deletes the alphabet: "" when valid
-_USCC_BYTES = bytes(_USCC_VALUE.get(chr(b), 0) for b in range(256))  # ASCII code -> character value
+_USCC_WEIGHTS: Final = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
+_USCC_DROP: Final = dict.fromkeys(map(ord, _USCC_CHARS))  # translate() deletes the alphabet: "" when valid
+_USCC_BYTES: Final = bytes(_USCC_VALUE.get(chr(b), 0) for b in range(256))  # ASCII code -> character value
 
 #: IBAN length per country (ISO 13616 registry, the common ones).
-IBAN_LENGTHS = {
+IBAN_LENGTHS: Final = {
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29,
     "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24,
     "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21,
@@ -40,9 +41,11 @@ IBAN_LENGTHS = {
 }  # fmt: skip
 
 #: ITU-T E.164 country calling codes (1 to 3 digits).
-_CC_1_2 = frozenset({"1", "7", "20", "27", "30", "31", "32", "33", "34", "36", "39", "40", "41", "43", "44", "45"}
-                    | {"46", "47", "48", "49", "51", "52", "53", "54", "55", "56", "57", "58", "60", "61", "62"}
-                    | {"63", "64", "65", "66", "81", "82", "84", "86", "90", "91", "92", "93", "94", "95", "98"})
+_CC_1_2: Final = frozenset(
+    {"1", "7", "20", "27", "30", "31", "32", "33", "34", "36", "39", "40", "41", "43", "44", "45"}
+    | {"46", "47", "48", "49", "51", "52", "53", "54", "55", "56", "57", "58", "60", "61", "62"}
+    | {"63", "64", "65", "66", "81", "82", "84", "86", "90", "91", "92", "93", "94", "95", "98"}
+)
 _CC_3_PREFIXES: tuple[str, ...] = ("21", "22", "23", "24", "25", "26", "29", "35", "37", "38", "42", "50", "59")
 _CC_3_PREFIXES += ("67", "68", "69", "85", "88", "96", "97", "99")
 
@@ -83,7 +86,7 @@ def is_cn_id(value: str) -> bool:
     return False
 
 
-_LUHN_DOUBLE = bytes(range(48)) + b"0246813579" + bytes(range(58, 256))
+_LUHN_DOUBLE: Final = bytes(range(48)) + b"0246813579" + bytes(range(58, 256))
 
 
 def luhn_ok(digits: str) -> bool:
@@ -141,7 +144,7 @@ def is_uscc(value: str) -> bool:
     return _USCC_CHARS[check] == value[17] and is_org_code(value[8:17])
 
 
-_ORG_WEIGHTS = (3, 7, 9, 10, 5, 8, 4, 2)
+_ORG_WEIGHTS: Final = (3, 7, 9, 10, 5, 8, 4, 2)
 
 
 def org_code_check_char(first8: str) -> str:

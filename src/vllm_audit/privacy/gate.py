@@ -21,17 +21,17 @@ import functools
 import re
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from vllm_audit._hyperscan import HS
 from vllm_audit.privacy import normalize as nz
 
-NORM = 1 << 0
-NUM = 1 << 1
-EMAIL = 1 << 2
-IPV6 = 1 << 3
-IBAN = 1 << 4
-_SECRET0 = 5
+NORM: Final = 1 << 0
+NUM: Final = 1 << 1
+EMAIL: Final = 1 << 2
+IPV6: Final = 1 << 3
+IBAN: Final = 1 << 4
+_SECRET0: Final = 5
 
 #: Number/ID seeds: a superset of what any validated finding of the number scan holds. Nine digits
 #: with separators (every national number, ID and card: 9 to 19 digits), ``+`` and eight (an
@@ -39,7 +39,7 @@ _SECRET0 = 5
 #: digits (the area or code in parentheses, then 7-8 / 4+), seven digits in a row (passports,
 #: permits: a letter or two then 7-8 digits; a USCC's 2nd-8th characters), ``d.d.d.d`` (IPv4) and
 #: two capitals then two digits (IBAN). Dates and clock times (``2025-06-03``, ``14:22:51``) hold none.
-NUM_SEED = (
+NUM_SEED: Final = (
     r"[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){8}|[0-9]{7}|[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|[A-Z]{2}[0-9]{2}"
     r"|\+[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){7}|\(\+?[0-9]{1,4}\)[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){3}"
 )
@@ -50,18 +50,18 @@ NUM_SEED = (
 #: matches are those of ``NUM_SEED`` but for the IBAN branch, which starts at the digits; it
 #: matches somewhere exactly where ``NUM_SEED`` does (``tests/privacy/test_gate.py``). Hyperscan
 #: has no lookbehind, so the gate keeps the plain form.
-NUM_SEED_SEARCH = (
+NUM_SEED_SEARCH: Final = (
     r"[0-9+(](?:"
     r"(?<=[0-9])(?:(?:[ \t\r\n.\-]{0,3}[0-9]){8}|[0-9]{6}|\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?<=[A-Z]{2}[0-9])[0-9])"
     r"|(?<=\+)[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){7}"
     r"|(?<=\()\+?[0-9]{1,4}\)[ ]?[0-9](?:[ \t\r\n.\-]{0,3}[0-9]){3})"
 )
 #: A valid IPv6 candidate holds "::" or at least six colons with only hex digits and dots between.
-IPV6_SEED = r"::|:(?:[0-9A-Fa-f.]*:){5}"
-_NUM_RE = re.compile(NUM_SEED)
-_NUM_BYTES = re.compile(NUM_SEED.encode())
-_NOT_NUM = bytes(sorted(set(range(256)) - set(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ \t\r\n.-+()")))
-_IPV6_RE = re.compile(IPV6_SEED)
+IPV6_SEED: Final = r"::|:(?:[0-9A-Fa-f.]*:){5}"
+_NUM_RE: Final = re.compile(NUM_SEED)
+_NUM_BYTES: Final = re.compile(NUM_SEED.encode())
+_NOT_NUM: Final = bytes(sorted(set(range(256)) - set(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ \t\r\n.-+()")))
+_IPV6_RE: Final = re.compile(IPV6_SEED)
 
 
 def secret_bit(i: int) -> int:
@@ -69,9 +69,9 @@ def secret_bit(i: int) -> int:
     return 1 << (_SECRET0 + i)
 
 
-_hs = HS
+_hs: Final = HS
 
-AVAILABLE = _hs is not None
+AVAILABLE: Final = _hs is not None
 
 
 class _Compiled:
@@ -167,7 +167,7 @@ def _on_seed(_i: int, _a: int, b: int, _f: int, found: list[int]) -> None:
 
 
 #: ``seed_end(data, start)``: the compiled seed search (None without hyperscan).
-seed_end: Callable[[bytes, int], int] | None = _SeedScanner().end if AVAILABLE else None
+seed_end: Final[Callable[[bytes, int], int] | None] = _SeedScanner().end if AVAILABLE else None
 
 
 @functools.cache

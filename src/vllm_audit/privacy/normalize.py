@@ -20,17 +20,18 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Final
 
 #: ASCII characters some recognizer reads besides letters and digits; an NFKC form that holds
 #: none of these (nor a letter or digit), e.g. the full-width comma, is not needed for detection.
-_RELEVANT = frozenset("@.+-_/:=~%()' \n")
+_RELEVANT: Final = frozenset("@.+-_/:=~%()' \n")
 #: Code point ranges scanned for the tables: the BMP, the SMP (mathematical letters and digits,
 #: historic scripts' digits) and the tag characters (U+E0000..U+E0FFF: invisible, Cf, and
 #: variation selectors supplement).
-_RANGES = ((0x80, 0x20000), (0xE0000, 0xE1000))
+_RANGES: Final = ((0x80, 0x20000), (0xE0000, 0xE1000))
 #: Characters common in Chinese prose that the copy changes but that matter for detection only
 #: next to a digit (or a hex digit): they do not by themselves trigger normalisation.
-_QUIET = "\uff08\uff09\uff1a\u3000"
+_QUIET: Final = "\uff08\uff09\uff1a\u3000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +116,14 @@ def _tables() -> _Tables:
 
 #: Code points that ``str.translate`` meets most in Chinese text and leaves alone (CJK punctuation,
 #: Hiragana/Katakana, the unified ideographs): looked up as identity entries instead of misses.
-_IDENTITY_FILL = (*range(0x3000, 0x3100), *range(0x4E00, 0xA000))
-_BMP_MAX = "\uffff"
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_IDENTITY_FILL: Final = (*range(0x3000, 0x3100), *range(0x4E00, 0xA000))
+_BMP_MAX: Final = "\uffff"
+_ASTRAL: Final = re.compile("[\U00010000-\U0010ffff]")
 
 
 #: Up to this share of mapped characters, ``_map_one`` replaces them one by one (slices between
 #: them); above it, ``str.translate`` over the whole text is cheaper.
-_SPARSE = 16
+_SPARSE: Final = 16
 
 
 def _map_one(text: str, tables: _Tables, bmp: bool) -> str:

@@ -19,6 +19,7 @@ import base64
 import ipaddress
 import re
 from collections.abc import Callable, Collection
+from typing import Final
 
 from vllm_audit.privacy import checksums as cs
 from vllm_audit.privacy import gate
@@ -30,7 +31,7 @@ Finding = tuple[int, int, str, str]
 # One pass finds every number-like and ID-like candidate. It starts with a character class (so the
 # regex engine skips ahead fast), checks the character before it with a two-character lookbehind,
 # and ends each branch with an empty named group that tells which branch matched.
-_SCAN = re.compile(
+_SCAN: Final = re.compile(
     r"[0-9A-Z+(](?<![0-9+.][0-9A-Z+(])(?:"
     r"(?<=[0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9A-Za-z]|\.[0-9])(?P<IP>)"
     r"|(?<=[0-9+(])(?:(?<=\+)[ ]?|(?<=0)0[ ]?|(?<=\()\+?[0-9]{1,4}\)[ ]?)?"  # +86, 0086, (+86), (010)
@@ -39,34 +40,38 @@ _SCAN = re.compile(
     r")"
 )
 #: Every _SCAN match lies inside one run of these characters (lower-case only in ``[Xx]``).
-_RUN_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+() .-x\t\r\n")
-_RUN = re.compile(r"[0-9A-Z+() .\-x\t\r\n]*")
+_RUN_CHARS: Final = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+() .-x\t\r\n")
+_RUN: Final = re.compile(r"[0-9A-Z+() .\-x\t\r\n]*")
 #: Every _SCAN match that can yield an entity contains a seed of ``gate.NUM_SEED`` (9 digits with
 #: separators, "+" and 8, "(0xx)"/"(+cc)" and 4, 7 in a row, "1.2.3.4", two capitals then two
 #: digits), and a run without one holds no such match. Runs are independent: a match never spans
 #: two of them. The search form of the same seeds:
-_SEED = re.compile(gate.NUM_SEED_SEARCH)
-_MAX_RUNS = 4
-_ALL = frozenset(ENTITY_TYPES)
+_SEED: Final = re.compile(gate.NUM_SEED_SEARCH)
+_MAX_RUNS: Final = 4
+_ALL: Final = frozenset(ENTITY_TYPES)
 #: The types the number/ID scan reports.
-_SCAN_TYPES = _ALL - {"EMAIL", "API_KEY", "JWT", "PRIVATE_KEY", "URL_CREDENTIALS"}
-_IPV6_SEED = re.compile(gate.IPV6_SEED)
-_HEX_COLON_DOT_RUN = re.compile(r"[0-9A-Fa-f:.]*")
+_SCAN_TYPES: Final = _ALL - {"EMAIL", "API_KEY", "JWT", "PRIVATE_KEY", "URL_CREDENTIALS"}
+_IPV6_SEED: Final = re.compile(gate.IPV6_SEED)
+_HEX_COLON_DOT_RUN: Final = re.compile(r"[0-9A-Fa-f:.]*")
 #: ASCII words a number may be glued to in Chinese text ("ID110...", "Tel138...").
-_GLUE_OK = ("ID", "Id", "No", "Tel", "TEL", "NO", "SSN")
+_GLUE_OK: Final = ("ID", "Id", "No", "Tel", "TEL", "NO", "SSN")
 #: A 15-digit legacy ID is only taken with an identity keyword shortly before it.
-_ID15_CONTEXT = re.compile(r"(?i:身份|证件|证号|\bID|identity)")
-_IBAN_GLUED = re.compile(r"IBAN[ :：]?([A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)(?![0-9A-Za-z])")
-_SSN = re.compile(r"([0-9]{3})([ \-])([0-9]{2})\2([0-9]{4})")
-_EMAIL_DOMAIN = re.compile(
+_ID15_CONTEXT: Final = re.compile(r"(?i:身份|证件|证号|\bID|identity)")
+_IBAN_GLUED: Final = re.compile(
+    r"IBAN[ :：]?([A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)(?![0-9A-Za-z])"
+)
+_SSN: Final = re.compile(r"([0-9]{3})([ \-])([0-9]{2})\2([0-9]{4})")
+_EMAIL_DOMAIN: Final = re.compile(
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9\-])"
 )
-_EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-_HEX_COLON = frozenset("0123456789abcdefABCDEF:")
-_HEX_COLON_DOT = frozenset("0123456789abcdefABCDEF:.")
-_VERSION_CONTEXT = re.compile(r"(?i:version|ver\.?|release|build|rev(?:ision)?|版本[号為为是]?|内部版本号?)[ \t:：=]*$")
+_EMAIL_LOCAL: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+_HEX_COLON: Final = frozenset("0123456789abcdefABCDEF:")
+_HEX_COLON_DOT: Final = frozenset("0123456789abcdefABCDEF:.")
+_VERSION_CONTEXT: Final = re.compile(
+    r"(?i:version|ver\.?|release|build|rev(?:ision)?|版本[号為为是]?|内部版本号?)[ \t:：=]*$"
+)
 #: A 12-digit Chinese invoice code (发票代码) is not a landline.
-_INVOICE_CONTEXT = re.compile(r"(?i:发票|票据|税控|invoice)[^0-9]{0,8}$")
+_INVOICE_CONTEXT: Final = re.compile(r"(?i:发票|票据|税控|invoice)[^0-9]{0,8}$")
 #: A rare character every match of a secret pattern holds (default: the hint's last character).
 _SECRET_GATE = {"gh": "_", "aws_secret_access_key": "_", "AKIA": "K", "ASIA": "S", "xox": "-", "eyJ": "J"}
 _SECRET_GATE |= {"-----BEGIN": "-", "Bearer ": "B"}
@@ -74,7 +79,7 @@ _SECRET_GATE |= {"-----BEGIN": "-", "Bearer ": "B"}
 #: pattern (third) is a prefix of what every match of the pattern holds, hyperscan- and ``re``-valid,
 #: so text where only the hint occurs ("gh" in "though", "sk-" in "task-list") sets no bit; None: the
 #: hint alone gates.
-_SECRET_DEFS = (
+_SECRET_DEFS: Final = (
     ("sk-", r"sk-(?:ant-|proj-|svcacct-|admin-)?(?P<s>[A-Za-z0-9_\-]{20,})", r"sk-[A-Za-z0-9_\-]{20}", "API_KEY"),
     ("AKIA", r"AKIA[A-Z0-9]{16}(?![A-Za-z0-9])", r"AKIA[A-Z0-9]{16}", "API_KEY"),
     ("ASIA", r"ASIA[A-Z0-9]{16}(?![A-Za-z0-9])", r"ASIA[A-Z0-9]{16}", "API_KEY"),
@@ -103,12 +108,12 @@ _SECRET_DEFS = (
     ),
     ("Bearer ", r"Bearer (?P<s>[A-Za-z0-9._~+/\-]{20,}=*)", r"Bearer [A-Za-z0-9._~+/\-]{20}", "API_KEY"),
 )
-_SECRETS: tuple[tuple[str, str, re.Pattern[str], str], ...] = tuple(
+_SECRETS: Final[tuple[tuple[str, str, re.Pattern[str], str], ...]] = tuple(
     (_SECRET_GATE.get(hint, hint[-1]), hint, re.compile(pattern), kind) for hint, pattern, _, kind in _SECRET_DEFS
 )
 
 
-_ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_ASCII_LETTERS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _span_end(pattern: re.Pattern[str], t: str, pos: int) -> int:
@@ -121,17 +126,17 @@ def _glued(t: str, a: int) -> bool:
     return a > 0 and t[a - 1] in _ASCII_LETTERS
 
 
-_HINTS = tuple(hint for _, hint, _, _ in _SECRETS)
-_GATES = tuple(g for g, _, _, _ in _SECRETS)
-_GATE_PATTERNS = tuple(gate_re for _, _, gate_re, _ in _SECRET_DEFS)
-_hits = gate.make_hits(_HINTS, _GATES, _GATE_PATTERNS)
+_HINTS: Final = tuple(hint for _, hint, _, _ in _SECRETS)
+_GATES: Final = tuple(g for g, _, _, _ in _SECRETS)
+_GATE_PATTERNS: Final = tuple(gate_re for _, _, gate_re, _ in _SECRET_DEFS)
+_hits: Final = gate.make_hits(_HINTS, _GATES, _GATE_PATTERNS)
 #: (gate bit, pattern, kind) per secret pattern, and the union of their bits: a text without a
 #: secret hint skips the loop with one ``&``.
-_SECRET_SCANS = tuple((gate.secret_bit(i), pattern, kind, "s" in pattern.groupindex)
+_SECRET_SCANS: Final = tuple((gate.secret_bit(i), pattern, kind, "s" in pattern.groupindex)
                       for i, (_, _, pattern, kind) in enumerate(_SECRETS))  # fmt: skip
-_SECRET_MASK = sum(bit for bit, _, _, _ in _SECRET_SCANS)
+_SECRET_MASK: Final = sum(bit for bit, _, _, _ in _SECRET_SCANS)
 #: Texts up to this long are scanned by _SCAN in one pass (cheaper than finding seeds and runs).
-_SHORT_SCAN = 320
+_SHORT_SCAN: Final = 320
 
 
 def find(text: str, entities: Collection[str] | None = None) -> list[Finding]:
@@ -227,7 +232,7 @@ def _scan_numbers(t: str, found: list[Finding]) -> None:
 
 
 #: The compiled seed search (hyperscan), or None.
-_SEED_END = gate.seed_end
+_SEED_END: Final = gate.seed_end
 
 
 def _scan_seeded_runs(t: str, data: bytes, found: list[Finding], seed_end: Callable[[bytes, int], int]) -> None:
@@ -374,15 +379,15 @@ def _resolve(found: list[Finding]) -> list[Finding]:
     return out
 
 
-_NON_DIGIT = re.compile(r"[^0-9]+")
-_LANDLINE_HEAD = re.compile(r"(0[0-9]{2,3})[ \t\r\n.\-]")
-_DIGIT_GROUP = re.compile(r"[0-9]+")
-_DOTTED_QUAD = re.compile(r"\(?([0-9]{1,3}(?:\.[0-9]{1,3}){3})")
-_INTL_PREFIXES = ("+", "00", "(+")
-_CHUNK = re.compile(r"\(?\+?([0-9]+)\)?[Xx]?")
+_NON_DIGIT: Final = re.compile(r"[^0-9]+")
+_LANDLINE_HEAD: Final = re.compile(r"(0[0-9]{2,3})[ \t\r\n.\-]")
+_DIGIT_GROUP: Final = re.compile(r"[0-9]+")
+_DOTTED_QUAD: Final = re.compile(r"\(?([0-9]{1,3}(?:\.[0-9]{1,3}){3})")
+_INTL_PREFIXES: Final = ("+", "00", "(+")
+_CHUNK: Final = re.compile(r"\(?\+?([0-9]+)\)?[Xx]?")
 #: (``bytes.translate`` deletes them at C speed; ``str.translate`` with a dict raised and caught a
 #: ``KeyError`` inside it for every digit.)
-_DROP_SEPARATORS = b" -+()Xx.\t\r\n"
+_DROP_SEPARATORS: Final = b" -+()Xx.\t\r\n"
 
 
 def _digits(s: str) -> str:
@@ -459,7 +464,7 @@ def _is_landline(raw: str, d: str) -> bool:
     return cs.cn_landline_split(d)
 
 
-_GROUP_SEP = re.compile(r"[ \t\r\n.\-()]+")
+_GROUP_SEP: Final = re.compile(r"[ \t\r\n.\-()]+")
 
 
 def _intl_groups_fit(raw: str, d: str) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -38,36 +38,36 @@ from vllm_audit.privacy.recognizers import find, scannable
 if TYPE_CHECKING:  # vllm_audit.config imports privacy.config: no runtime import back
     from vllm_audit.config import Config
 
-UNREDACTABLE = "<UNREDACTABLE>"
-MAX_DEPTH = 64
+UNREDACTABLE: Final = "<UNREDACTABLE>"
+MAX_DEPTH: Final = 64
 #: Keys of chat messages / content parts whose string values are structure, not content.
-_STRUCTURAL_KEYS = frozenset({"role", "type"})
-_SURROGATE = re.compile("[" + chr(0xD800) + "-" + chr(0xDFFF) + "]")  # lone surrogates (no literal: mypyc)
-_STRING_FIELDS = frozenset({"client_ip", "peer_ip", "user_id"})
-_FIELD_ENTITY = {"client_ip": "IP_ADDRESS", "peer_ip": "IP_ADDRESS", "user_id": "USER_ID"}
-_POLICY_FIELDS = frozenset(FIELDS)
+_STRUCTURAL_KEYS: Final = frozenset({"role", "type"})
+_SURROGATE: Final = re.compile("[" + chr(0xD800) + "-" + chr(0xDFFF) + "]")  # lone surrogates (no literal: mypyc)
+_STRING_FIELDS: Final = frozenset({"client_ip", "peer_ip", "user_id"})
+_FIELD_ENTITY: Final = {"client_ip": "IP_ADDRESS", "peer_ip": "IP_ADDRESS", "user_id": "USER_ID"}
+_POLICY_FIELDS: Final = frozenset(FIELDS)
 #: How far on each side of a boundary between two strings a split value is looked for.
-SPLIT_WINDOW = 256
-_TAG_RULE = FieldRule("redact", True, dict.fromkeys(ENTITY_TYPES, "tag"))
+SPLIT_WINDOW: Final = 256
+_TAG_RULE: Final = FieldRule("redact", True, dict.fromkeys(ENTITY_TYPES, "tag"))
 
 
 #: Short strings known to hold no entity (dict keys, roles, part types): a set lookup instead of
 #: a scan. ``find`` is a pure function, so an entry stays true; the set is bounded.
-_CLEAN_SHORT: set[str] = set()
-_CLEAN_SHORT_LEN = 64
-_CLEAN_SHORT_MAX = 4096
+_CLEAN_SHORT: Final[set[str]] = set()
+_CLEAN_SHORT_LEN: Final = 64
+_CLEAN_SHORT_MAX: Final = 4096
 #: Record shapes (policy name + field names) whose plan is cached.
-_PLAN_MAX = 256
+_PLAN_MAX: Final = 256
 
 
 #: A request/response id as servers and SDKs generate them: a lower-case UUID (with or without
 #: hyphens), optionally after ``chatcmpl-`` or ``cmpl-``. Lower-case hex holds no secret prefix,
 #: no "@", no colon and no capital, so only a number can hide in it: a run of at least 7 digits
 #: (hyphens between them allowed), which every number recognizer needs (``_id_clean``).
-_UUID_ID = re.compile(
+_UUID_ID: Final = re.compile(
     r"(?:chatcmpl-|cmpl-)?(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32})"
 )
-_DIGIT_OR_NOT = bytes(0x64 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))  # digit -> "d", other -> "."
+_DIGIT_OR_NOT: Final = bytes(0x64 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))  # digit -> "d", other -> "."
 
 
 def _id_clean(s: str) -> bool:
@@ -453,7 +453,7 @@ def _identity(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-_DEFAULT_CTX_POLICY = Policy("default", {}, "tenant", 4)
+_DEFAULT_CTX_POLICY: Final = Policy("default", {}, "tenant", 4)
 
 
 def redact_text(text: str) -> str:
