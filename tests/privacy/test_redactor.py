@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_audit.config import Config
-from vllm_audit.privacy import build_keystore, build_redactor, decrypt_field, redact_text
+from vllm_audit.privacy import build_keystore, build_redactor, decrypt_field, gate, redact_text
 
 from .conftest import record
 
@@ -234,3 +234,14 @@ def test_lone_surrogates_in_message_parts_are_replaced_whatever_was_scanned_last
     ]
     assert rec["output_response"] == "ça va \ufffd"
     orjson.dumps(rec)  # storable: orjson refuses lone surrogates
+
+
+def test_no_raw_text_is_kept_by_the_gate_once_a_record_or_text_is_redacted() -> None:
+    """The gate's encoding slot (gate.utf8) is emptied when a record, or a log text, is done."""
+    redact = build_redactor(Config())
+    raw = "café: write to bob@example.com or call 13812345678"
+    rec = redact(record(input_prompt=[{"role": "user", "content": raw}], output_response="très bien"))
+    assert "bob@example.com" not in orjson.dumps(rec).decode()
+    assert gate._last_utf8 == ("", b"")
+    assert "<EMAIL>" in redact_text(raw)
+    assert gate._last_utf8 == ("", b"")

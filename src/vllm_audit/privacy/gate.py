@@ -141,6 +141,13 @@ def utf8(text: str) -> bytes:
     return data
 
 
+def forget() -> None:
+    """Empty :func:`utf8`'s slot: the redactor calls it when a record is done, so the raw text
+    it last scanned is not kept alive by the slot until the next scan."""
+    global _last_utf8
+    _last_utf8 = ("", b"")
+
+
 def _on_match(i: int, _a: int, _b: int, _f: int, bits: list[int]) -> None:
     """Hyperscan's match callback: sets pattern ``i``'s bit in the scan's context (no closure per scan)."""
     bits[0] |= 1 << i

@@ -30,7 +30,7 @@ import orjson
 from vllm_audit.privacy import operators as op
 from vllm_audit.privacy.classes import field_class
 from vllm_audit.privacy.config import ENTITY_TYPES, FIELDS, PrivacyConfig
-from vllm_audit.privacy.gate import utf8
+from vllm_audit.privacy.gate import forget, utf8
 from vllm_audit.privacy.keystore import DataKey, FileKeyStore, KeyProvider
 from vllm_audit.privacy.policy import FieldRule, Policy, resolve_all
 from vllm_audit.privacy.recognizers import find, scannable
@@ -335,6 +335,7 @@ class Redactor:
                 ctx.counts["UNREDACTABLE"] = ctx.counts.get("UNREDACTABLE", 0) + 1
                 errors.append(f"{field}: {type(exc).__name__}")
 
+        forget()  # the raw text last scanned is not kept alive by the gate's encoding slot
         info: dict[str, Any] = {"policy": policy.name, "entities": ctx.counts}
         if errors:
             info["errors"] = errors
@@ -462,6 +463,8 @@ def redact_text(text: str) -> str:
         return redact_string(text, _TAG_RULE, _Context(_DEFAULT_CTX_POLICY, None, ""), 1 << 30)
     except Exception:
         return UNREDACTABLE
+    finally:
+        forget()
 
 
 def decrypt_field(record: dict[str, Any], field: str, keystore: KeyProvider) -> str:
