@@ -145,6 +145,50 @@ def test_no_number_or_id_is_found_where_the_seed_gate_is_clear(text: str) -> Non
     assert bool(gate.python_hits(text, (), ()) & gate.NUM) == bool(rz._hits(text) & gate.NUM)
 
 
+_TWO = st.integers(0, 99).map("{:02d}".format)
+_WS = st.sampled_from(["", " ", "\n", " \n ", "\t", "\r\n"])
+#: Years from 0000 on (wider than the fast path's [12]...: "0213-45-67 89" is a Shanghai landline).
+_YEAR = st.integers(0, 2999).map("{:04d}".format) | st.sampled_from(["0213", "0755", "0101", "1380", "2025"])
+_date_hour = st.builds(lambda a, y, m, d, h, b: f"{a}{y}-{m}-{d} {h}{b}", _WS, _YEAR, _TWO, _TWO, _TWO, _WS)
+#: Shapes around it too (groups of 1-5 digits, other separators: "1380-01-23 456" is a mobile
+#: number), so that a fast path wider than the date and hour meets a run it must not skip.
+_GROUPS = st.lists(st.text(alphabet="0123456789", min_size=1, max_size=5), min_size=3, max_size=5)
+_near_date_hour = st.builds(
+    lambda a, g, seps, b: a + "".join(x + y for x, y in zip(g, seps, strict=False)) + g[-1] + b,
+    _WS, _GROUPS, st.lists(st.sampled_from(["-", " ", ".", "--", "  "]), min_size=4, max_size=4), _WS,
+)
+#: Characters no run holds, around a run (so the run is the text's only one).
+_NOT_RUN = st.text(alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwyz:/_[]会议时间，@")), max_size=12)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_NOT_RUN, _date_hour | _near_date_hour, _NOT_RUN)
+@example("[", "0213-45-67 89", "]")
+@example("[", "1380-01-23 456", "]")
+def test_a_date_and_hour_run_left_unscanned_holds_no_finding(before: str, run: str, after: str) -> None:
+    """Every run the scan skips as a date and an hour is one in which the full scan finds nothing."""
+    text = before + run + after
+    if rz._DATE_HOUR_RUN.fullmatch(run):
+        full: list[Finding] = []
+        rz._scan_range(text, 0, len(text), full)
+        assert full == [], (text, full)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_FILLER, _number_like() | _date_hour), min_size=1, max_size=8), st.booleans())
+def test_runs_of_log_timestamps_among_numbers_find_what_a_full_scan_finds(
+    pairs: list[tuple[str, str]], ts: bool
+) -> None:
+    """Long text where date-and-hour runs (skipped) stand among numbers: the findings of a full scan."""
+    stamp = "[2025-06-03 14:22:51] " if ts else ""
+    text = "".join(f + stamp + n for f, n in pairs) + _PROSE_330
+    found: list[Finding] = []
+    rz._scan_numbers(text, found)
+    full: list[Finding] = []
+    rz._scan_range(text, 0, len(text), full)
+    assert found == full
+
+
 def test_dates_and_clock_times_set_no_number_seed() -> None:
     """What made most clean prompts pay the number scan: an ISO date, a time, short counters."""
     clean = ("[2025-06-03T14:22:51.093Z] GET /v1", "LIMIT 100 OFFSET 2000", "build 2025.06.03", "port 8080 pid 424242")
