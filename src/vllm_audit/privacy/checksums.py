@@ -23,7 +23,7 @@ _USCC_CHARS: Final = "0123456789ABCDEFGHJKLMNPQRTUWXY"
 _USCC_VALUE: Final = {c: i for i, c in enumerate(_USCC_CHARS)}
 #: Registration authority + organisation type pairs (GB 32100-2015 tables 1-2).
 _USCC_KINDS: Final = frozenset("11 12 13 19 21 29 31 32 33 34 35 39 41 49 51 52 53 59 61 62 69 71 72 79 81 89 91 92 93 "
-                        "A1 A9 N1 N2 N3 N9 Y1".split())
+                               "A1 A9 N1 N2 N3 N9 Y1".split())
 _USCC_WEIGHTS: Final = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
 _USCC_DROP: Final = dict.fromkeys(map(ord, _USCC_CHARS))  # translate() deletes the alphabet: "" when valid
 _USCC_BYTES: Final = bytes(_USCC_VALUE.get(chr(b), 0) for b in range(256))  # ASCII code -> character value

@@ -133,7 +133,7 @@ _hits: Final = gate.make_hits(_HINTS, _GATES, _GATE_PATTERNS)
 #: (gate bit, pattern, kind) per secret pattern, and the union of their bits: a text without a
 #: secret hint skips the loop with one ``&``.
 _SECRET_SCANS: Final = tuple((gate.secret_bit(i), pattern, kind, "s" in pattern.groupindex)
-                      for i, (_, _, pattern, kind) in enumerate(_SECRETS))  # fmt: skip
+                             for i, (_, _, pattern, kind) in enumerate(_SECRETS))  # fmt: skip
 _SECRET_MASK: Final = sum(bit for bit, _, _, _ in _SECRET_SCANS)
 #: Texts up to this long are scanned by _SCAN in one pass (cheaper than finding seeds and runs).
 _SHORT_SCAN: Final = 320
@@ -261,8 +261,7 @@ def _scan_seeded_runs(t: str, data: bytes, found: list[Finding], seed_end: Calla
             lo -= 1
         runs += 1
         hi = _span_end(_RUN, t, end) if runs <= _MAX_RUNS else len(t)
-        if _DATE_HOUR_RUN.fullmatch(t, lo, hi) is None:
-            _scan_range(t, lo, hi, found)
+        _scan_run(t, lo, hi, found)
         if runs > _MAX_RUNS:
             break
         hi_b = end_b + (hi - end)  # t[end:hi] is run characters: one byte each
@@ -283,11 +282,17 @@ def _scan_searched_runs(t: str, found: list[Finding]) -> None:
             lo -= 1
         runs += 1
         hi = _span_end(_RUN, t, seed.end()) if runs <= _MAX_RUNS else len(t)
-        if _DATE_HOUR_RUN.fullmatch(t, lo, hi) is None:
-            _scan_range(t, lo, hi, found)
+        _scan_run(t, lo, hi, found)
         if runs > _MAX_RUNS:
             break
         seed = _SEED.search(t, hi)
+
+
+def _scan_run(t: str, lo: int, hi: int, found: list[Finding]) -> None:
+    """``_scan_range`` over the run ``[lo, hi)`` (or from a run to the end), unless it is a date
+    and an hour (``_DATE_HOUR_RUN``: it holds no finding)."""
+    if _DATE_HOUR_RUN.fullmatch(t, lo, hi) is None:
+        _scan_range(t, lo, hi, found)
 
 
 def _scan_range(t: str, lo: int, hi: int, found: list[Finding]) -> None:
