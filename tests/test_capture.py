@@ -293,6 +293,11 @@ _TAILS = [b"}}]}", b'},"logprobs":null,"finish_reason":null}]}', b'},"finish_rea
           b"}]}"]  # fmt: skip
 
 
+def _sse(payloads: list[bytes]) -> bytes:
+    """An event stream of these payloads, as vLLM frames them (``data: `` and a blank line)."""
+    return b"".join(b"data: " + p + b"\n\n" for p in payloads)
+
+
 def _template_obj(text: str, extra: dict[str, object]) -> dict[str, object]:
     return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
             "choices": [{"index": 0, "delta": {"content": text}, **extra}]}  # fmt: skip
@@ -333,22 +338,110 @@ _CHUNK = st.one_of(
 )  # fmt: skip
 
 
+#: How an event may be framed: vLLM's (most of the draws), and what other servers or a proxy write.
+_FRAMES = st.one_of(
+    st.just((b"data: ", b"\n\n")),
+    st.sampled_from([(b"data:", b"\n\n"), (b"data: ", b"\r\n\r\n"), (b"data: ", b"\n"), (b"data: ", b"\n\n\n"),
+                     (b": ping\n\ndata: ", b"\n\n"), (b"data: ", b"  \n\n"), (b"event: x\ndata: ", b"\n\n"),
+                     (b"data:  ", b"\n\n"), (b"data: ", b"\n\ndata: \n\n"), (b"data: ", b"\ndata: [DONE]\n\n")]),
+)  # fmt: skip
+
+
 @settings(max_examples=800, deadline=None)
-@given(st.lists(_CHUNK, max_size=24), st.booleans())
-def test_template_chunks_give_the_record_parsing_every_chunk_gives(chunks: list[bytes], usage: bool) -> None:
-    """A stream read with template chunks (each later chunk that matches the template's bytes
-    around one JSON string taken as that string) gives the record parsing every chunk whole gives:
-    canonical and non-canonical chunks, escapes, quotes, lone surrogates, invalid UTF-8, literals
-    that are no single string, other tails, duplicate keys, other choices, usage, errors."""
+@given(st.lists(st.tuples(_CHUNK, _FRAMES), max_size=24), st.booleans(), st.sampled_from([b"", b"\n", b"\n\n\n"]))
+def test_template_chunks_give_the_record_parsing_every_chunk_gives(
+    chunks: list[tuple[bytes, tuple[bytes, bytes]]], usage: bool, end: bytes
+) -> None:
+    """A stream read with template chunks (runs of later chunks that match the template's bytes
+    around one JSON string taken as those strings) gives the record parsing every chunk whole
+    gives: canonical and non-canonical chunks, escapes, quotes, lone surrogates, invalid UTF-8,
+    literals that are no single string, other tails, duplicate keys, other choices, usage, errors,
+    each framed as vLLM frames it or otherwise (no space, CRLF, no blank line or more than one,
+    comments, other fields, trailing blanks, empty data lines)."""
     from vllm_audit.finalize import _parse_sse
 
-    body = b"".join(b"data: " + c + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    body = b"".join(pre + c + post for c, (pre, post) in chunks) + b"data: [DONE]" + end
     usage_chunk = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}' if usage else None
     base = finalize(exchange("/v1/chat/completions", {"model": "req"}, [], b"text/event-stream"))
     fast, slow = dict(base), dict(base)
     _parse_sse(body, usage_chunk, fast)
     _parse_sse(body, usage_chunk, slow, fast=False)
     assert fast == slow
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([b'"', b"\\", b"a", b",", b"\n", b"\x01", b"u", b"\xc3", b" "]), max_size=10))
+def test_a_single_string_token_is_what_a_string_grammar_matches(parts: list[bytes]) -> None:
+    """``_single_string``: a quote, characters other than quotes and control characters or a
+    backslash with any byte after it, and a closing quote; the pieces of a run are decoded
+    together only then, so that each stands for one string of the array."""
+    import re
+
+    from vllm_audit.finalize import _single_string
+
+    for piece in (b"".join(parts), b'"' + b"".join(parts) + b'"'):
+        expected = re.fullmatch(rb'"(?:[^"\\\x00-\x1f]|\\.)*"', piece, re.DOTALL) is not None
+        assert _single_string(piece) == expected, piece
+
+
+#: Literals for a run of template chunks: what orjson writes, and what no server should write.
+_RUN_LITERALS = st.one_of(
+    st.text(max_size=6).map(orjson.dumps),
+    st.sampled_from(_LITERALS),
+    st.sampled_from([b'"', b'""', b'"\\\\"', b'"a\\\\\\"', b'"a"b"', b'"\n"', b'"\x00"', b'"\\u00"',
+                     b'"a\\\\\\""', b'"\\ud83d\\ude00"', b'"\\udc00\\ud800"', b'"\\/"', b'"\\\\\\\\"']),
+)  # fmt: skip
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(_RUN_LITERALS, max_size=16), st.sampled_from(_TAILS), _FRAMES)
+def test_runs_of_template_chunks_give_the_record_parsing_every_chunk_gives(
+    literals: list[bytes], tail: bytes, frame: tuple[bytes, bytes]
+) -> None:
+    """A template chunk, then chunks with its bytes around each literal (strings, escapes, pieces
+    that are no single string or no valid one, which the run must not decode together with the
+    others): the record parsing every chunk whole gives."""
+    from vllm_audit.finalize import _parse_sse
+
+    pre, post = frame
+    chunks = [_HEAD + b'"T"' + tail] + [_HEAD + lit + tail for lit in literals]
+    body = b"".join(b"data: " + c + b"\n\n" for c in chunks[:1]) + b"".join(pre + c + post for c in chunks[1:])
+    fast: dict[str, object] = {k: None for k in ("response_id", "model_name", "model_revision", "finish_reason",
+                                                  "output_response", "error_type", "error_message", "prompt_tokens",
+                                                  "completion_tokens", "total_tokens", "usage_source")}  # fmt: skip
+    slow = dict(fast)
+    _parse_sse(body, None, fast)
+    _parse_sse(body, None, slow, fast=False)
+    assert fast == slow
+
+
+#: Literals that end early, escape their closing quote, hold a raw control character or a quote
+#: (decoded together with their neighbours, some would split the run's array in other places), or
+#: are one token that orjson refuses (a short or unknown escape, invalid UTF-8, a lone surrogate).
+_TRICKY_LITERALS = [b'"', b'""', b'"a\\"', b'"\\\\"', b'"\\\\\\"', b'","', b'"a","b"', b'"a"b"', b'"\x01"',
+                    b'"\n"', b'"\\"\\"', b'" "', b'"\\\\\\""', b'"b\\"c"', b'"x"', b'"\\u00"', b'"\xff"',
+                    b'"\\ud800"', b'"\\q"']  # fmt: skip
+
+
+def test_every_short_run_of_tricky_literals_gives_the_record_parsing_every_chunk_gives() -> None:
+    """Every run of one to three of the literals above after a template chunk, as vLLM frames
+    them: the record parsing every chunk whole gives (a run decoded together only when each of
+    its pieces is one string token)."""
+    import itertools
+
+    from vllm_audit.finalize import _parse_sse
+
+    keys = ("response_id", "model_name", "model_revision", "finish_reason", "output_response", "error_type",
+            "error_message")  # fmt: skip
+    for size in (1, 2, 3):
+        for run in itertools.product(_TRICKY_LITERALS, repeat=size):
+            chunks = [_HEAD + b'"T"}}]}'] + [_HEAD + lit + b"}}]}" for lit in run] + [_HEAD + b'"z"}}]}']
+            body = _sse(chunks)
+            fast: dict[str, object] = dict.fromkeys(keys)
+            slow = dict(fast)
+            _parse_sse(body, None, fast)
+            _parse_sse(body, None, slow, fast=False)
+            assert fast == slow, run
 
 
 def test_a_vllm_stream_is_read_through_its_template() -> None:
@@ -360,8 +453,8 @@ def test_a_vllm_stream_is_read_through_its_template() -> None:
     payloads = [orjson.dumps(_template_obj("", {})).replace(b'{"content"', b'{"role":"assistant","content"')]
     payloads += [orjson.dumps(_template_obj(t, {"logprobs": None, "finish_reason": None})) for t in texts]
     payloads.append(orjson.dumps(_template_obj("!", {"logprobs": None, "finish_reason": "stop"})))
-    events = _load_stream(payloads)
-    assert [e[0] for e in events[2:-1]] == texts[1:] and isinstance(events[-1], dict)
+    events = _load_stream(_sse(payloads))
+    assert len(events) == 4 and events[2][0] == texts[1:] and isinstance(events[-1], dict)
     template = events[2][1]
     assert template["choices"][0]["delta"] == {"content": "Hel"} and template is events[1]
 
@@ -449,10 +542,10 @@ def test_a_stream_whose_chunks_match_no_template_is_parsed_in_one_call_after_a_f
 
     payloads = [_chunk({"index": 0, "delta": {"content": f"t{i}"}}, created=i) for i in range(_TEMPLATE_SEARCH)]
     payloads += [_chunk({"index": 0, "delta": {"content": t}}, created=99) for t in ("a", "b", "c")]
-    events = _load_stream(payloads)
+    events = _load_stream(_sse(payloads))
     assert events == [orjson.loads(p) for p in payloads]  # dicts only: no chunk taken as a text
     # one chunk fewer before the pair: the pair is read through its template
-    assert isinstance(_load_stream(payloads[1:])[-1], tuple)
+    assert _load_stream(_sse(payloads[1:]))[-1][0] == ["b", "c"]
 
 
 def test_a_completions_stream_is_read_through_its_template() -> None:
@@ -460,5 +553,5 @@ def test_a_completions_stream_is_read_through_its_template() -> None:
     from vllm_audit.finalize import _load_stream
 
     texts = ["Once", " upon", ' "a"', " time"]
-    events = _load_stream([orjson.dumps(_completion_obj(t)) for t in texts])
-    assert isinstance(events[0], dict) and [e[0] for e in events[1:]] == texts[1:]
+    events = _load_stream(_sse([orjson.dumps(_completion_obj(t)) for t in texts]))
+    assert isinstance(events[0], dict) and len(events) == 2 and events[1][0] == texts[1:]

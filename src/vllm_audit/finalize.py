@@ -434,46 +434,127 @@ def _template_split(obj: Any) -> tuple[bytes, bytes] | None:
     return head, tail
 
 
-def _load_stream(payloads: list[bytes]) -> list[Any]:
-    """The events of a stream, each chunk that matches a template chunk as ``(text, template)``.
+#: Where a stream is cut: before each event that follows a blank line (how vLLM frames them).
+_EVENT_SEP: Final = b"\n\ndata: "
+
+
+def _load_stream(body: bytes) -> list[Any]:
+    """The events of a stream; runs of chunks that match a template chunk as ``(texts, template)``.
 
     Most of a chat stream is chunks that differ from each other in their text only. Parsing each
     into its four dicts was most of a stream's finalize; here each chunk parsed whole that is a
-    template (:func:`_template_split`) becomes the one later chunks are matched against, and a
-    chunk with the template's bytes around one JSON string is represented by that string (one
-    orjson call on the literal) and the template (what it parses to, text aside). After
+    template (:func:`_template_split`) becomes the one later chunks are matched against. The body
+    is cut before each ``data: `` that follows a blank line: a piece that is exactly
+    ``<head><one JSON string><tail>`` (what vLLM writes for each content chunk) is kept as that
+    string's literal, and a run of them is decoded by one orjson call (:meth:`_Stream.texts`);
+    any other piece is read line by line as :func:`_sse_payloads` reads it (:meth:`_Stream.line`),
+    where a payload with the template's bytes around one JSON string is still taken as that
+    string. Cutting there only drops empty lines, which carry no payload. After
     ``_TEMPLATE_SEARCH`` events in a row parsed whole (tool calls, ``/v1/responses`` events, a
     server whose chunks differ in more than their text) the rest is parsed as
     :func:`_load_events` does.
     """
-    out: list[Any] = []
-    loads = orjson.loads
-    head = tail = b""
-    template: dict[str, Any] | None = None
-    whole = 0  # events parsed whole since the last one taken as a template's text
-    for i, p in enumerate(payloads):
-        if template is not None and p.startswith(head) and p.endswith(tail):
+    s = _Stream()
+    parts = body.split(_EVENT_SEP)
+    pending: list[bytes] = []  # the literals of the current run of template lines
+    parts[-1] = parts[-1].rstrip(b"\n")  # the last event's blank line (only empty lines go)
+    for k, part in enumerate(parts):
+        if k and s.template is not None and part.startswith(s.head) and part.endswith(s.tail):
+            piece = part[len(s.head) : len(part) - len(s.tail)]
+            if _single_string(piece):  # so the part is one line (and head and tail do not overlap)
+                pending.append(piece)
+                continue
+        if pending:
+            s.texts(pending)
+            pending = []
+        lines = (_EVENT_SEP[2:] + part if k else part).split(b"\n")
+        for j, line in enumerate(lines):
+            if not s.line(line, True):
+                rest = b"\n".join(lines[j:]) + _EVENT_SEP + _EVENT_SEP.join(parts[k + 1 :])
+                return s.out + _load_events(_sse_payloads(rest))
+    if pending:
+        s.texts(pending)
+    return s.out
+
+
+def _single_string(piece: bytes) -> bool:
+    """Whether ``piece`` is one JSON string token without raw control characters: ``"``, then
+    characters and escape pairs, then ``"`` (so also no line break: the piece is on one line).
+
+    Escapes are not checked further (``\\x``, a lone surrogate), nor UTF-8: a token orjson does
+    not read makes the one orjson call over its run fail, and the run is then read line by line.
+    A loop over the bytes: short literals, and ``in`` on bytes first tries its operand as an int
+    (a TypeError raised and cleared, ~2,000 instructions).
+    """
+    last = len(piece) - 1
+    if last < 1 or piece[0] != 34 or piece[last] != 34:  # 34: '"'
+        return False
+    i = 1
+    while i < last:
+        c = piece[i]
+        if c == 92:  # a backslash escapes the next byte (a run of them pairs up from its left end)
+            i += 2
+        elif c == 34 or c < 32:  # a quote would end the string early; control characters are no JSON
+            return False
+        else:
+            i += 1
+    return i == last  # i == last + 1: the closing quote is escaped
+
+
+class _Stream:
+    """What :func:`_load_stream` has read so far: the events, and the template chunks match."""
+
+    def __init__(self) -> None:
+        self.out: list[Any] = []
+        self.template: dict[str, Any] | None = None
+        self.head = b""
+        self.tail = b""
+        self.whole = 0  # events parsed whole since the last one taken as a template's text
+
+    def line(self, line: bytes, limit: bool) -> bool:
+        """Take one line as :func:`_sse_payloads` and :func:`_load_events` would; ``False`` (only
+        with ``limit``) when ``_TEMPLATE_SEARCH`` events in a row were parsed whole: the line is
+        left for the caller to parse with the rest."""
+        if not line.startswith(b"data:"):
+            return True
+        p = line[5:].strip()
+        if not p or p == b"[DONE]":
+            return True
+        template = self.template
+        if template is not None and p.startswith(self.head) and p.endswith(self.tail):
             try:
-                piece = loads(p[len(head) : len(p) - len(tail)])
+                piece = orjson.loads(p[len(self.head) : len(p) - len(self.tail)])
             except orjson.JSONDecodeError:
                 piece = None
             if type(piece) is str:
-                out.append((piece, template))
-                whole = 0
-                continue
-        if whole >= _TEMPLATE_SEARCH:
-            return out + _load_events(payloads[i:])
-        whole += 1
+                self.out.append(([piece], template))
+                self.whole = 0
+                return True
+        if limit and self.whole >= _TEMPLATE_SEARCH:
+            return False
+        self.whole += 1
         try:
-            obj = loads(p)
+            obj = orjson.loads(p)
         except orjson.JSONDecodeError:
-            continue
-        out.append(obj)
+            return True
+        self.out.append(obj)
         split = _template_split(obj)
         if split is not None:
-            head, tail = split
-            template = obj
-    return out
+            self.head, self.tail = split
+            self.template = obj
+        return True
+
+    def texts(self, pieces: list[bytes]) -> None:
+        """Take a run of template lines, given as their string literals (one token each)."""
+        template = self.template
+        try:
+            texts = orjson.loads(b"[" + b",".join(pieces) + b"]")
+        except orjson.JSONDecodeError:  # one string orjson refuses: each line read as any other
+            for piece in pieces:
+                self.line(_EVENT_SEP[2:] + self.head + piece + self.tail, False)
+            return
+        self.out.append((texts, template))
+        self.whole = 0
 
 
 def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any], fast: bool = True) -> None:
@@ -486,15 +567,14 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any], fast
     first: list[str] = []  # pieces of choice 0 (most streams have no other)
     add_first = first.append
     reasons: dict[int, str] = {}
-    events = _load_stream(_sse_payloads(body)) if fast else _load_events(_sse_payloads(body))
+    events = _load_stream(body) if fast else _load_events(_sse_payloads(body))
     injected = _load_events(_sse_payloads(usage_chunk)) if usage_chunk else []
     meta_done = False
     last_obj: dict[str, Any] | None = None
     for obj in events:
-        if type(obj) is tuple:  # a chunk like a template: its text, the rest as in the template
-            piece, last_obj = obj
-            if piece:
-                add_first(piece)
+        if type(obj) is tuple:  # chunks like a template: their texts, the rest as in the template
+            pieces, last_obj = obj
+            first.extend(pieces)
             continue
         if type(obj) is not dict:
             continue
@@ -569,7 +649,9 @@ def _parse_sse(body: bytes, usage_chunk: bytes | None, rec: dict[str, Any], fast
             if obj.get("usage"):
                 _apply_usage(obj["usage"], rec, "injected")
     if first:
-        texts[0] = first
+        text = "".join(first)  # empty pieces add nothing: choice 0 has a text when one is not empty
+        if text:
+            texts[0] = [text]
     if texts:
         joined = ["".join(texts[i]) for i in sorted(texts)]
         rec["output_response"] = joined[0] if len(joined) == 1 else joined
