@@ -459,6 +459,32 @@ def test_a_vllm_stream_is_read_through_its_template() -> None:
     assert template["choices"][0]["delta"] == {"content": "Hel"} and template is events[1]
 
 
+def test_the_content_chunks_after_a_role_chunk_are_read_through_its_template_without_the_role() -> None:
+    """vLLM's first chunk carries the role and an empty content; the chunks after it are that
+    chunk without the role and with their text: all of them are read through the first chunk's
+    template with its role left out. A server that repeats the role in every chunk gets the
+    template of its second chunk, role kept."""
+    from vllm_audit.finalize import _load_stream, _parse_sse
+
+    extra: dict[str, object] = {"logprobs": None, "finish_reason": None}
+    role = orjson.dumps(_template_obj("", extra)).replace(b'{"content"', b'{"role":"assistant","content"')
+    texts = ["Hel", "lo", "!"]
+    content = [orjson.dumps(_template_obj(t, extra)) for t in texts]
+    events = _load_stream(_sse([role, *content]))
+    assert len(events) == 2 and events[1][0] == texts
+    assert events[1][1]["choices"][0]["delta"] == {"content": ""}
+    repeated = [c.replace(b'{"content"', b'{"role":"assistant","content"') for c in content]
+    events = _load_stream(_sse([role, *repeated]))
+    assert [type(e) for e in events] == [dict, dict, tuple] and events[2][0] == texts[1:]
+    for chunks in ([role, *content], [role, *repeated]):
+        fast: dict[str, object] = dict.fromkeys(("response_id", "model_name", "model_revision", "finish_reason",
+                                                 "output_response", "error_type", "error_message"))  # fmt: skip
+        slow = dict(fast)
+        _parse_sse(_sse(chunks), None, fast)
+        _parse_sse(_sse(chunks), None, slow, fast=False)
+        assert fast == slow and fast["output_response"] == "Hello!"
+
+
 def _chunk(choice: dict[str, object], **top: object) -> bytes:
     return orjson.dumps({"id": "c", "model": "m", **top, "choices": [choice]})
 

@@ -397,11 +397,16 @@ _SENTINEL: Final = "\x00vllm-audit template content\x00"
 _SENTINEL_JSON: Final = b'"\\u0000vllm-audit template content\\u0000"'
 
 
-def _template_split(obj: Any) -> tuple[bytes, bytes] | None:
-    """``(head, tail)`` when a chunk parsed to ``obj`` can be a template: ``head + <a JSON
-    string> + tail`` is then the compact JSON (what orjson writes) of ``obj`` with one choice,
-    its first, whose delta holds that string as its content (``/v1/completions`` chunks, which
-    have no delta: as its ``text``).
+def _template_split(obj: Any, drop_role: bool = False) -> tuple[bytes, bytes, dict[str, Any]] | None:
+    """``(head, tail, template)`` when a chunk parsed to ``obj`` can be a template: ``head + <a
+    JSON string> + tail`` is then the compact JSON (what orjson writes) of ``obj`` with one
+    choice, its first, whose delta holds that string as its content (``/v1/completions`` chunks,
+    which have no delta: as its ``text``); ``template`` is ``obj``.
+
+    ``drop_role``: a delta's ``role`` is left out of the template (``template`` is then ``obj``
+    without it). A stream's first chunk carries the role (``{"role":"assistant","content":""}``)
+    and the chunks after it do not: the first chunk's template without its role is theirs, so
+    the first content chunk need not be parsed whole to become one.
 
     JSON is context-free: such bytes parse to that object, which does to a record only what
     appending the string to choice 0 does, and what ``obj`` does otherwise (its meta, already
@@ -422,7 +427,11 @@ def _template_split(obj: Any) -> tuple[bytes, bytes] | None:
     # what the record reads when there is no delta object): what stands before and after the
     # sentinel stands before and after the text of every chunk that differs from it in its text only.
     delta = ch.get("delta")
+    template: dict[str, Any] = obj
     if type(delta) is dict:
+        if drop_role and "role" in delta:
+            delta = {k: v for k, v in delta.items() if k != "role"}
+            template = {**obj, "choices": [{**ch, "delta": delta}]}
         marked_choice = {**ch, "delta": {**delta, "content": _SENTINEL}}
     else:
         marked_choice = {**ch, "text": _SENTINEL}
@@ -431,7 +440,7 @@ def _template_split(obj: Any) -> tuple[bytes, bytes] | None:
     if len(parts) != 2:
         return None  # another field holds the sentinel
     head, tail = parts
-    return head, tail
+    return head, tail, template
 
 
 #: Where a stream is cut: before each event that follows a blank line (how vLLM frames them).
@@ -538,10 +547,11 @@ class _Stream:
         except orjson.JSONDecodeError:
             return True
         self.out.append(obj)
-        split = _template_split(obj)
+        # The stream's first template leaves a role out (the chunks after the role chunk have
+        # none); a later one keeps it (a server that repeats the role in every chunk).
+        split = _template_split(obj, self.template is None)
         if split is not None:
-            self.head, self.tail = split
-            self.template = obj
+            self.head, self.tail, self.template = split
         return True
 
     def texts(self, pieces: list[bytes]) -> None:
