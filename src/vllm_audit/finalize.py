@@ -202,9 +202,9 @@ def _finalize(ex: Exchange) -> dict[str, Any]:
 
     if ex.chunks:
         body = ex.chunks[0] if len(ex.chunks) == 1 else b"".join(ex.chunks)
-        if b"text/event-stream" in ex.content_type:
+        if ex.content_type.find(b"text/event-stream") >= 0:  # not `in`: see _single_string
             _parse_sse(body, ex.usage_chunk, rec)
-        elif b"json" in ex.content_type and not ex.response_truncated:
+        elif ex.content_type.find(b"json") >= 0 and not ex.response_truncated:
             _parse_json_response(body, rec)
     elif ex.usage_chunk:
         _parse_sse(b"", ex.usage_chunk, rec)

@@ -74,7 +74,8 @@ def _id_clean(s: str) -> bool:
     """Whether ``s`` is a UUID-shaped id (``_UUID_ID``) with no run of 7 digits: no entity can be in it."""
     if not 32 <= len(s) <= 45 or _UUID_ID.fullmatch(s) is None:
         return False
-    return b"ddddddd" not in s.encode().translate(_DIGIT_OR_NOT, b"-")  # hyphens dropped: runs join
+    return s.encode().translate(_DIGIT_OR_NOT, b"-").find(b"ddddddd") < 0  # hyphens dropped: runs join (`in`
+    # on bytes tries its operand as an int first: a TypeError raised and cleared)
 
 
 def _clean_short(s: str) -> bool:
