@@ -244,14 +244,17 @@ def test_two_workers_write_two_chains(tmp_path: Path) -> None:
             )
 
     with gateway(tmp_path, "--workers", "2") as (base, log_dir, _):
-        for _ in range(200):  # both workers up: each has claimed its chain
-            if len(list(log_dir.glob("writers/*/seg-*.jsonl"))) >= 2:
+        port = int(base.rsplit(":", 1)[1])
+        # Both workers up: each has claimed its chain and listens on a socket of its own
+        # (SO_REUSEPORT), not on one shared socket. The first answers before the second is up
+        # (it claims its chain before it listens): polled, with a deadline.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if len(list(log_dir.glob("writers/*/seg-*.jsonl"))) >= 2 and len(listeners(port)) >= 2:
                 break
             time.sleep(0.05)
+        assert 2 == len(listeners(port)), "the second worker did not listen within 60 s"
         asyncio.run(many(base))
-        # each worker listens on a socket of its own (SO_REUSEPORT), not on one shared socket
-        port = int(base.rsplit(":", 1)[1])
-        assert 2 == len(listeners(port))
     recs = read_records(log_dir)
     ids = [r["request_id"] for r in recs]
     assert sorted(ids) == sorted(f"w-{i}" for i in range(200))
