@@ -106,88 +106,55 @@ def _identity_fields(ident: Any) -> tuple[Any, ...]:
     return fields
 
 
-#: A record's fields in their order, with the values that do not depend on the exchange.
-_BLANK: Final[dict[str, Any]] = {
-    "record_type": "inference",
-    "schema_version": SCHEMA_VERSION,
-    "timestamp": None,
-    "record_id": None,
-    "request_id": None,
-    "request_id_source": None,
-    "client_ip": None,
-    "peer_ip": None,
-    "forwarded_ignored": None,
-    "user_id": None,
-    "org_id": None,
-    "auth_status": None,
-    "auth_method": None,
-    "key_id": None,
-    "quota_subject": None,
-    "roles": None,
-    "method": None,
-    "route": None,
-    "model_name": None,
-    "model_revision": None,
-    "response_id": None,
-    "stream": None,
-    "http_status": None,
-    "status": None,
-    "finish_reason": None,
-    "prompt_tokens": None,
-    "completion_tokens": None,
-    "total_tokens": None,
-    "usage_source": None,
-    "latency_ms": None,
-    "ttft_ms": None,
-    "input_prompt": None,
-    "output_response": None,
-    "prompt_sha256": None,
-    "prompt_status": ABSENT,
-    "prompt_error": None,
-    "request_body_sha256": None,
-    "request_bytes": None,
-    "response_bytes": None,
-    "request_truncated": None,
-    "response_truncated": None,
-    "upstream": None,
-    "error_type": None,
-    "error_message": None,
-}
-
-
 def _base(ex: Exchange) -> dict[str, Any]:
     user_id, org_id, auth_status, auth_method, key_id, quota, roles, failure = _identity_fields(ex.identity)
     t_end = ex.t_end if ex.t_end is not None else time.perf_counter()
-    rec = _BLANK.copy()  # one allocation and a copy of the table; then only values replaced
-    rec["timestamp"] = _iso(ex.started_at)
-    rec["record_id"] = ex.record_id
-    rec["request_id"] = ex.request_id
-    rec["request_id_source"] = ex.request_id_source
-    rec["client_ip"] = ex.client_ip
-    rec["peer_ip"] = ex.peer_ip
-    rec["forwarded_ignored"] = ex.forwarded_ignored
-    rec["user_id"] = user_id
-    rec["org_id"] = org_id
-    rec["auth_status"] = auth_status
-    rec["auth_method"] = auth_method
-    rec["key_id"] = key_id
-    rec["quota_subject"] = dict(quota) if type(quota) is dict else quota  # each record owns its dict
-    rec["roles"] = list(roles)
-    rec["method"] = ex.method
-    rec["route"] = ex.route
-    rec["stream"] = ex.stream
-    rec["http_status"] = ex.http_status
-    rec["status"] = outcome(ex)
-    rec["latency_ms"] = round((t_end - ex.t0) * 1000.0, 3)
-    rec["ttft_ms"] = round((ex.t_first - ex.t0) * 1000.0, 3) if ex.t_first is not None and ex.stream else None
-    rec["request_body_sha256"] = hashlib.sha256(ex.request_body).hexdigest()
-    rec["request_bytes"] = ex.request_bytes
-    rec["response_bytes"] = ex.response_bytes
-    rec["request_truncated"] = ex.request_truncated
-    rec["response_truncated"] = ex.response_truncated
-    rec["upstream"] = ex.upstream
-    rec["error_type"] = ex.error_type
-    rec["error_message"] = ex.error_message
+    rec: dict[str, Any] = {
+        "record_type": "inference",
+        "schema_version": SCHEMA_VERSION,
+        "timestamp": _iso(ex.started_at),
+        "record_id": ex.record_id,
+        "request_id": ex.request_id,
+        "request_id_source": ex.request_id_source,
+        "client_ip": ex.client_ip,
+        "peer_ip": ex.peer_ip,
+        "forwarded_ignored": ex.forwarded_ignored,
+        "user_id": user_id,
+        "org_id": org_id,
+        "auth_status": auth_status,
+        "auth_method": auth_method,
+        "key_id": key_id,
+        "quota_subject": dict(quota) if type(quota) is dict else quota,  # each record owns its dict
+        "roles": list(roles),
+        "method": ex.method,
+        "route": ex.route,
+        "model_name": None,
+        "model_revision": None,
+        "response_id": None,
+        "stream": ex.stream,
+        "http_status": ex.http_status,
+        "status": outcome(ex),
+        "finish_reason": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "usage_source": None,
+        "latency_ms": round((t_end - ex.t0) * 1000.0, 3),
+        "ttft_ms": round((ex.t_first - ex.t0) * 1000.0, 3) if ex.t_first is not None and ex.stream else None,
+        "input_prompt": None,
+        "output_response": None,
+        "prompt_sha256": None,
+        "prompt_status": ABSENT,
+        "prompt_error": None,
+        "request_body_sha256": hashlib.sha256(ex.request_body).hexdigest(),
+        "request_bytes": ex.request_bytes,
+        "response_bytes": ex.response_bytes,
+        "request_truncated": ex.request_truncated,
+        "response_truncated": ex.response_truncated,
+        "upstream": ex.upstream,
+        "error_type": ex.error_type,
+        "error_message": ex.error_message,
+    }
     if failure:
         rec["error_message"] = rec["error_message"] or failure
         rec["error_type"] = rec["error_type"] or "authentication_error"
